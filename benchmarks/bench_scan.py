@@ -1,0 +1,120 @@
+"""Selective-scan backends side by side: forward+backward time and peak memory, as ratios to `reference`.
+
+    python benchmarks/bench_scan.py                 # CPU (and CUDA when present)
+    python benchmarks/bench_scan.py --device cuda   # GPU only
+
+Shapes of real 3D stages: batch 2, dim 64, state 16, lengths 4096 and 32768 (all backends), and
+65536 for the fast backends (memory target: within 4 GB). Every (backend, shape) runs in its own
+subprocess so that peak memory is that run's alone (CPU: peak RSS above the RSS before the call;
+CUDA: torch.cuda.max_memory_allocated). Times are medians over repeats after one warm-up, with
+delta_softplus, z, D and delta_bias all on (the configuration the networks use).
+"""
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import resource
+import subprocess
+import sys
+import time
+
+BATCH, DIM, STATE = 2, 64, 16
+
+
+def _rss_mb() -> float:
+    with open("/proc/self/statm") as f:
+        return int(f.read().split()[1]) * os.sysconf("SC_PAGE_SIZE") / 2**20
+
+
+def worker(backend: str, length: int, device: str, repeats: int) -> dict:
+    import torch
+    from nnunet_logmamba.ssm import selective_scan
+
+    g = torch.Generator().manual_seed(0)
+    dev = torch.device(device)
+
+    def rnd(*shape, scale=1.0):
+        return (torch.randn(*shape, generator=g) * scale).to(dev).requires_grad_()
+
+    u, delta, z = rnd(BATCH, DIM, length), rnd(BATCH, DIM, length, scale=0.5), rnd(BATCH, DIM, length)
+    B, C = rnd(BATCH, STATE, length), rnd(BATCH, STATE, length)
+    A = (-torch.arange(1, STATE + 1, dtype=torch.float32).repeat(DIM, 1)).to(dev).requires_grad_()
+    D, bias = rnd(DIM), rnd(DIM, scale=0.1)
+
+    def step():
+        y = selective_scan(u, delta, A, B, C, D=D, z=z, delta_bias=bias, delta_softplus=True, backend=backend)
+        y.sum().backward()
+        if dev.type == "cuda":
+            torch.cuda.synchronize()
+
+    if dev.type == "cuda":
+        torch.cuda.synchronize()
+        torch.cuda.reset_peak_memory_stats()
+        base = torch.cuda.memory_allocated()
+    else:
+        base = _rss_mb()
+    times = []
+    for i in range(repeats + 1):
+        t0 = time.perf_counter()
+        step()
+        if i:                       # the first run is the warm-up
+            times.append(time.perf_counter() - t0)
+    if dev.type == "cuda":
+        peak = (torch.cuda.max_memory_allocated() - base) / 2**20
+    else:
+        peak = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024 - base
+    times.sort()
+    return {"backend": backend, "length": length, "device": device, "seconds": times[len(times) // 2],
+            "peak_mb": peak, "threads": torch.get_num_threads()}
+
+
+def measure(backend: str, length: int, device: str, repeats: int) -> dict:
+    cmd = [sys.executable, __file__, "--worker", backend, "--length", str(length), "--device", device,
+           "--repeats", str(repeats)]
+    out = subprocess.run(cmd, capture_output=True, text=True, check=True)
+    return json.loads(out.stdout.strip().splitlines()[-1])
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--device", choices=["cpu", "cuda", "all"], default="all")
+    parser.add_argument("--repeats", type=int, default=5)
+    parser.add_argument("--lengths", type=int, nargs="+", default=[4096, 32768])
+    parser.add_argument("--long", type=int, default=65536, help="length measured for the fast backends only")
+    parser.add_argument("--worker", help=argparse.SUPPRESS)
+    parser.add_argument("--length", type=int, help=argparse.SUPPRESS)
+    args = parser.parse_args()
+    if args.worker:
+        print(json.dumps(worker(args.worker, args.length, args.device, args.repeats)))
+        return
+
+    import torch
+    from nnunet_logmamba.ssm import available_backends
+
+    devices = ["cpu", "cuda"] if args.device == "all" else [args.device]
+    devices = [d for d in devices if d == "cpu" or torch.cuda.is_available()]
+    print(f"selective scan, forward+backward, batch {BATCH}, dim {DIM}, state {STATE}; "
+          f"torch {torch.__version__}, {torch.get_num_threads()} CPU threads")
+    print(f"{'device':6} {'length':>7} {'backend':10} {'time (ms)':>10} {'peak (MB)':>10} "
+          f"{'speed-up vs ref':>16} {'vs mamba_ssm':>13}")
+    for device in devices:
+        backends = available_backends(device)
+        for length in args.lengths + [args.long]:
+            rows = {}
+            for backend in backends:
+                if backend == "reference" and length == args.long:
+                    continue
+                slow = backend == "reference" and length > 8192
+                rows[backend] = measure(backend, length, device, 1 if slow else args.repeats)
+            ref = rows.get("reference")
+            kernel = rows.get("mamba_ssm")
+            for backend, r in rows.items():
+                speedup = f"{ref['seconds'] / r['seconds']:.1f}x" if ref else "-"
+                vs_kernel = f"{r['seconds'] / kernel['seconds']:.2f}x" if kernel else "-"
+                print(f"{device:6} {length:7d} {backend:10} {r['seconds'] * 1e3:10.1f} {r['peak_mb']:10.0f} "
+                      f"{speedup:>16} {vs_kernel:>13}", flush=True)
+
+
+if __name__ == "__main__":
+    main()

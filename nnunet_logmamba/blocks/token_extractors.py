@@ -1,0 +1,184 @@
+"""Token extractors of LoG-VMamba: what each position of the scanned sequence carries.
+
+All extractors take a channels-first feature map ``(batch, channels, *spatial)`` with 1, 2 or 3
+spatial axes and work the same way for every dimension (the conv op is picked from the tensor's
+dimension, never copied per dimension).
+
+* :class:`LocalTokenExtractor` (LTX): squeeze channels, SiLU, then put the ``k**d`` neighbourhood of
+  each position onto the channel axis, so one token "sees" its neighbours although the scan is 1D.
+* :class:`DepthwiseTokenExtractor`: the vanilla VSS local mixing (depthwise conv + SiLU), used where
+  no LTX is wanted (the G-VMamba variant and the GTX-only stages).
+* :class:`GlobalTokenExtractor` (GTX): compress the map with a strided, dilated depthwise conv,
+  mix the whole compressed field of view with one linear layer, SiLU: a handful of global tokens
+  that are joined to the local sequence.
+"""
+from __future__ import annotations
+
+import itertools
+import math
+from typing import Sequence
+
+import torch
+from torch import nn
+from torch.nn import functional as F
+
+_CONV = {1: nn.Conv1d, 2: nn.Conv2d, 3: nn.Conv3d}
+
+
+def conv_for_ndim(ndim: int) -> type[nn.Module]:
+    """The ``nn.ConvNd`` class for ``ndim`` spatial axes (1, 2 or 3)."""
+    if ndim not in _CONV:
+        raise ValueError(f"only 1, 2 or 3 spatial axes are supported, got {ndim}")
+    return _CONV[ndim]
+
+
+def unfold_neighbourhood(x: torch.Tensor, kernel_size: int = 3) -> torch.Tensor:
+    """Stack the ``kernel_size**d`` neighbours of every position onto the channel axis.
+
+    Args:
+        x: ``(batch, channels, *spatial)``, ``d = len(spatial)`` in 1..3.
+        kernel_size: odd neighbourhood edge ``k``.
+
+    Returns:
+        ``(batch, channels * k**d, *spatial)``. Channel ``c * k**d + j`` holds input channel ``c``
+        shifted by the ``j``-th offset of the neighbourhood in row-major order (offsets ``-k//2 ..
+        k//2`` per axis, first axis slowest); positions outside the map read zero.
+    """
+    if kernel_size < 1 or kernel_size % 2 == 0:
+        raise ValueError(f"kernel_size must be a positive odd number, got {kernel_size}")
+    spatial = x.shape[2:]
+    ndim = len(spatial)
+    conv_for_ndim(ndim)
+    half = kernel_size // 2
+    padded = F.pad(x, [half] * (2 * ndim))
+    shifted = []
+    for offset in itertools.product(range(kernel_size), repeat=ndim):
+        index = (slice(None), slice(None)) + tuple(slice(o, o + s) for o, s in zip(offset, spatial))
+        shifted.append(padded[index])
+    stacked = torch.stack(shifted, dim=2)  # (batch, channels, k**d, *spatial)
+    return stacked.flatten(1, 2)
+
+
+class LocalTokenExtractor(nn.Module):
+    """LTX: grouped 1x1 conv squeezing channels by ``squeeze``, SiLU, fixed neighbourhood unfold.
+
+    Args:
+        channels: input channels.
+        ndim: spatial axes (2 or 3; 1 works too).
+        squeeze: channel reduction factor (paper: 8 in 2D, 16 in 3D). Capped so at least one
+            channel remains.
+        kernel_size: neighbourhood edge ``k`` of the unfold (paper: 3).
+
+    ``forward``: ``(batch, channels, *spatial)`` -> ``(batch, out_channels, *spatial)`` with
+    ``out_channels = squeezed_channels * k**ndim`` (see :attr:`out_channels`).
+    """
+
+    def __init__(self, channels: int, ndim: int, squeeze: int = 8, kernel_size: int = 3):
+        super().__init__()
+        if channels < 1 or squeeze < 1:
+            raise ValueError(f"channels and squeeze must be >= 1, got channels={channels}, squeeze={squeeze}")
+        if kernel_size < 1 or kernel_size % 2 == 0:
+            raise ValueError(f"kernel_size must be a positive odd number, got {kernel_size}")
+        self.ndim = ndim
+        self.kernel_size = kernel_size
+        self.squeezed_channels = max(1, channels // squeeze)
+        groups = math.gcd(channels, self.squeezed_channels)
+        self.squeeze = conv_for_ndim(ndim)(channels, self.squeezed_channels, 1, groups=groups)
+        self.out_channels = self.squeezed_channels * kernel_size ** ndim
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        _check_ndim(x, self.ndim, type(self).__name__)
+        return unfold_neighbourhood(F.silu(self.squeeze(x)), self.kernel_size)
+
+    def squeezed(self, x: torch.Tensor) -> torch.Tensor:
+        """The squeezed, activated map before the unfold, ``(batch, squeezed_channels, *spatial)``."""
+        return F.silu(self.squeeze(x))
+
+
+class DepthwiseTokenExtractor(nn.Module):
+    """Vanilla VSS local mixing: depthwise ``k``-conv and SiLU, channels unchanged."""
+
+    def __init__(self, channels: int, ndim: int, kernel_size: int = 3):
+        super().__init__()
+        self.ndim = ndim
+        self.conv = conv_for_ndim(ndim)(channels, channels, kernel_size, padding=kernel_size // 2,
+                                        groups=channels)
+        self.out_channels = channels
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        _check_ndim(x, self.ndim, type(self).__name__)
+        return F.silu(self.conv(x))
+
+
+def global_compression(spatial_size: Sequence[int], max_edge: int = 4) -> tuple[tuple[int, ...], tuple[int, ...]]:
+    """Strides and resulting size of the GTX compression for a map of ``spatial_size``.
+
+    Each axis is strided just enough to leave at most ``max_edge`` positions (axes already that
+    small are not strided), so anisotropic maps are compressed per axis.
+
+    Returns:
+        ``(strides, compressed_size)``, one entry per spatial axis.
+    """
+    if max_edge < 1:
+        raise ValueError(f"max_edge must be >= 1, got {max_edge}")
+    if not spatial_size or any(int(s) < 1 for s in spatial_size):
+        raise ValueError(f"spatial_size must be positive edges, got {tuple(spatial_size)}")
+    strides = tuple(max(1, math.ceil(int(s) / max_edge)) for s in spatial_size)
+    compressed = tuple(math.ceil(int(s) / st) for s, st in zip(spatial_size, strides))
+    return strides, compressed
+
+
+class GlobalTokenExtractor(nn.Module):
+    """GTX: strided dilated depthwise conv, flatten, linear over the compressed space, SiLU.
+
+    Args:
+        channels: input channels ``c``.
+        spatial_size: spatial size of the maps this extractor will see (from the patch size and the
+            stage's cumulative strides); fixes the linear layer's input length.
+        num_tokens: global tokens ``G`` produced.
+        token_channels: channels of each global token; a multiple of ``channels``. Each input channel
+            (a "channel group" of ``token_channels // channels`` token channels) gets its own
+            mixture of the whole compressed field of view.
+        kernel_size: depthwise kernel edge; the dilation per axis equals the stride rounded up to
+            half, so the kernel spans the stride gap.
+        max_edge: compressed edge per axis (see :func:`global_compression`).
+
+    ``forward``: ``(batch, channels, *spatial_size)`` -> ``(batch, token_channels, num_tokens)``.
+    """
+
+    def __init__(self, channels: int, spatial_size: Sequence[int], num_tokens: int = 4,
+                 token_channels: int | None = None, kernel_size: int = 3, max_edge: int = 4):
+        super().__init__()
+        token_channels = channels if token_channels is None else token_channels
+        if num_tokens < 1:
+            raise ValueError(f"num_tokens must be >= 1, got {num_tokens}")
+        if token_channels % channels:
+            raise ValueError(f"token_channels ({token_channels}) must be a multiple of channels ({channels})")
+        self.spatial_size = tuple(int(s) for s in spatial_size)
+        self.ndim = len(self.spatial_size)
+        strides, self.compressed_size = global_compression(self.spatial_size, max_edge)
+        dilations = tuple(max(1, math.ceil(s / 2)) for s in strides)
+        padding = tuple(d * (kernel_size // 2) for d in dilations)
+        self.compress = conv_for_ndim(self.ndim)(channels, channels, kernel_size, stride=strides,
+                                                 padding=padding, dilation=dilations, groups=channels)
+        self.num_tokens = num_tokens
+        self.group_size = token_channels // channels
+        self.token_channels = token_channels
+        self.mix = nn.Linear(math.prod(self.compressed_size), num_tokens * self.group_size)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        _check_ndim(x, self.ndim, type(self).__name__)
+        if tuple(x.shape[2:]) != self.spatial_size:
+            raise ValueError(
+                f"GlobalTokenExtractor was built for spatial size {self.spatial_size} (patch size / "
+                f"cumulative strides) but got {tuple(x.shape[2:])}; feed patches of the planned size")
+        compressed = self.compress(x).flatten(2)  # (batch, channels, prod(compressed_size))
+        tokens = F.silu(self.mix(compressed))  # (batch, channels, num_tokens * group_size)
+        tokens = tokens.unflatten(2, (self.num_tokens, self.group_size)).transpose(2, 3)
+        return tokens.flatten(1, 2)  # (batch, channels * group_size, num_tokens)
+
+
+def _check_ndim(x: torch.Tensor, ndim: int, name: str) -> None:
+    if x.dim() != ndim + 2:
+        raise ValueError(f"{name} expects (batch, channels, *spatial) with {ndim} spatial axes, "
+                         f"got a tensor of shape {tuple(x.shape)}")

@@ -1,0 +1,157 @@
+"""The LoG-VMamba block (VSS style), one implementation for 2D and 3D feature maps.
+
+    x -> LayerNorm -> in_proj (x', gate z) -> token extractor(s) -> K-route selective scan (fp32)
+      -> linear back to the inner width -> LayerNorm -> * SiLU(z) -> out_proj -> DropPath -> + x
+
+Token modes:
+    ``local``        LTX only (L-VMamba, and large maps in LoG-VMamba)
+    ``global``       depthwise conv + GTX (G-VMamba, and the smallest maps in LoG-VMamba)
+    ``local_global`` LTX + GTX sharing the squeezed features (LoG-VMamba's middle stages)
+"""
+from __future__ import annotations
+
+import math
+from typing import Sequence
+
+import torch
+from torch import nn
+
+from ..ssm import selective_scan
+from .scan_routes import build_routes, check_directions, merge_routes
+from .token_extractors import DepthwiseTokenExtractor, GlobalTokenExtractor, LocalTokenExtractor, unfold_neighbourhood
+from .token_join import JOIN_ORDERS
+
+TOKEN_MODES = ("local", "global", "local_global")
+#: Paper defaults of the LTX channel squeeze per number of spatial axes.
+DEFAULT_SQUEEZE = {1: 8, 2: 8, 3: 16}
+
+
+class DropPath(nn.Module):
+    """Stochastic depth: drops the whole residual branch per sample with probability ``p``."""
+
+    def __init__(self, p: float = 0.0):
+        super().__init__()
+        if not 0.0 <= p < 1.0:
+            raise ValueError(f"drop path probability must be in [0, 1), got {p}")
+        self.p = p
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        if not self.training or self.p == 0.0:
+            return x
+        keep = x.new_empty((x.shape[0],) + (1,) * (x.dim() - 1)).bernoulli_(1.0 - self.p)
+        return x * keep / (1.0 - self.p)
+
+
+class LoGVSSBlock(nn.Module):
+    """A residual VSS block with LoG-VMamba token extractors.
+
+    Args:
+        channels: feature channels ``C`` of the map (input = output).
+        spatial_size: spatial size of the maps the block will see (patch size / cumulative
+            strides); needed by the GTX, checked for the other modes too.
+        mode: ``local``, ``global`` or ``local_global`` (see module doc).
+        expand: inner width = ``expand * C``.
+        state_size: SSM state size ``N``.
+        squeeze: LTX channel squeeze (default: 8 in 2D, 16 in 3D).
+        kernel_size: LTX neighbourhood / depthwise kernel edge.
+        num_global_tokens: global tokens ``G`` from the GTX.
+        join: ``head``, ``middle``, ``split`` or ``interleaved``.
+        directions: scan directions ``K`` (1, 2 or 4).
+        drop_path: stochastic depth probability of the residual branch.
+        global_max_edge: GTX compressed edge per axis.
+        scan_backend: passed to :func:`nnunet_logmamba.ssm.selective_scan`.
+
+    ``forward``: ``(batch, C, *spatial_size)`` -> same shape.
+    """
+
+    def __init__(self, channels: int, spatial_size: Sequence[int], mode: str = "local_global",
+                 expand: float = 1.0, state_size: int = 16, squeeze: int | None = None,
+                 kernel_size: int = 3, num_global_tokens: int = 4, join: str = "interleaved",
+                 directions: int = 1, drop_path: float = 0.0, global_max_edge: int = 4,
+                 scan_backend: str = "auto"):
+        super().__init__()
+        if mode not in TOKEN_MODES:
+            raise ValueError(f"unknown token mode {mode!r}; choose one of {TOKEN_MODES}")
+        if join not in JOIN_ORDERS:
+            raise ValueError(f"unknown join order {join!r}; choose one of {JOIN_ORDERS}")
+        check_directions(directions)
+        if channels < 1 or state_size < 1 or expand <= 0:
+            raise ValueError(f"channels, state_size and expand must be positive, got {channels}, "
+                             f"{state_size}, {expand}")
+        self.spatial_size = tuple(int(s) for s in spatial_size)
+        self.ndim = len(self.spatial_size)
+        if self.ndim not in (1, 2, 3):
+            raise ValueError(f"spatial_size must have 1, 2 or 3 axes, got {self.spatial_size}")
+        self.mode, self.join, self.directions, self.scan_backend = mode, join, directions, scan_backend
+        inner = max(1, int(round(expand * channels)))
+        squeeze = DEFAULT_SQUEEZE[self.ndim] if squeeze is None else squeeze
+
+        self.norm = nn.LayerNorm(channels)
+        self.in_proj = nn.Linear(channels, 2 * inner, bias=False)
+        if mode == "global":
+            self.local_tokens = DepthwiseTokenExtractor(inner, self.ndim, kernel_size)
+            token_channels, gtx_in = inner, inner
+        else:
+            self.local_tokens = LocalTokenExtractor(inner, self.ndim, squeeze, kernel_size)
+            token_channels, gtx_in = self.local_tokens.out_channels, self.local_tokens.squeezed_channels
+        self.global_tokens = (GlobalTokenExtractor(gtx_in, self.spatial_size, num_global_tokens, token_channels,
+                                                   kernel_size, global_max_edge)
+                              if mode != "local" else None)
+        self.token_channels = token_channels
+        self._init_ssm(token_channels, state_size, directions)
+        self.back_proj = nn.Linear(token_channels, inner) if token_channels != inner else nn.Identity()
+        self.out_norm = nn.LayerNorm(inner)
+        self.out_proj = nn.Linear(inner, channels, bias=False)
+        self.drop_path = DropPath(drop_path)
+
+    def _init_ssm(self, dim: int, state: int, directions: int) -> None:
+        # Mamba's parameterisation, one set per scan direction (as VMamba's SS2D).
+        self.dt_rank = math.ceil(dim / 16)
+        self.state_size = state
+        bound = dim ** -0.5
+        self.x_proj_weight = nn.Parameter(torch.empty(directions, self.dt_rank + 2 * state, dim).uniform_(-bound, bound))
+        dt_bound = self.dt_rank ** -0.5
+        self.dt_proj_weight = nn.Parameter(torch.empty(directions, dim, self.dt_rank).uniform_(-dt_bound, dt_bound))
+        dt = torch.exp(torch.rand(directions, dim) * (math.log(0.1) - math.log(1e-3)) + math.log(1e-3)).clamp(min=1e-4)
+        self.dt_bias = nn.Parameter(dt + torch.log(-torch.expm1(-dt)))  # inverse softplus
+        a = torch.arange(1, state + 1, dtype=torch.float32).repeat(directions * dim, 1)
+        self.A_log = nn.Parameter(torch.log(a))
+        self.D = nn.Parameter(torch.ones(directions * dim))
+
+    def _tokens(self, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor | None]:
+        if self.mode == "global":
+            local = self.local_tokens(x)
+            return local, self.global_tokens(local)
+        squeezed = self.local_tokens.squeezed(x)
+        local = unfold_neighbourhood(squeezed, self.local_tokens.kernel_size)
+        return local, (self.global_tokens(squeezed) if self.global_tokens is not None else None)
+
+    def _scan(self, sequences: torch.Tensor) -> torch.Tensor:
+        """``(batch, K, dim, length)`` -> same, the K routes scanned with their own parameters, fp32."""
+        batch, directions, dim, length = sequences.shape
+        with torch.autocast(device_type=sequences.device.type, enabled=False):
+            xs = sequences.float()
+            projected = torch.einsum("bkdl,kcd->bkcl", xs, self.x_proj_weight.float())
+            dts, b, c = projected.split([self.dt_rank, self.state_size, self.state_size], dim=2)
+            dts = torch.einsum("bkrl,kdr->bkdl", dts, self.dt_proj_weight.float())
+            y = selective_scan(xs.reshape(batch, directions * dim, length),
+                               dts.reshape(batch, directions * dim, length),
+                               -torch.exp(self.A_log.float()), b.contiguous(), c.contiguous(),
+                               D=self.D.float(), delta_bias=self.dt_bias.float().flatten(),
+                               delta_softplus=True, backend=self.scan_backend)
+        return y.reshape(batch, directions, dim, length)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        if x.dim() != self.ndim + 2 or tuple(x.shape[2:]) != self.spatial_size:
+            raise ValueError(f"{type(self).__name__} was built for maps of spatial size {self.spatial_size} "
+                             f"(batch, {self.norm.normalized_shape[0]}, ...), got {tuple(x.shape)}")
+        h = self.in_proj(self.norm(x.movedim(1, -1)))
+        inner, gate = h.chunk(2, dim=-1)
+        local, glob = self._tokens(inner.movedim(-1, 1))
+        num_global = 0 if glob is None else glob.shape[-1]
+        sequences = build_routes(local, glob, self.directions, self.join)
+        y = merge_routes(self._scan(sequences), self.spatial_size, num_global, self.join)
+        y = y.to(x.dtype) if not torch.is_autocast_enabled() else y
+        y = y.transpose(1, 2).reshape(*inner.shape[:-1], self.token_channels)
+        y = self.out_norm(self.back_proj(y)) * torch.nn.functional.silu(gate)
+        return x + self.drop_path(self.out_proj(y).movedim(-1, 1))

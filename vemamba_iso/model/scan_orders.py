@@ -1,0 +1,76 @@
+"""Continuous ("snake") scan orders over a 3D token grid and their exact inverses.
+
+A volume of features (batch, channels, D, H, W) is flattened row-major to (batch, channels, D*H*W);
+``D`` is the axial (upsampled) axis, ``H`` and ``W`` are lateral. A scan order is a permutation
+``perm`` of ``range(D*H*W)``: the sequence is ``tokens[..., perm]`` and ``sequence[..., argsort(perm)]``
+puts it back. Snake orders reverse the direction of the faster axes at every step of the slower ones,
+so consecutive tokens are always grid neighbours (no jumps at line ends).
+"""
+from __future__ import annotations
+
+from functools import lru_cache
+
+import numpy as np
+import torch
+
+#: Traversal (slowest, middle, fastest) axes of each order family, as indices into (D, H, W).
+ORDER_AXES = {
+    "axial_first": (1, 2, 0),    # D varies fastest: columns along the axial axis
+    "lateral_first": (0, 1, 2),  # W then H vary fastest: lateral planes one after another
+}
+
+
+def snake_permutation(shape: tuple[int, ...], axes: tuple[int, ...]) -> np.ndarray:
+    """Flat indices (row-major over ``shape``) of a continuous snake through the grid.
+
+    Args:
+        shape: grid size, any number of dimensions.
+        axes: the grid axes from slowest to fastest varying along the scan.
+
+    Returns:
+        int64 array of length ``prod(shape)``; neighbouring entries index grid neighbours.
+    """
+    sizes = [shape[a] for a in axes]
+    # Boustrophedon in traversal coordinates: an axis runs backwards whenever the number of
+    # completed lines of all slower axes so far is odd.
+    grids = np.meshgrid(*[np.arange(s) for s in sizes], indexing="ij")
+    coords = []
+    lines_before = np.zeros(sizes, dtype=np.int64)
+    for level, (size, grid) in enumerate(zip(sizes, grids)):
+        backwards = lines_before % 2 == 1
+        coords.append(np.where(backwards, size - 1 - grid, grid))
+        lines_before = lines_before * size + coords[-1]
+    grid_coords = [None] * len(shape)
+    for axis, coord in zip(axes, coords):
+        grid_coords[axis] = coord.reshape(-1)
+    return np.ravel_multi_index(grid_coords, shape).astype(np.int64)
+
+
+@lru_cache(maxsize=64)
+def _orders(shape: tuple[int, int, int], family: str) -> tuple[np.ndarray, np.ndarray]:
+    forward = snake_permutation(shape, ORDER_AXES[family])
+    return forward, forward[::-1].copy()
+
+
+def scan_permutations(shape: tuple[int, int, int], family: str, device=None) -> list[torch.Tensor]:
+    """Forward and reversed snake permutations of one order family for a (D, H, W) grid."""
+    if family not in ORDER_AXES:
+        raise ValueError(f"unknown scan order family {family!r}; choose one of {sorted(ORDER_AXES)}")
+    return [torch.as_tensor(p, device=device) for p in _orders(tuple(int(s) for s in shape), family)]
+
+
+def inverse_permutation(perm: torch.Tensor) -> torch.Tensor:
+    """The permutation that undoes ``perm``: ``x[..., perm][..., inverse] == x``."""
+    inverse = torch.empty_like(perm)
+    inverse[perm] = torch.arange(perm.numel(), device=perm.device)
+    return inverse
+
+
+def to_sequence(tokens: torch.Tensor, perm: torch.Tensor) -> torch.Tensor:
+    """(batch, channels, L) grid-ordered tokens -> the same tokens in scan order."""
+    return tokens.index_select(-1, perm)
+
+
+def from_sequence(sequence: torch.Tensor, perm: torch.Tensor) -> torch.Tensor:
+    """Inverse of :func:`to_sequence`."""
+    return sequence.index_select(-1, inverse_permutation(perm))
