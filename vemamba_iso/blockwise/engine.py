@@ -1,0 +1,182 @@
+"""Block-wise, resumable, optionally distributed reconstruction of volumes of any size.
+
+Memory stays bounded by the block size: blocks are read with a halo, processed, cropped and written
+one at a time (or a batch per worker). Finished blocks are journalled, so a run killed at any moment
+and started again with the same arguments completes, with the same result as an uninterrupted run
+(every block's result depends on its own input region only). With Dask (``scheduler``), workers read
+and process blocks and the client alone writes: safe for every store format.
+"""
+from __future__ import annotations
+
+import logging
+import os
+from typing import Protocol, Sequence
+
+import numpy as np
+from tqdm.auto import tqdm
+
+from .grid import Block, BlockGrid
+from .journal import BlockJournal
+from .stores import VolumeSource, WorkingStore, cast_like, check_output_location
+
+log = logging.getLogger(__name__)
+
+
+class BlockProcessor(Protocol):
+    """What the engine needs from a reconstruction method.
+
+    ``__call__`` maps a (Z, Y, X) block to float values with ``axis`` scaled by ``factor`` (every
+    input slice becomes ``factor`` output slices); ``identity()`` is a JSON-able description (method,
+    weights checksum, ...) recorded with the run so that a resume with another model is refused.
+    """
+
+    factor: int
+    axis: int
+
+    def identity(self) -> dict: ...
+
+    def __call__(self, block: np.ndarray) -> np.ndarray: ...
+
+
+def default_workers() -> int:
+    """Dask workers for a local cluster: one per core, at most 8."""
+    return max(1, min(os.cpu_count() or 1, 8))
+
+
+def process_blocks(processor: BlockProcessor, source: VolumeSource, blocks: Sequence[Block], dtype,
+                   torch_threads: int | None = None) -> list[tuple[Block, np.ndarray]]:
+    """Read, process and crop ``blocks``; returns (block, output values in ``dtype``) pairs."""
+    if torch_threads:
+        import torch
+
+        torch.set_num_threads(torch_threads)
+    results = []
+    for block in blocks:
+        values = np.asarray(processor(source.read(block.read)))
+        expected = tuple((s.stop - s.start) * (processor.factor if i == processor.axis else 1)
+                         for i, s in enumerate(block.read))
+        if values.shape != expected:
+            raise ValueError(f"the processor returned {values.shape} for a {tuple(s.stop - s.start for s in block.read)} "
+                             f"block; expected {expected} (factor {processor.factor} along axis {processor.axis})")
+        results.append((block, cast_like(values[block.crop], dtype)))
+    return results
+
+
+def reconstruct_blockwise(source: VolumeSource, output: str, processor: BlockProcessor, *,
+                          block=(32, 128, 128), halo=(4, 16, 16), overwrite: bool = False,
+                          scheduler: str | None = None, workers: int | None = None, batch_size: int | None = None,
+                          output_dtype=None, output_key: str = "data", progress: bool = True) -> str:
+    """Reconstruct ``source`` into ``output`` (Zarr/OME-Zarr or HDF5) block by block.
+
+    Args:
+        source: the input volume (Z, Y, X).
+        output: ``.zarr`` directory or ``.h5`` file; written only when complete (a ``.partial.zarr``
+            working store and a ``.journal`` folder of finished blocks sit beside it until then).
+        processor: the reconstruction method (see :class:`BlockProcessor`).
+        block, halo: core size and context per side, in input voxels (Z, Y, X).
+        overwrite: replace an existing output / discard an unfinished run with other parameters.
+        scheduler: None (this process), ``"local"`` (a Dask LocalCluster sized to the machine) or a
+            Dask scheduler address (``tcp://host:8786``).
+        workers: workers of the local cluster (default: one per core, at most 8).
+        batch_size: blocks per Dask task (default 1 on CPU, 4 for a CUDA processor).
+        output_dtype: default: the input's dtype.
+    Returns:
+        the output path.
+    """
+    output = str(output).rstrip("/")
+    grid = BlockGrid(source.shape, block, halo, processor.factor, processor.axis)
+    dtype = np.dtype(output_dtype or source.dtype)
+    params = {"input": os.path.abspath(source.path), "key": source.key, "shape": list(source.shape),
+              "block": list(grid.block), "halo": list(grid.halo), "factor": grid.factor, "axis": grid.axis,
+              "dtype": dtype.str, "processor": processor.identity()}
+    journal_dir = f"{output}.journal"
+    if _finish_interrupted(output, journal_dir, params, grid):
+        return output
+    check_output_location(output, overwrite)
+    if overwrite:
+        _discard(journal_dir, output)      # start over; an old output is replaced only at the end
+    journal = BlockJournal(journal_dir, params)
+    done = journal.done()
+    voxel_size = getattr(source, "voxel_size", None)
+    if voxel_size is not None:
+        voxel_size = tuple(v / (grid.factor if i == grid.axis else 1) for i, v in enumerate(voxel_size))
+    chunks = tuple(min(b * (grid.factor if i == grid.axis else 1), s)
+                   for i, (b, s) in enumerate(zip(grid.block, grid.output_shape)))
+    store = WorkingStore(output, grid.output_shape, dtype, chunks, voxel_size, resume=bool(done))
+    pending = [b for b in grid if b.name not in done]
+    if done:
+        log.info("resuming: %d of %d blocks already done", len(grid) - len(pending), len(grid))
+    bar = tqdm(total=len(grid), initial=len(grid) - len(pending), unit="block", disable=not progress,
+               desc="reconstructing", dynamic_ncols=True)
+    try:
+        if scheduler is None:
+            for b in pending:
+                for done_block, values in process_blocks(processor, source, [b], dtype):
+                    _store_block(store, journal, done_block, values, bar)
+        else:
+            _run_dask(processor, source, pending, dtype, store, journal, bar, scheduler, workers, batch_size)
+    finally:
+        bar.close()
+    path = store.finish(output_key)
+    journal.remove()
+    return path
+
+
+def _store_block(store, journal, block: Block, values: np.ndarray, bar) -> None:
+    store.write(block.out, values)
+    journal.mark(block.name)     # only after the data is stored
+    bar.update(1)
+
+
+def _discard(journal_dir: str, output: str) -> None:
+    import shutil
+
+    shutil.rmtree(journal_dir, ignore_errors=True)
+    shutil.rmtree(f"{output}.partial.zarr", ignore_errors=True)
+
+
+def _finish_interrupted(output: str, journal_dir: str, params: dict, grid: BlockGrid) -> bool:
+    """A run killed after its output was moved into place but before its journal was removed."""
+    if not (os.path.exists(output) and os.path.isdir(journal_dir)):
+        return False
+    try:
+        journal = BlockJournal(journal_dir, params)
+    except ValueError:
+        return False
+    if len(journal.done()) < len(grid):
+        return False
+    _discard(journal_dir, output)
+    return True
+
+
+def _run_dask(processor, source, pending, dtype, store, journal, bar, scheduler, workers, batch_size):
+    try:
+        from distributed import Client, LocalCluster, as_completed
+    except ImportError as exc:
+        raise RuntimeError("distributed reconstruction needs Dask: pip install 'bioimage-mamba[dask]'") from exc
+    on_gpu = str(getattr(processor, "device", "cpu")).startswith("cuda")
+    batch_size = batch_size or (4 if on_gpu else 1)
+    cluster = None
+    if scheduler == "local":
+        n = workers or default_workers()
+        cluster = LocalCluster(n_workers=n, threads_per_worker=1, processes=True, dashboard_address=None,
+                               silence_logs=logging.ERROR)
+        client = Client(cluster)
+        torch_threads = max(1, (os.cpu_count() or 1) // n)
+    else:
+        client = Client(scheduler)
+        torch_threads = None
+    try:
+        processor_f = client.scatter(processor, broadcast=True)
+        source_f = client.scatter(source, broadcast=True)
+        batches = [pending[i:i + batch_size] for i in range(0, len(pending), batch_size)]
+        futures = [client.submit(process_blocks, processor_f, source_f, batch, dtype, torch_threads, pure=False)
+                   for batch in batches]
+        for future in as_completed(futures):
+            for block, values in future.result():
+                _store_block(store, journal, block, values, bar)
+            future.release()
+    finally:
+        client.close()
+        if cluster is not None:
+            cluster.close()
