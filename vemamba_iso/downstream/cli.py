@@ -1,0 +1,60 @@
+"""``vemamba_iso_to_nnunet``: volumes (raw or reconstructed) + labels -> nnU-Net raw dataset."""
+from __future__ import annotations
+
+import argparse
+import os
+import sys
+
+from ..data import read_volume
+from .nnunet_dataset import instance_boundaries, labels_to_classes, write_nnunet_dataset
+
+
+def to_nnunet_main(argv=None) -> int:
+    p = argparse.ArgumentParser(
+        prog="vemamba_iso_to_nnunet",
+        description="Cut volumes and their label volumes into an nnU-Net v2 raw dataset "
+                    "(imagesTr/labelsTr as NIfTI + dataset.json), ready for nnUNetv2_plan_and_preprocess.")
+    p.add_argument("--image", action="append", required=True, help="volume (TIFF/HDF5/Zarr/NIfTI; file.h5:key); repeat")
+    p.add_argument("--labels", action="append", required=True, help="label volume of the same shape; one per --image")
+    p.add_argument("--dataset-id", type=int, required=True, help="nnU-Net dataset id (1-999)")
+    p.add_argument("--name", required=True, help="dataset name, e.g. EMMito")
+    p.add_argument("--label-names", nargs="+", default=["background", "foreground"],
+                   help="class names, background first (default: background foreground)")
+    p.add_argument("--label-values", type=int, nargs="+",
+                   help="raw label values of classes 1.. (default: every non-zero voxel is class 1)")
+    p.add_argument("--from-instances", action="store_true",
+                   help="labels are instance ids (e.g. neurons): use their boundaries (membranes) as class 1")
+    p.add_argument("--subvolume", type=int, nargs=3, default=[32, 256, 256], metavar=("Z", "Y", "X"),
+                   help="case size in voxels (default 32 256 256)")
+    p.add_argument("--channel-name", default="EM")
+    p.add_argument("--nnunet-raw", default=os.environ.get("nnUNet_raw"),
+                   help="nnU-Net raw folder (default: $nnUNet_raw)")
+    p.add_argument("--overwrite", action="store_true", help="replace a dataset with the same id")
+    args = p.parse_args(argv)
+    if len(args.image) != len(args.labels):
+        p.error(f"{len(args.image)} --image but {len(args.labels)} --labels: give one label volume per image")
+    if not args.nnunet_raw:
+        p.error("no nnU-Net raw folder: set nnUNet_raw or pass --nnunet-raw")
+
+    def pairs():
+        for image_path, label_path in zip(args.image, args.labels):
+            image, labels = read_volume(image_path), read_volume(label_path)
+            classes = (instance_boundaries(labels.data) if args.from_instances
+                       else labels_to_classes(labels.data, args.label_values))
+            yield image.data, classes, image.voxel_size or labels.voxel_size
+
+    try:
+        folder = write_nnunet_dataset(pairs(), args.nnunet_raw, args.dataset_id, args.name,
+                                      subvolume=args.subvolume, channel_name=args.channel_name,
+                                      label_names=args.label_names, overwrite=args.overwrite)
+    except (ValueError, FileExistsError, FileNotFoundError, KeyError) as exc:
+        print(f"vemamba_iso_to_nnunet: error: {exc}", file=sys.stderr)
+        return 2
+    n = len(os.listdir(os.path.join(folder, "labelsTr")))
+    print(f"wrote {folder} ({n} cases); next: nnUNetv2_plan_and_preprocess -d {args.dataset_id} "
+          f"--verify_dataset_integrity")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(to_nnunet_main())
