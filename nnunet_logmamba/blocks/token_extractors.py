@@ -8,7 +8,7 @@ dimension, never copied per dimension).
   each position onto the channel axis, so one token "sees" its neighbours although the scan is 1D.
 * :class:`DepthwiseTokenExtractor`: the vanilla VSS local mixing (depthwise conv + SiLU), used where
   no LTX is wanted (the G-VMamba variant and the GTX-only stages).
-* :class:`GlobalTokenExtractor` (GTX): compress the map with a strided, dilated depthwise conv,
+* :class:`GlobalTokenExtractor` (GTX): compress the map with a strided depthwise conv,
   mix the whole compressed field of view with one linear layer, SiLU: a handful of global tokens
   that are joined to the local sequence.
 """
@@ -129,7 +129,7 @@ def global_compression(spatial_size: Sequence[int], max_edge: int = 4) -> tuple[
 
 
 class GlobalTokenExtractor(nn.Module):
-    """GTX: strided dilated depthwise conv, flatten, linear over the compressed space, SiLU.
+    """GTX: strided depthwise conv, flatten, linear over the compressed space, SiLU.
 
     Args:
         channels: input channels ``c``.
@@ -139,8 +139,8 @@ class GlobalTokenExtractor(nn.Module):
         token_channels: channels of each global token; a multiple of ``channels``. Each input channel
             (a "channel group" of ``token_channels // channels`` token channels) gets its own
             mixture of the whole compressed field of view.
-        kernel_size: depthwise kernel edge; the dilation per axis equals the stride rounded up to
-            half, so the kernel spans the stride gap.
+        kernel_size: smallest depthwise kernel edge; per axis the kernel grows to span its stride
+            (the paper's dilated kernel would skip positions once the stride exceeds ``k``).
         max_edge: compressed edge per axis (see :func:`global_compression`).
 
     ``forward``: ``(batch, channels, *spatial_size)`` -> ``(batch, token_channels, num_tokens)``.
@@ -157,10 +157,16 @@ class GlobalTokenExtractor(nn.Module):
         self.spatial_size = tuple(int(s) for s in spatial_size)
         self.ndim = len(self.spatial_size)
         strides, self.compressed_size = global_compression(self.spatial_size, max_edge)
-        dilations = tuple(max(1, math.ceil(s / 2)) for s in strides)
-        padding = tuple(d * (kernel_size // 2) for d in dilations)
-        self.compress = conv_for_ndim(self.ndim)(channels, channels, kernel_size, stride=strides,
-                                                 padding=padding, dilation=dilations, groups=channels)
+        # A k-tap kernel dilated to span a stride > k skips positions; the kernel instead grows to
+        # its stride, and the padding is split so the windows tile the whole map (every position
+        # reaches some compressed token) while the output keeps ceil(size / stride) positions.
+        kernels = tuple(max(kernel_size, s) for s in strides)
+        pads = []
+        for size, k, st, n in zip(self.spatial_size, kernels, strides, self.compressed_size):
+            total = (n - 1) * st + k - size
+            pads.append(((k - st) // 2, total - (k - st) // 2))
+        self._padding = [p for pair in reversed(pads) for p in pair]  # F.pad order: last axis first
+        self.compress = conv_for_ndim(self.ndim)(channels, channels, kernels, stride=strides, groups=channels)
         self.num_tokens = num_tokens
         self.group_size = token_channels // channels
         self.token_channels = token_channels
@@ -172,7 +178,7 @@ class GlobalTokenExtractor(nn.Module):
             raise ValueError(
                 f"GlobalTokenExtractor was built for spatial size {self.spatial_size} (patch size / "
                 f"cumulative strides) but got {tuple(x.shape[2:])}; feed patches of the planned size")
-        compressed = self.compress(x).flatten(2)  # (batch, channels, prod(compressed_size))
+        compressed = self.compress(F.pad(x, self._padding)).flatten(2)  # (batch, channels, prod(compressed_size))
         tokens = F.silu(self.mix(compressed))  # (batch, channels, num_tokens * group_size)
         tokens = tokens.unflatten(2, (self.num_tokens, self.group_size)).transpose(2, 3)
         return tokens.flatten(1, 2)  # (batch, channels * group_size, num_tokens)

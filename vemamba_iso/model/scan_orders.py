@@ -39,7 +39,7 @@ def snake_permutation(shape: tuple[int, ...], axes: tuple[int, ...]) -> np.ndarr
     for level, (size, grid) in enumerate(zip(sizes, grids)):
         backwards = lines_before % 2 == 1
         coords.append(np.where(backwards, size - 1 - grid, grid))
-        lines_before = lines_before * size + coords[-1]
+        lines_before = lines_before * size + grid  # lines completed, in traversal order
     grid_coords = [None] * len(shape)
     for axis, coord in zip(axes, coords):
         grid_coords[axis] = coord.reshape(-1)

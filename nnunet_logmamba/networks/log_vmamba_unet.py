@@ -1,0 +1,155 @@
+"""LoG-VMamba blocks inserted into the network that nnU-Net's plans describe.
+
+We build the planned network with nnU-Net's own ``get_network_from_plans`` (PlainConvUNet,
+ResidualEncoderUNet, any planner) and wrap stages in place: ``stage -> LoGVSSBlock``. The encoder
+object is shared with the decoder (``UNetDecoder.encoder``), so it must be modified in place, not
+replaced. Deep supervision is untouched (the decoder always builds every segmentation head), so the
+state dict is the same with it on or off.
+"""
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass, field, replace
+from typing import Sequence
+
+import numpy as np
+import torch
+from torch import nn
+
+from ..blocks import LoGVSSBlock
+from .placement import PlacementRule, stage_spatial_sizes
+
+
+@dataclass(frozen=True)
+class LoGVMambaConfig:
+    """How blocks are built and placed.
+
+    Attributes:
+        rule: placement by spatial size (variant ``log``, ``local`` or ``global``; thresholds).
+        join: join order of global tokens.
+        directions: scan directions ``K``.
+        expand: inner width factor of each block.
+        state_size: SSM state size.
+        num_global_tokens: global tokens per GTX.
+        drop_path: stochastic depth of the block residuals.
+        in_decoder: after decoder stages; None = only for 2D (the paper's 2D model has its Mamba
+            blocks in the decoder).
+        encoder_stages: ``all`` (every qualifying encoder stage), ``bottleneck`` (only the last) or
+            ``none``; None = ``all`` in 3D, ``none`` in 2D (blocks in the decoder only, as the paper's
+            2D model; with encoder blocks too, a 2D hippocampus step took 1.6-1.8x the plain
+            network's time, 2D plans having batches of hundreds; see benchmarks/bench_network.py).
+        scan_backend: selective-scan backend.
+    """
+
+    rule: PlacementRule = field(default_factory=PlacementRule)
+    join: str = "interleaved"
+    directions: int = 1
+    expand: float = 1.0
+    state_size: int = 16
+    num_global_tokens: int = 4
+    drop_path: float = 0.0
+    in_decoder: bool | None = None
+    encoder_stages: str | None = None
+    scan_backend: str = "auto"
+
+    def with_(self, **changes) -> "LoGVMambaConfig":
+        """A copy with some fields changed (``rule`` fields may be given by name too)."""
+        rule_fields = {k: changes.pop(k) for k in list(changes) if k in PlacementRule.__dataclass_fields__}
+        rule = replace(self.rule, **rule_fields) if rule_fields else self.rule
+        return replace(self, rule=rule, **changes)
+
+
+class StageWithMamba(nn.Module):
+    """An nnU-Net stage followed by a LoG-VMamba block (same channels and size in and out)."""
+
+    def __init__(self, stage: nn.Module, block: LoGVSSBlock):
+        super().__init__()
+        self.stage = stage
+        self.mamba = block
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.mamba(self.stage(x))
+
+    def compute_conv_feature_map_size(self, input_size):
+        """Feature-map voxels, as dynamic-network-architectures' stages report them (used by planners)."""
+        inner = self.stage[-1] if isinstance(self.stage, nn.Sequential) else self.stage
+        output = np.int64(inner.compute_conv_feature_map_size(input_size))
+        block = self.mamba
+        # Rough: the block keeps a few maps of its inner width at the stage's output size.
+        output += np.int64(4 * block.token_channels * math.prod(block.spatial_size))
+        return output
+
+
+def _block(channels: int, size: Sequence[int], mode: str, config: LoGVMambaConfig) -> LoGVSSBlock:
+    return LoGVSSBlock(channels, size, mode=mode, expand=config.expand, state_size=config.state_size,
+                       kernel_size=config.rule.kernel_size, num_global_tokens=config.num_global_tokens,
+                       join=config.join, directions=config.directions, drop_path=config.drop_path,
+                       scan_backend=config.scan_backend)
+
+
+def insert_log_vmamba_blocks(network: nn.Module, patch_size: Sequence[int], batch_size: int = 1,
+                             config: LoGVMambaConfig = LoGVMambaConfig()) -> list[dict]:
+    """Wrap the stages of a dynamic-network-architectures U-Net with LoG-VMamba blocks, in place.
+
+    Args:
+        network: a PlainConvUNet / ResidualEncoderUNet (``encoder.stages``, ``encoder.strides``,
+            ``encoder.output_channels``, ``decoder.stages``).
+        patch_size: the network's input size (nnU-Net's configuration patch size).
+        batch_size: the planned training batch size (the placement's cost cap; see
+            :mod:`.placement`). Take it from the plans, not from the run, so that training and
+            prediction build the same network.
+        config: block and placement settings.
+
+    Returns:
+        One dict per inserted block: ``{"where": "encoder"|"decoder", "stage": i, "size": ..., "mode": ...}``.
+    """
+    encoder = getattr(network, "encoder", None)
+    decoder = getattr(network, "decoder", None)
+    if encoder is None or decoder is None or not hasattr(encoder, "strides") or not hasattr(decoder, "stages"):
+        raise TypeError(f"{type(network).__name__} is not a dynamic-network-architectures U-Net with "
+                        "encoder.stages/encoder.strides and decoder.stages; use PlainConvUNet or ResidualEncoderUNet")
+    if len(patch_size) != len(encoder.strides[0]):
+        raise ValueError(f"patch size {tuple(patch_size)} has {len(patch_size)} axes but the network is "
+                         f"{len(encoder.strides[0])}D")
+    sizes = stage_spatial_sizes(patch_size, encoder.strides)
+    channels = list(encoder.output_channels)
+    ndim = len(patch_size)
+    in_decoder = (ndim == 2) if config.in_decoder is None else config.in_decoder
+    encoder_stages = ("none" if ndim == 2 else "all") if config.encoder_stages is None else config.encoder_stages
+    if encoder_stages not in ("all", "bottleneck", "none"):
+        raise ValueError(f"encoder_stages must be 'all', 'bottleneck' or 'none', got {encoder_stages!r}")
+    placed = []
+    for i, size in enumerate(sizes):
+        if encoder_stages == "none" or (encoder_stages == "bottleneck" and i != len(sizes) - 1):
+            continue
+        mode = config.rule.mode_for(size, batch_size)
+        if mode is None or isinstance(encoder.stages[i], StageWithMamba):
+            continue
+        encoder.stages[i] = StageWithMamba(encoder.stages[i], _block(channels[i], size, mode, config))
+        placed.append({"where": "encoder", "stage": i, "size": size, "mode": mode})
+    if in_decoder:
+        for s in range(len(decoder.stages)):
+            level = len(sizes) - 2 - s  # decoder stage s works at the resolution of encoder stage level
+            mode = config.rule.mode_for(sizes[level], batch_size)
+            if mode is None or isinstance(decoder.stages[s], StageWithMamba):
+                continue
+            decoder.stages[s] = StageWithMamba(decoder.stages[s], _block(channels[level], sizes[level], mode, config))
+            placed.append({"where": "decoder", "stage": s, "size": sizes[level], "mode": mode})
+    if not placed:
+        raise ValueError(f"no stage of patch size {tuple(patch_size)} qualifies for a LoG-VMamba block "
+                         f"at batch size {batch_size} (max_batch_tokens={config.rule.max_batch_tokens}); raise "
+                         "max_batch_tokens or use the plain trainer")
+    return placed
+
+
+def build_log_vmamba_network(arch_class_name: str, arch_kwargs: dict, arch_kwargs_req_import: Sequence[str],
+                             input_channels: int, output_channels: int, patch_size: Sequence[int],
+                             batch_size: int = 1, enable_deep_supervision: bool = True,
+                             config: LoGVMambaConfig = LoGVMambaConfig()) -> nn.Module:
+    """The planned nnU-Net network with LoG-VMamba blocks (arguments as nnU-Net's configuration has them)."""
+    from nnunetv2.utilities.get_network_from_plans import get_network_from_plans
+
+    network = get_network_from_plans(arch_class_name, arch_kwargs, arch_kwargs_req_import, input_channels,
+                                     output_channels, allow_init=True, deep_supervision=enable_deep_supervision)
+    network.log_vmamba_blocks = insert_log_vmamba_blocks(network, patch_size, batch_size, config)
+    return network

@@ -1,0 +1,196 @@
+"""nnU-Net v2 trainers that train the planned U-Net with LoG-VMamba blocks.
+
+Use them with the stock commands (the package's start-up hook makes nnU-Net find them):
+
+    nnUNetv2_train DATASET 3d_fullres 0 -tr nnUNetTrainerLoGVMamba
+    nnUNetv2_predict -i IN -o OUT -d DATASET -c 3d_fullres -f 0 -tr nnUNetTrainerLoGVMamba
+
+Every trainer keeps nnU-Net's ``__init__`` signature (nnU-Net rebuilds trainers from it) and builds
+its network in the static ``build_network_architecture`` (nnU-Net's predictor calls it on the class).
+Class names are stored in checkpoints: renaming one breaks prediction from old checkpoints.
+"""
+
+import os
+
+import torch
+from nnunetv2.training.nnUNetTrainer.nnUNetTrainer import nnUNetTrainer
+
+from ..networks import LoGVMambaConfig, build_log_vmamba_network
+
+_TRUE = ("true", "1", "t")
+
+
+def respect_omp_num_threads(device: torch.device) -> None:
+    """On CPU, use ``OMP_NUM_THREADS`` torch threads when the user set it.
+
+    ``nnUNetv2_train -device cpu`` sets as many threads as the machine has cores. On a shared machine
+    that oversubscribes the cores, and the scan's many small operations then wait on descheduled
+    threads (measured here: 10x slower per operation with 2 threads on 2 busy cores than with 1).
+    """
+    value = os.environ.get("OMP_NUM_THREADS", "")
+    if torch.device(device).type == "cpu" and value.isdigit() and int(value) > 0:
+        torch.set_num_threads(int(value))
+
+
+def network_builder(config: LoGVMambaConfig) -> staticmethod:
+    """A ``build_network_architecture`` staticmethod that inserts blocks configured by ``config``."""
+
+    def build_network_architecture(plans_manager, configuration_manager, num_input_channels: int,
+                                   num_output_channels: int, enable_deep_supervision: bool = True) -> torch.nn.Module:
+        return build_log_vmamba_network(
+            configuration_manager.network_arch_class_name,
+            configuration_manager.network_arch_init_kwargs,
+            configuration_manager.network_arch_init_kwargs_req_import,
+            num_input_channels, num_output_channels, configuration_manager.patch_size,
+            configuration_manager.batch_size, enable_deep_supervision, config)
+
+    build_network_architecture.__doc__ = f"The planned U-Net with LoG-VMamba blocks ({config})."
+    return staticmethod(build_network_architecture)
+
+
+class nnUNetTrainerLoGVMamba(nnUNetTrainer):
+    """LoG-VMamba: LTX on large maps, LTX + GTX on middle maps, GTX on the smallest (by spatial size)."""
+
+    log_vmamba_config = LoGVMambaConfig()
+    build_network_architecture = network_builder(log_vmamba_config)
+
+    def __init__(self, plans: dict, configuration: str, fold: int, dataset_json: dict,
+                 device: torch.device = torch.device("cuda")):
+        super().__init__(plans, configuration, fold, dataset_json, device)
+        respect_omp_num_threads(device)
+
+    def _do_i_compile(self) -> bool:
+        # Mamba blocks and torch.compile do not mix reliably; compile only when the user asks for it.
+        if os.environ.get("nnUNet_compile", "").lower() not in _TRUE:
+            return False
+        return super()._do_i_compile()
+
+    def initialize(self):
+        super().initialize()
+        network = self.network._orig_mod if hasattr(self.network, "_orig_mod") else self.network
+        network = network.module if hasattr(network, "module") else network
+        placed = getattr(network, "log_vmamba_blocks", [])
+        self.print_to_log_file(f"LoG-VMamba blocks ({type(self).__name__}): "
+                               + "; ".join(f"{p['where']} stage {p['stage']} {p['size']} {p['mode']}" for p in placed))
+
+
+class nnUNetTrainerLVMamba(nnUNetTrainerLoGVMamba):
+    """L-VMamba ablation: LTX only, wherever a block is placed."""
+
+    log_vmamba_config = LoGVMambaConfig().with_(variant="local")
+    build_network_architecture = network_builder(log_vmamba_config)
+
+
+class nnUNetTrainerGVMamba(nnUNetTrainerLoGVMamba):
+    """G-VMamba ablation: vanilla depthwise conv + GTX, wherever a block is placed."""
+
+    log_vmamba_config = LoGVMambaConfig().with_(variant="global")
+    build_network_architecture = network_builder(log_vmamba_config)
+
+
+class nnUNetTrainerLoGVMambaNoAMP(nnUNetTrainerLoGVMamba):
+    """LoG-VMamba trained fully in fp32 (no autocast, no gradient scaler) on every device."""
+
+    def __init__(self, plans: dict, configuration: str, fold: int, dataset_json: dict,
+                 device: torch.device = torch.device("cuda")):
+        super().__init__(plans, configuration, fold, dataset_json, device)
+        self.grad_scaler = None
+
+    def initialize(self):
+        super().initialize()
+        # nnU-Net's train and validation steps open autocast on CUDA; switch it off around the network
+        disable_autocast_in_forward(self.network)
+
+
+def disable_autocast_in_forward(module: torch.nn.Module) -> None:
+    """Run ``module``'s forward with autocast off for its device, whatever the caller opened.
+
+    Forward hooks rather than a wrapper module, so the state dict keys stay those of the network.
+    """
+    def enter(mod, args):
+        device = next(mod.parameters()).device.type
+        context = torch.autocast(device_type=device, enabled=False)
+        context.__enter__()
+        mod._autocast_off_contexts = getattr(mod, "_autocast_off_contexts", []) + [context]
+
+    def leave(mod, args, output):
+        mod._autocast_off_contexts.pop().__exit__(None, None, None)
+        return output
+
+    module.register_forward_pre_hook(enter)
+    module.register_forward_hook(leave)
+
+
+# --- ablations of the join order (default: interleaved) and of the scan directions K (default 1) ---
+
+class nnUNetTrainerLoGVMamba_JoinHead(nnUNetTrainerLoGVMamba):
+    log_vmamba_config = LoGVMambaConfig(join="head")
+    build_network_architecture = network_builder(log_vmamba_config)
+
+
+class nnUNetTrainerLoGVMamba_JoinMiddle(nnUNetTrainerLoGVMamba):
+    log_vmamba_config = LoGVMambaConfig(join="middle")
+    build_network_architecture = network_builder(log_vmamba_config)
+
+
+class nnUNetTrainerLoGVMamba_JoinSplit(nnUNetTrainerLoGVMamba):
+    log_vmamba_config = LoGVMambaConfig(join="split")
+    build_network_architecture = network_builder(log_vmamba_config)
+
+
+class nnUNetTrainerLoGVMamba_K2(nnUNetTrainerLoGVMamba):
+    log_vmamba_config = LoGVMambaConfig(directions=2)
+    build_network_architecture = network_builder(log_vmamba_config)
+
+
+class nnUNetTrainerLoGVMamba_K4(nnUNetTrainerLoGVMamba):
+    log_vmamba_config = LoGVMambaConfig(directions=4)
+    build_network_architecture = network_builder(log_vmamba_config)
+
+
+# --- short budgets (nnU-Net has no epochs flag) for tests, CPU evaluations and debugging ---
+
+def set_budget(trainer: nnUNetTrainer, epochs: int, iterations: int, val_iterations: int) -> None:
+    """Shorten a trainer's schedule (the poly LR schedule follows ``num_epochs``)."""
+    trainer.num_epochs = epochs
+    trainer.num_iterations_per_epoch = iterations
+    trainer.num_val_iterations_per_epoch = val_iterations
+
+
+class nnUNetTrainerLoGVMamba_1epoch_2iters(nnUNetTrainerLoGVMamba):
+    """Smoke-test budget: 1 epoch of 2 training and 1 validation iteration."""
+
+    def __init__(self, plans: dict, configuration: str, fold: int, dataset_json: dict,
+                 device: torch.device = torch.device("cuda")):
+        super().__init__(plans, configuration, fold, dataset_json, device)
+        set_budget(self, epochs=1, iterations=2, val_iterations=1)
+
+
+class nnUNetTrainerLoGVMamba_4epochs_25iters(nnUNetTrainerLoGVMamba):
+    """Short CPU evaluation budget: 4 epochs of 25 iterations (100 steps), 5 validation iterations."""
+
+    def __init__(self, plans: dict, configuration: str, fold: int, dataset_json: dict,
+                 device: torch.device = torch.device("cuda")):
+        super().__init__(plans, configuration, fold, dataset_json, device)
+        set_budget(self, epochs=4, iterations=25, val_iterations=5)
+
+
+class nnUNetTrainer_4epochs_25iters(nnUNetTrainer):
+    """The plain nnU-Net baseline at the same budget as :class:`nnUNetTrainerLoGVMamba_4epochs_25iters`."""
+
+    def __init__(self, plans: dict, configuration: str, fold: int, dataset_json: dict,
+                 device: torch.device = torch.device("cuda")):
+        super().__init__(plans, configuration, fold, dataset_json, device)
+        respect_omp_num_threads(device)
+        set_budget(self, epochs=4, iterations=25, val_iterations=5)
+
+
+__all__ = ["TRAINERS", "network_builder", "set_budget", "respect_omp_num_threads", "disable_autocast_in_forward"]
+
+#: Every trainer this package provides (the names nnU-Net's -tr option accepts).
+TRAINERS = {cls.__name__: cls for cls in (
+    nnUNetTrainerLoGVMamba, nnUNetTrainerLVMamba, nnUNetTrainerGVMamba, nnUNetTrainerLoGVMambaNoAMP,
+    nnUNetTrainerLoGVMamba_JoinHead, nnUNetTrainerLoGVMamba_JoinMiddle, nnUNetTrainerLoGVMamba_JoinSplit,
+    nnUNetTrainerLoGVMamba_K2, nnUNetTrainerLoGVMamba_K4, nnUNetTrainerLoGVMamba_1epoch_2iters,
+    nnUNetTrainerLoGVMamba_4epochs_25iters, nnUNetTrainer_4epochs_25iters)}
+__all__ += sorted(TRAINERS)

@@ -1,0 +1,190 @@
+"""LoG-VMamba blocks: token extractors, join orders, scan routes, the VSS block (2D and 3D)."""
+import itertools
+
+import pytest
+import torch
+from torch.nn import functional as F
+
+from nnunet_logmamba.blocks import (JOIN_ORDERS, GlobalTokenExtractor, LocalTokenExtractor, LoGVSSBlock,
+                                    build_routes, global_compression, join_permutation, join_tokens,
+                                    merge_routes, split_local, unfold_neighbourhood)
+
+
+@pytest.fixture(autouse=True)
+def one_torch_thread():
+    """Small tensors, many ops: one thread avoids waiting on descheduled threads on a busy machine."""
+    before = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(before)
+
+
+def _shifted(x, offset):
+    """x[..., p + offset] with zeros outside, computed independently of the code under test."""
+    out = torch.zeros_like(x)
+    src, dst = [slice(None), slice(None)], [slice(None), slice(None)]
+    for o, n in zip(offset, x.shape[2:]):
+        src.append(slice(max(o, 0), n + min(o, 0)))
+        dst.append(slice(max(-o, 0), n - max(o, 0)))
+    out[tuple(dst)] = x[tuple(src)]
+    return out
+
+
+@pytest.mark.parametrize("spatial", [(5, 7), (4, 6, 5)])
+def test_unfold_neighbours_are_shifted_inputs(spatial):
+    torch.manual_seed(0)
+    x = torch.randn(2, 3, *spatial)
+    k = 3
+    out = unfold_neighbourhood(x, k)
+    nbh = k ** len(spatial)
+    assert out.shape == (2, 3 * nbh, *spatial)
+    for c in range(3):
+        for j, offset in enumerate(itertools.product(range(-1, 2), repeat=len(spatial))):
+            torch.testing.assert_close(out[:, c * nbh + j], _shifted(x, offset)[:, c], rtol=0, atol=0)
+
+
+@pytest.mark.parametrize("spatial,squeeze", [((6, 5), 8), ((3, 4, 5), 16)])
+def test_local_token_extractor_neighbours_of_squeezed_map(spatial, squeeze):
+    torch.manual_seed(0)
+    ltx = LocalTokenExtractor(32, len(spatial), squeeze=squeeze)
+    x = torch.randn(2, 32, *spatial)
+    out = ltx(x)
+    squeezed = F.silu(ltx.squeeze(x))
+    assert squeezed.shape[1] == 32 // squeeze
+    assert ltx.out_channels == (32 // squeeze) * 3 ** len(spatial) == out.shape[1]
+    centre = (3 ** len(spatial)) // 2  # offset (0, .., 0) in row-major order
+    torch.testing.assert_close(out[:, centre::3 ** len(spatial)], squeezed)
+    # the unfold is fixed: the squeeze conv is the only trainable part
+    assert {n for n, _ in ltx.named_parameters()} == {"squeeze.weight", "squeeze.bias"}
+
+
+@pytest.mark.parametrize("join", JOIN_ORDERS)
+@pytest.mark.parametrize("num_local,num_global", [(1, 1), (10, 0), (10, 3), (12, 4), (7, 9), (100, 5)])
+def test_join_orders_round_trip(join, num_local, num_global):
+    torch.manual_seed(0)
+    local = torch.randn(2, 3, num_local)
+    glob = torch.randn(2, 3, num_global)
+    joined = join_tokens(local, glob, join)
+    assert joined.shape == (2, 3, num_local + num_global)
+    torch.testing.assert_close(split_local(joined, num_global, join), local, rtol=0, atol=0)
+    # every global token is in the sequence exactly once
+    order = join_permutation(num_local, num_global, join)
+    assert sorted(order) == list(range(num_local + num_global))
+
+
+def test_join_order_positions():
+    # 10 local (0..9), 3 global (10..12)
+    assert join_permutation(10, 3, "head")[:3] == [10, 11, 12]
+    assert join_permutation(10, 3, "middle")[5:8] == [10, 11, 12]
+    split = join_permutation(10, 3, "split")
+    assert split[:2] == [10, 11] and split[-1] == 12
+    inter = join_permutation(10, 3, "interleaved")
+    assert [inter.index(g) for g in (10, 11, 12)] == [0, 4, 8]  # every 3 local tokens, remainder last
+    # more global tokens than local ones: the excess goes to the head
+    assert join_permutation(2, 4, "interleaved") == [2, 3, 4, 0, 5, 1]
+
+
+def test_join_rejects_bad_arguments():
+    with pytest.raises(ValueError, match="unknown join order"):
+        join_permutation(4, 2, "tail")
+    with pytest.raises(ValueError, match="must agree"):
+        join_tokens(torch.zeros(2, 3, 4), torch.zeros(2, 5, 1))
+
+
+@pytest.mark.parametrize("directions", [1, 2, 4])
+@pytest.mark.parametrize("spatial", [(3, 5), (2, 3, 4)])
+def test_scan_routes_round_trip(directions, spatial):
+    torch.manual_seed(0)
+    tokens = torch.randn(2, 4, *spatial)
+    glob = torch.randn(2, 4, 3)
+    routes = build_routes(tokens, glob, directions, "interleaved")
+    length = torch.Size(spatial).numel()
+    assert routes.shape == (2, directions, 4, length + 3)
+    # the identity "scan" gives every local token back once per route
+    merged = merge_routes(routes, spatial, 3, "interleaved")
+    torch.testing.assert_close(merged, directions * tokens.flatten(2))
+    if directions >= 2:
+        torch.testing.assert_close(routes[:, 1], routes[:, 0].flip(-1))
+    if directions == 4:
+        # route 2 walks the last spatial axis slowest
+        transposed = tokens.permute(0, 1, *range(tokens.dim() - 1, 1, -1)).flatten(2)
+        torch.testing.assert_close(split_local(routes[:, 2], 3, "interleaved"), transposed)
+
+
+def test_global_compression_is_derived_from_the_size():
+    assert global_compression((40, 56, 40)) == ((10, 14, 10), (4, 4, 4))
+    assert global_compression((5, 28, 3)) == ((2, 7, 1), (3, 4, 3))
+    with pytest.raises(ValueError, match="positive"):
+        global_compression((0, 4))
+
+
+@pytest.mark.parametrize("spatial", [(9, 14), (5, 12, 7)])
+def test_global_tokens_see_the_whole_field_of_view(spatial):
+    torch.manual_seed(0)
+    gtx = GlobalTokenExtractor(2, spatial, num_tokens=3, token_channels=2 * 9)
+    x = torch.randn(1, 2, *spatial, requires_grad=True)
+    tokens = gtx(x)
+    assert tokens.shape == (1, 18, 3)
+    # one token of one channel group depends on every position of that channel
+    tokens[0, 0, 0].backward()
+    assert (x.grad[0, 0] != 0).all()
+    assert (x.grad[0, 1] == 0).all()  # depthwise: other channel groups are independent
+    with pytest.raises(ValueError, match="spatial size"):
+        gtx(torch.randn(1, 2, *[s + 1 for s in spatial]))
+    with pytest.raises(ValueError, match="multiple of channels"):
+        GlobalTokenExtractor(4, spatial, token_channels=6)
+
+
+@pytest.mark.parametrize("mode", ["local", "global", "local_global"])
+@pytest.mark.parametrize("directions", [1, 2, 4])
+@pytest.mark.parametrize("spatial", [(6, 10), (4, 6, 5)])
+def test_block_forward_backward_every_parameter_gets_a_gradient(mode, directions, spatial):
+    torch.manual_seed(0)
+    block = LoGVSSBlock(16, spatial, mode=mode, directions=directions, squeeze=4)
+    x = torch.randn(2, 16, *spatial, requires_grad=True)
+    y = block(x)
+    assert y.shape == x.shape and torch.isfinite(y).all()
+    assert not torch.allclose(y, x)  # the residual branch contributes
+    y.square().mean().backward()
+    for name, p in block.named_parameters():
+        assert p.grad is not None and p.grad.abs().sum() > 0, name
+    assert x.grad.abs().sum() > 0
+
+
+def test_block_sequence_order_matters_for_join_and_directions():
+    torch.manual_seed(0)
+    x = torch.randn(1, 16, 6, 7)
+    ref = LoGVSSBlock(16, (6, 7), join="interleaved")
+    state = ref.state_dict()
+    other = LoGVSSBlock(16, (6, 7), join="head")
+    other.load_state_dict(state)
+    assert not torch.allclose(ref(x), other(x))
+
+
+def test_block_under_cpu_autocast_is_finite_and_keeps_dtype():
+    torch.manual_seed(0)
+    block = LoGVSSBlock(16, (6, 8), mode="local_global", squeeze=4)
+    x = torch.randn(2, 16, 6, 8)
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        y = block(x)
+    assert torch.isfinite(y.float()).all()
+    y.float().sum().backward()
+    assert all(torch.isfinite(p.grad).all() for p in block.parameters())
+
+
+@pytest.mark.parametrize("kwargs,match", [
+    (dict(mode="both"), "token mode"),
+    (dict(join="tail"), "join order"),
+    (dict(directions=3), "directions"),
+    (dict(kernel_size=4), "odd"),
+    (dict(state_size=0), "positive"),
+])
+def test_block_rejects_bad_arguments(kwargs, match):
+    with pytest.raises(ValueError, match=match):
+        LoGVSSBlock(16, (6, 8), **kwargs)
+
+
+def test_block_rejects_inputs_of_another_size():
+    block = LoGVSSBlock(8, (6, 8), mode="local")
+    with pytest.raises(ValueError, match="spatial size"):
+        block(torch.randn(1, 8, 6, 9))

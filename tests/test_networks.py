@@ -1,0 +1,157 @@
+"""LoG-VMamba blocks inserted into nnU-Net's planned U-Nets (PlainConvUNet, ResidualEncoderUNet)."""
+import pytest
+import torch
+
+from nnunet_logmamba.networks import (LoGVMambaConfig, PlacementRule, StageWithMamba, build_log_vmamba_network,
+                                      insert_log_vmamba_blocks, stage_spatial_sizes)
+
+PLAIN = "dynamic_network_architectures.architectures.unet.PlainConvUNet"
+RESENC = "dynamic_network_architectures.architectures.unet.ResidualEncoderUNet"
+IMPORTS = ["conv_op", "norm_op", "dropout_op", "nonlin"]
+
+
+@pytest.fixture(autouse=True)
+def one_torch_thread():
+    """Small tensors, many ops: one thread avoids waiting on descheduled threads on a busy machine."""
+    before = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(before)
+
+
+def arch_kwargs(arch, strides, features, ndim):
+    """Architecture kwargs as nnU-Net's plans write them."""
+    n = len(strides)
+    kw = {"n_stages": n, "features_per_stage": features, "conv_op": f"torch.nn.modules.conv.Conv{ndim}d",
+          "kernel_sizes": [[3] * ndim] * n, "strides": strides, "n_conv_per_stage_decoder": [1] * (n - 1),
+          "conv_bias": True, "norm_op": f"torch.nn.modules.instancenorm.InstanceNorm{ndim}d",
+          "norm_op_kwargs": {"eps": 1e-5, "affine": True}, "dropout_op": None, "dropout_op_kwargs": None,
+          "nonlin": "torch.nn.LeakyReLU", "nonlin_kwargs": {"inplace": True}}
+    kw["n_conv_per_stage" if arch == PLAIN else "n_blocks_per_stage"] = [1] * n
+    return kw
+
+
+# (architecture, patch size, strides, features, planned batch size): 4-7 stages, anisotropic strides,
+# patch sizes that are odd multiples of the total stride
+PLANS = {
+    "3d_plain_4stages_aniso": (PLAIN, (12, 40, 24), [[1, 1, 1], [1, 2, 2], [2, 2, 2], [2, 2, 2]],
+                               [4, 8, 16, 16], 2),
+    "3d_resenc_5stages": (RESENC, (24, 24, 40), [[1, 1, 1], [2, 2, 2], [2, 2, 2], [1, 2, 2], [3, 1, 1]],
+                          [4, 8, 8, 16, 16], 2),
+    "3d_plain_6stages_odd": (PLAIN, (24, 48, 32), [[1, 1, 1], [1, 2, 2], [2, 2, 2], [2, 2, 2], [1, 2, 2], [1, 3, 1]],
+                             [4, 8, 8, 16, 16, 16], 2),
+    "2d_plain_7stages_aniso": (PLAIN, (192, 48), [[1, 1], [2, 2], [2, 2], [2, 2], [2, 2], [2, 1], [3, 1]],
+                               [4, 8, 8, 16, 16, 16, 16], 8),
+    "2d_resenc_5stages": (RESENC, (40, 72), [[1, 1], [2, 2], [2, 2], [1, 2], [2, 3]], [4, 8, 8, 16, 16], 12),
+}
+
+
+def build(name, deep_supervision=True, config=LoGVMambaConfig(), num_classes=3):
+    arch, patch, strides, features, batch = PLANS[name]
+    torch.manual_seed(0)
+    net = build_log_vmamba_network(arch, arch_kwargs(arch, strides, features, len(patch)), IMPORTS, 1, num_classes,
+                                   patch, batch, deep_supervision, config)
+    return net, patch
+
+
+@pytest.mark.parametrize("name", sorted(PLANS))
+def test_forward_backward_every_parameter_gets_a_gradient(name):
+    net, patch = build(name)
+    assert net.log_vmamba_blocks, "at least one block placed"
+    x = torch.randn(2, 1, *patch)
+    outputs = net(x)
+    assert isinstance(outputs, list) and outputs[0].shape == (2, 3, *patch)
+    strides = PLANS[name][2]
+    for level, out in enumerate(outputs):  # deep supervision: highest resolution first
+        assert out.shape[2:] == stage_spatial_sizes(patch, strides)[level]
+    sum(o.square().mean() for o in outputs).backward()
+    assert all(p.grad is not None and torch.isfinite(p.grad).all() for p in net.parameters())
+    # every parameter of our blocks learns (nnU-Net's own layers may start at zero gradient: conv
+    # biases before instance norm, residual blocks whose last norm is initialised to zero)
+    block_params = [(n, p) for n, p in net.named_parameters() if ".mamba." in n]
+    assert len(block_params) >= 10 * len(net.log_vmamba_blocks)
+    assert [n for n, p in block_params if p.grad.abs().sum() == 0] == []
+
+
+@pytest.mark.parametrize("name", ["3d_plain_4stages_aniso", "2d_resenc_5stages"])
+def test_deep_supervision_on_off_same_state_dict(name):
+    on, patch = build(name, deep_supervision=True)
+    off, _ = build(name, deep_supervision=False)
+    assert list(on.state_dict()) == list(off.state_dict())
+    off.load_state_dict(on.state_dict(), strict=True)  # what nnUNetv2_predict does
+    on.eval(), off.eval()
+    x = torch.randn(1, 1, *patch)
+    with torch.no_grad():
+        torch.testing.assert_close(off(x), on(x)[0])
+    assert any(".mamba." in k for k in on.state_dict())
+
+
+def test_placement_follows_spatial_size_not_stage_index():
+    rule = PlacementRule()
+    assert rule.mode_for((20, 28, 20), batch_size=7) == "local"  # e ~ 22 > 18
+    assert rule.mode_for((10, 14, 10), batch_size=7) == "local_global"
+    assert rule.mode_for((5, 7, 5), batch_size=7) == "global"
+    assert rule.mode_for((40, 56, 40), batch_size=7) is None  # too many positions per batch
+    # the same stage index gets different blocks when the patch differs
+    small, _ = build("3d_plain_4stages_aniso")
+    config = LoGVMambaConfig()
+    arch, _, strides, features, _ = PLANS["3d_plain_4stages_aniso"]
+    big = build_log_vmamba_network(arch, arch_kwargs(arch, strides, features, 3), IMPORTS, 1, 3, (24, 80, 48), 1,
+                                   True, config)
+    modes_small = {p["stage"]: p["mode"] for p in small.log_vmamba_blocks}
+    modes_big = {p["stage"]: p["mode"] for p in big.log_vmamba_blocks}
+    assert modes_small != modes_big
+    for net, patch in ((small, (12, 40, 24)), (big, (24, 80, 48))):
+        for p in net.log_vmamba_blocks:
+            assert p["size"] == stage_spatial_sizes(patch, strides)[p["stage"]]
+            assert p["mode"] == config.rule.mode_for(p["size"], 2 if net is small else 1)
+
+
+def test_2d_places_blocks_in_the_decoder_3d_in_the_encoder():
+    net2d, _ = build("2d_plain_7stages_aniso")
+    net3d, _ = build("3d_plain_6stages_odd")
+    assert {p["where"] for p in net2d.log_vmamba_blocks} == {"decoder"}
+    assert all(isinstance(net2d.decoder.stages[p["stage"]], StageWithMamba)
+               for p in net2d.log_vmamba_blocks if p["where"] == "decoder")
+    assert {p["where"] for p in net3d.log_vmamba_blocks} == {"encoder"}
+    # the decoder shares the encoder object: blocks are visible through both
+    assert net3d.decoder.encoder is net3d.encoder
+
+
+@pytest.mark.parametrize("variant,modes", [("local", {"local"}), ("global", {"global"})])
+def test_variants_use_one_token_mode(variant, modes):
+    net, _ = build("3d_resenc_5stages", config=LoGVMambaConfig().with_(variant=variant))
+    assert {p["mode"] for p in net.log_vmamba_blocks} == modes
+
+
+def test_join_and_directions_reach_every_block():
+    net, _ = build("3d_plain_4stages_aniso", config=LoGVMambaConfig(join="split", directions=4))
+    blocks = [m for m in net.modules() if isinstance(m, StageWithMamba)]
+    assert blocks and all(b.mamba.join == "split" and b.mamba.directions == 4 for b in blocks)
+
+
+def test_stage_sizes_need_divisible_patch():
+    assert stage_spatial_sizes((12, 40), [[1, 1], [2, 2], [3, 2]]) == [(12, 40), (6, 20), (2, 10)]
+    with pytest.raises(ValueError, match="not divisible"):
+        stage_spatial_sizes((13, 40), [[1, 1], [2, 2]])
+    with pytest.raises(ValueError, match="does not match"):
+        stage_spatial_sizes((12, 40), [[1, 1, 1]])
+
+
+def test_bad_networks_and_settings_raise_clear_errors():
+    with pytest.raises(TypeError, match="PlainConvUNet or ResidualEncoderUNet"):
+        insert_log_vmamba_blocks(torch.nn.Conv2d(1, 1, 1), (8, 8))
+    net, _ = build("2d_resenc_5stages")
+    with pytest.raises(ValueError, match="axes"):
+        insert_log_vmamba_blocks(net, (8, 8, 8))
+    arch, patch, strides, features, _ = PLANS["2d_resenc_5stages"]
+    with pytest.raises(ValueError, match="max_batch_tokens"):
+        build_log_vmamba_network(arch, arch_kwargs(arch, strides, features, 2), IMPORTS, 1, 2, patch, 1, True,
+                                 LoGVMambaConfig().with_(max_batch_tokens=1))
+    with pytest.raises(ValueError, match="unknown variant"):
+        PlacementRule(variant="both")
+    both, _ = build("2d_resenc_5stages", config=LoGVMambaConfig(encoder_stages="all"))
+    assert {p["where"] for p in both.log_vmamba_blocks} == {"encoder", "decoder"}
+    with pytest.raises(ValueError, match="encoder_stages"):
+        build_log_vmamba_network(arch, arch_kwargs(arch, strides, features, 2), IMPORTS, 1, 2, patch, 1, True,
+                                 LoGVMambaConfig(encoder_stages="first"))

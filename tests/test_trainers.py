@@ -1,0 +1,176 @@
+"""Trainers: nnU-Net's API contract, discovery by the stock finder, doctor CLI."""
+import inspect
+import json
+import os
+import subprocess
+import sys
+from pathlib import Path
+from types import SimpleNamespace
+
+import pytest
+import torch
+from nnunetv2.training.nnUNetTrainer.nnUNetTrainer import nnUNetTrainer
+
+from nnunet_logmamba.networks import StageWithMamba
+from nnunet_logmamba.training import (TRAINERS, disable_autocast_in_forward, nnUNetTrainerGVMamba,
+                                      nnUNetTrainerLoGVMamba, nnUNetTrainerLoGVMamba_JoinMiddle,
+                                      nnUNetTrainerLoGVMamba_K2, nnUNetTrainerLVMamba)
+
+BIN = Path(sys.executable).parent
+REQUIRED = {"nnUNetTrainerLoGVMamba", "nnUNetTrainerLVMamba", "nnUNetTrainerGVMamba", "nnUNetTrainerLoGVMambaNoAMP"}
+
+
+@pytest.fixture(autouse=True)
+def one_torch_thread():
+    """Small tensors, many ops: one thread avoids waiting on descheduled threads on a busy machine."""
+    before = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(before)
+
+
+def _clean_env(tmp_path, **extra):
+    return {"PATH": f"{BIN}{os.pathsep}/usr/bin{os.pathsep}/bin", "HOME": str(tmp_path), **extra}
+
+
+def test_required_trainers_exist_and_are_nnunet_trainers():
+    assert REQUIRED <= set(TRAINERS)
+    assert any("Join" in n for n in TRAINERS) and any(n.endswith("_K4") for n in TRAINERS)
+    assert all(issubclass(cls, nnUNetTrainer) for cls in TRAINERS.values())
+
+
+@pytest.mark.parametrize("name", sorted(TRAINERS))
+def test_init_signature_and_static_builder_match_nnunet(name):
+    cls = TRAINERS[name]
+    assert inspect.signature(cls.__init__) == inspect.signature(nnUNetTrainer.__init__)
+    owner = next(c for c in cls.__mro__ if "build_network_architecture" in c.__dict__)
+    assert isinstance(owner.__dict__["build_network_architecture"], staticmethod)
+    assert list(inspect.signature(cls.build_network_architecture).parameters) == \
+        list(inspect.signature(nnUNetTrainer.build_network_architecture).parameters)
+
+
+def _configuration(patch=(16, 24, 16), strides=((1, 1, 1), (2, 2, 2), (2, 2, 2), (2, 2, 2)), batch=2):
+    """The attributes of nnU-Net's ConfigurationManager that build_network_architecture reads."""
+    n, nd = len(strides), len(patch)
+    kwargs = {"n_stages": n, "features_per_stage": [4, 8, 16, 16][:n], "conv_op": f"torch.nn.modules.conv.Conv{nd}d",
+              "kernel_sizes": [[3] * nd] * n, "strides": [list(s) for s in strides], "n_conv_per_stage": [1] * n,
+              "n_conv_per_stage_decoder": [1] * (n - 1), "conv_bias": True,
+              "norm_op": f"torch.nn.modules.instancenorm.InstanceNorm{nd}d", "norm_op_kwargs": {"affine": True},
+              "dropout_op": None, "dropout_op_kwargs": None, "nonlin": "torch.nn.LeakyReLU",
+              "nonlin_kwargs": {"inplace": True}}
+    return SimpleNamespace(network_arch_class_name="dynamic_network_architectures.architectures.unet.PlainConvUNet",
+                           network_arch_init_kwargs=kwargs,
+                           network_arch_init_kwargs_req_import=["conv_op", "norm_op", "dropout_op", "nonlin"],
+                           patch_size=list(patch), batch_size=batch)
+
+
+@pytest.mark.parametrize("cls,check", [
+    (nnUNetTrainerLoGVMamba, lambda b: b.mode in ("local", "local_global", "global")),
+    (nnUNetTrainerLVMamba, lambda b: b.mode == "local"),
+    (nnUNetTrainerGVMamba, lambda b: b.mode == "global"),
+    (nnUNetTrainerLoGVMamba_JoinMiddle, lambda b: b.join == "middle"),
+    (nnUNetTrainerLoGVMamba_K2, lambda b: b.directions == 2),
+])
+def test_trainers_build_their_variant(cls, check):
+    net = cls.build_network_architecture(None, _configuration(), 1, 2, True)
+    blocks = [m.mamba for m in net.modules() if isinstance(m, StageWithMamba)]
+    assert blocks and all(check(b) for b in blocks)
+    out = net(torch.randn(1, 1, 16, 24, 16))
+    assert isinstance(out, list) and out[0].shape == (1, 2, 16, 24, 16)
+
+
+def test_compile_is_off_unless_requested(monkeypatch):
+    trainer = object.__new__(nnUNetTrainerLoGVMamba)  # only the attributes _do_i_compile reads
+    trainer.device = torch.device("cuda")
+    trainer.print_to_log_file = lambda *args, **kwargs: None
+    monkeypatch.delenv("nnUNet_compile", raising=False)
+    assert nnUNetTrainer._do_i_compile(trainer) is True  # nnU-Net's default on Linux + CUDA
+    assert trainer._do_i_compile() is False
+    monkeypatch.setenv("nnUNet_compile", "true")
+    assert trainer._do_i_compile() is True
+    trainer.device = torch.device("cpu")
+    assert trainer._do_i_compile() is False
+
+
+def test_fp32_forward_ignores_an_outer_autocast():
+    net = torch.nn.Sequential(torch.nn.Linear(8, 8), torch.nn.Linear(8, 2))
+    x = torch.randn(4, 8)
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        assert net(x).dtype == torch.bfloat16
+    disable_autocast_in_forward(net)
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        assert net(x).dtype == torch.float32
+        assert torch.is_autocast_enabled("cpu")  # restored after the forward
+    assert list(net.state_dict()) == ["0.weight", "0.bias", "1.weight", "1.bias"]
+
+
+@pytest.mark.cuda
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU")
+def test_cuda_amp_training_step_is_finite():
+    net = nnUNetTrainerLoGVMamba.build_network_architecture(None, _configuration(batch=2), 1, 2, True).cuda()
+    scaler = torch.amp.GradScaler("cuda")
+    opt = torch.optim.SGD(net.parameters(), lr=1e-2)
+    x = torch.randn(2, 1, 16, 24, 16, device="cuda") * 100  # large activations stress fp16
+    for _ in range(3):
+        with torch.autocast("cuda", dtype=torch.float16):
+            loss = sum(o.float().square().mean() for o in net(x))
+        assert torch.isfinite(loss)
+        scaler.scale(loss).backward()
+        scaler.step(opt)
+        scaler.update()
+        opt.zero_grad()
+    assert all(torch.isfinite(p).all() for p in net.parameters())
+
+
+def test_stock_finder_resolves_every_trainer_in_a_clean_interpreter(tmp_path):
+    user_folder = tmp_path / "user_trainers"
+    user_folder.mkdir()
+    script = (
+        "import json, os, contextlib, io\n"
+        "from nnunetv2.utilities.find_objects import recursive_find_trainer_class_by_name as find\n"
+        "from nnunet_logmamba.training import TRAINERS\n"
+        "found = {}\n"
+        "for name in TRAINERS:\n"
+        "    with contextlib.redirect_stdout(io.StringIO()):\n"
+        "        found[name] = find(name).__module__\n"
+        "print(json.dumps({'ext': os.environ['nnUNet_extTrainer'], 'found': found}))\n")
+    proc = subprocess.run([sys.executable, "-c", script], env=_clean_env(tmp_path, nnUNet_extTrainer=str(user_folder)),
+                          capture_output=True, text=True, timeout=300)
+    assert proc.returncode == 0, proc.stderr[-2000:]
+    result = json.loads(proc.stdout.strip().splitlines()[-1])
+    folders = result["ext"].split(os.pathsep)
+    assert folders[0] == str(user_folder)  # the user's entry is kept, ours appended
+    assert folders[-1].endswith(os.path.join("nnunet_logmamba", "training", "ext_trainers"))
+    assert result["found"] == {name: "nnunet_logmamba.training.trainers" for name in TRAINERS}
+
+
+@pytest.mark.parametrize("command", [["nnunet_logmamba", "doctor"], ["python", "-m", "nnunet_logmamba", "doctor"]])
+def test_doctor_reports_discovery_and_backends(tmp_path, command):
+    exe = [str(BIN / command[0])] + command[1:] if command[0] != "python" else [sys.executable] + command[1:]
+    proc = subprocess.run(exe, env=_clean_env(tmp_path), capture_output=True, text=True, timeout=300)
+    assert proc.returncode == 0, proc.stdout[-2000:] + proc.stderr[-2000:]
+    out = proc.stdout
+    assert "nnunetv2 2." in out and "start-up hook registered our trainer folder: yes" in out
+    for name in TRAINERS:
+        assert f"ok  {name}" in out
+    assert "scan backend on cpu: auto -> " in out and "mamba-ssm kernel:" in out and "CUDA:" in out
+    assert out.strip().endswith("status: ok")
+
+
+def test_cpu_threads_follow_omp_num_threads(monkeypatch):
+    from nnunet_logmamba.training import respect_omp_num_threads
+
+    before = torch.get_num_threads()
+    try:
+        torch.set_num_threads(2)
+        monkeypatch.setenv("OMP_NUM_THREADS", "1")
+        respect_omp_num_threads(torch.device("cuda"))  # GPU runs are left alone
+        assert torch.get_num_threads() == 2
+        respect_omp_num_threads(torch.device("cpu"))
+        assert torch.get_num_threads() == 1
+        monkeypatch.setenv("OMP_NUM_THREADS", "many")  # not a count: ignored
+        torch.set_num_threads(2)
+        respect_omp_num_threads(torch.device("cpu"))
+        assert torch.get_num_threads() == 2
+    finally:
+        torch.set_num_threads(before)

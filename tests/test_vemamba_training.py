@@ -1,0 +1,199 @@
+"""SSIM/PSNR, the loss, the schedule, training, checkpoints and resume, tiled inference."""
+import json
+
+import numpy as np
+import pytest
+import torch
+
+from vemamba_iso.evaluation.metrics import psnr, ssim, volume_metrics
+from vemamba_iso.inference import blend_ramp, reconstruct_volume, tile_starts
+from vemamba_iso.training import Trainer, TrainingConfig, learning_rate_factor, load_model, reconstruction_loss
+
+TINY_NET = dict(dim=8, groups=1, blocks=1, state_size=4, representation_dim=8)
+
+
+def tiny_volume(shape=(40, 40, 40), seed=0):
+    from scipy.ndimage import gaussian_filter
+    v = gaussian_filter(np.random.default_rng(seed).random(shape), 1.5)
+    return ((v - v.min()) / (v.max() - v.min()) * 255).astype(np.uint8)
+
+
+def test_ssim_matches_scikit_image_in_2d_and_3d():
+    from skimage.metrics import structural_similarity
+    rng = np.random.default_rng(0)
+    for shape in [(40, 50), (20, 24, 22)]:
+        a = rng.random(shape)
+        b = np.clip(a + 0.2 * rng.standard_normal(shape), 0, 1)
+        reference = structural_similarity(a, b, data_range=1.0, gaussian_weights=True, sigma=1.5,
+                                          use_sample_covariance=False)
+        ours = float(ssim(torch.from_numpy(a), torch.from_numpy(b), data_range=1.0))
+        assert abs(ours - reference) < 1e-5
+        assert 0.1 < ours < 0.9
+    x = torch.rand(16, 16)
+    assert float(ssim(x, x)) == pytest.approx(1.0, abs=1e-6)
+
+
+def test_psnr_known_value_and_plane_metrics():
+    a = np.zeros((12, 12, 12), np.float32)
+    assert psnr(a + 0.1, a, data_range=1.0) == pytest.approx(20.0, abs=1e-6)
+    gt = np.random.default_rng(1).random((12, 14, 16)).astype(np.float32)
+    m = volume_metrics(gt, gt, 1.0)
+    assert m["psnr"] == float("inf") and all(m[k] == pytest.approx(1.0) for k in
+                                             ("ssim_3d", "ssim_xy", "ssim_xz", "ssim_yz"))
+    blurred = gt.copy()
+    blurred[1:-1] = (gt[:-2] + gt[1:-1] + gt[2:]) / 3  # blur along Z only
+    m = volume_metrics(blurred, gt, 1.0)
+    assert m["ssim_xy"] > m["ssim_xz"] and m["ssim_xy"] > m["ssim_yz"]
+
+
+def test_loss_is_zero_for_perfect_prediction_and_has_gradients():
+    t = torch.rand(2, 1, 12, 12, 12)
+    assert float(reconstruction_loss(t, t)) == pytest.approx(0.0, abs=1e-5)
+    p = (t + 0.1 * torch.randn_like(t)).requires_grad_()
+    loss = reconstruction_loss(p, t)
+    loss.backward()
+    assert loss > 0 and p.grad.abs().sum() > 0
+
+
+def test_warmup_then_cosine_schedule():
+    values = [learning_rate_factor(s, 100, 10, 0.1) for s in range(100)]
+    assert values[0] == pytest.approx(0.1) and values[9] == pytest.approx(1.0)
+    assert all(a >= b for a, b in zip(values[10:], values[11:]))
+    assert values[-1] == pytest.approx(0.1, abs=1e-3)
+
+
+def tiny_config(**overrides):
+    base = dict(steps=40, batch_size=2, low_res_length=4, lateral=16, learning_rate=3e-3, warmup_steps=2,
+                steps_per_epoch=20, moco_steps=2, moco_batch_size=4, network=TINY_NET)
+    return TrainingConfig(**{**base, **overrides})
+
+
+def test_training_reduces_the_loss_on_a_tiny_volume(tmp_path):
+    torch.manual_seed(0)
+    trainer = Trainer([tiny_volume()], 2, tmp_path / "model", tiny_config(), progress=False, log=lambda *_: None)
+    rng_batch = trainer.sampler.batch(4)
+    x, y = (torch.from_numpy(a) for a in rng_batch)
+    trainer.network.freeze_degradation_encoder()
+
+    def fixed_loss():
+        trainer.network.eval()
+        with torch.no_grad():
+            return float(reconstruction_loss(trainer.network(x), y))
+    before = fixed_loss()
+    trainer.run(resume=False)
+    after = fixed_loss()
+    assert after < 0.95 * before  # starts from linear interpolation, which is already decent
+    history = trainer.history
+    assert len(history) == 2 and all("val_psnr" in h and "val_ssim" in h for h in history)
+
+
+def test_checkpoint_metadata_and_resume_after_interruption(tmp_path):
+    out = tmp_path / "model"
+    first = Trainer([tiny_volume()], 3, out, tiny_config(steps=4, steps_per_epoch=2), progress=False,
+                    log=lambda *_: None)
+    first.run()
+    meta = json.loads((out / "metadata.json").read_text())
+    for key in ("factor", "axis", "network", "normalisation", "version", "degradation", "training"):
+        assert key in meta
+    assert meta["factor"] == 3 and meta["normalisation"]["scheme"] == "RGBTo01Normalization"
+    assert sorted(p.name for p in out.iterdir()) == ["checkpoint_last.pt", "metadata.json", "model.pt"]
+    # "Interrupted" run asked for more steps: it resumes at step 4 instead of starting again.
+    messages = []
+    second = Trainer([tiny_volume()], 3, out, tiny_config(steps=6, steps_per_epoch=2), progress=False,
+                     log=messages.append)
+    second.run()
+    assert any("resuming" in m and "step 4" in m for m in messages)
+    assert [h["step"] for h in second.history] == [2, 4, 6]
+    network, metadata = load_model(out)
+    assert metadata["training"]["steps_done"] == 6 and network.config.factor == 3
+    for a, b in zip(network.state_dict().values(), second.network.state_dict().values()):
+        assert torch.equal(a.cpu(), b.cpu())
+    with pytest.raises(ValueError, match="factor"):
+        Trainer([tiny_volume()], 2, out, tiny_config(), progress=False).try_resume()
+
+
+class NearestUpsampler(torch.nn.Module):
+    """A strictly local stand-in network, so tiled and whole-volume results must agree exactly."""
+
+    def __init__(self, factor):
+        super().__init__()
+        self.config = type("C", (), {"factor": factor})()
+        self.largest_tile = (0, 0, 0)
+
+    def forward(self, x):
+        self.largest_tile = tuple(max(a, b) for a, b in zip(self.largest_tile, x.shape[2:]))
+        return x.repeat_interleave(self.config.factor, dim=2) * 2
+
+
+def test_tiled_reconstruction_blends_to_the_whole_volume_result_with_bounded_tiles():
+    volume = np.random.default_rng(0).random((11, 37, 29)).astype(np.float32)
+    model = NearestUpsampler(3)
+    out = reconstruct_volume(model, volume, tile=(4, 16, 12), overlap=(2, 4, 4), progress=False)
+    assert out.shape == (33, 37, 29)
+    assert np.allclose(out, np.repeat(volume, 3, axis=0) * 2, atol=1e-5)
+    assert model.largest_tile == (4, 16, 12)
+    assert tile_starts(10, 4, 2) == [0, 2, 4, 6] and tile_starts(3, 8, 2) == [0]
+    ramp = blend_ramp(8, 3, at_start=False, at_end=True)
+    assert ramp[0] < ramp[2] < ramp[-1] == 1
+
+
+def test_tiled_reconstruction_with_the_network_is_close_to_untiled():
+    from vemamba_iso.model import NetworkConfig, VEMambaNetwork
+    torch.manual_seed(0)
+    net = VEMambaNetwork(NetworkConfig(factor=2, **TINY_NET))
+    torch.nn.init.normal_(net.last_conv.weight, std=0.05)
+    volume = np.random.default_rng(0).random((8, 24, 24)).astype(np.float32)
+    whole = reconstruct_volume(net, volume, tile=(8, 24, 24), progress=False)
+    tiled = reconstruct_volume(net, volume, tile=(6, 16, 16), overlap=(2, 6, 6), progress=False)
+    assert whole.shape == tiled.shape == (16, 24, 24)
+    assert np.abs(whole - tiled).mean() < 0.1 * np.abs(whole).mean()
+
+
+def test_training_without_degradation_encoder(tmp_path):
+    config = tiny_config(steps=2, steps_per_epoch=2, network={**TINY_NET, "use_degradation_encoder": False})
+    trainer = Trainer([tiny_volume()], 2, tmp_path / "m", config, progress=False, log=lambda *_: None)
+    trainer.run()
+    network, metadata = load_model(tmp_path / "m")
+    assert network.degradation_encoder is None and metadata["network"]["use_degradation_encoder"] is False
+
+
+@pytest.mark.cuda
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU")
+def test_mixed_precision_forward_backward_on_cuda():
+    from vemamba_iso.model import NetworkConfig, VEMambaNetwork
+    net = VEMambaNetwork(NetworkConfig(factor=4, **TINY_NET)).cuda()
+    torch.nn.init.normal_(net.last_conv.weight, std=0.05)
+    x = torch.rand(2, 1, 4, 16, 16, device="cuda")
+    with torch.autocast("cuda", dtype=torch.float16):
+        y = net(x)
+    loss = reconstruction_loss(y.float(), torch.rand_like(y.float()))
+    loss.backward()
+    assert torch.isfinite(loss) and all(torch.isfinite(p.grad).all() for p in net.parameters() if p.grad is not None)
+
+
+def test_flip_averaging_is_exact_for_an_equivariant_model_and_changes_a_real_one():
+    volume = np.random.default_rng(3).random((6, 20, 20)).astype(np.float32)
+    stand_in = NearestUpsampler(2)
+    plain = reconstruct_volume(stand_in, volume, tile=(4, 12, 12), overlap=(1, 4, 4), progress=False)
+    averaged = reconstruct_volume(stand_in, volume, tile=(4, 12, 12), overlap=(1, 4, 4), progress=False,
+                                  flip_average=True)
+    assert np.allclose(plain, averaged, atol=1e-5)
+    from vemamba_iso.model import NetworkConfig, VEMambaNetwork
+    torch.manual_seed(0)
+    net = VEMambaNetwork(NetworkConfig(factor=2, **TINY_NET))
+    torch.nn.init.normal_(net.last_conv.weight, std=0.05)
+    a = reconstruct_volume(net, volume, tile=(6, 20, 20), progress=False)
+    b = reconstruct_volume(net, volume, tile=(6, 20, 20), progress=False, flip_average=True)
+    assert a.shape == b.shape and np.abs(a - b).max() > 1e-4
+
+
+def test_initialise_from_a_model_for_another_factor(tmp_path):
+    source = Trainer([tiny_volume()], 2, tmp_path / "x2", tiny_config(steps=2, steps_per_epoch=2), progress=False,
+                     log=lambda *_: None)
+    source.run()
+    target = Trainer([tiny_volume()], 3, tmp_path / "x3", tiny_config(steps=2), progress=False, log=lambda *_: None)
+    copied = target.initialise_from(tmp_path / "x2")
+    own = target.network.state_dict()
+    assert copied == len(own) - 2  # all but the upsampling convolution (weight, bias), whose shape differs
+    assert torch.equal(own["shallow.weight"], source.network.state_dict()["shallow.weight"])
+    assert target.moco_done

@@ -1,0 +1,165 @@
+"""Reading and writing volumes: TIFF, HDF5, Zarr, NIfTI.
+
+Arrays are (Z, Y, X); voxel sizes are (z, y, x) in the file's unit (nm for EM TIFFs written by us),
+or None when the file has none. HDF5 and Zarr need a dataset key: ``--key`` or ``path.h5:key``.
+Writes go to a temporary name first and are renamed at the end, so an error never leaves a partial file.
+"""
+from __future__ import annotations
+
+import os
+import shutil
+import tempfile
+from dataclasses import dataclass
+from pathlib import Path
+
+import numpy as np
+
+TIFF_SUFFIXES = (".tif", ".tiff")
+HDF5_SUFFIXES = (".h5", ".hdf5", ".hdf")
+ZARR_SUFFIXES = (".zarr",)
+NIFTI_SUFFIXES = (".nii", ".nii.gz")
+SUPPORTED = TIFF_SUFFIXES + HDF5_SUFFIXES + ZARR_SUFFIXES + NIFTI_SUFFIXES
+
+
+class VolumeFormatError(ValueError):
+    """A file that is not a readable 3D volume in a supported format."""
+
+
+@dataclass
+class Volume:
+    data: np.ndarray                                   # (Z, Y, X)
+    voxel_size: tuple[float, float, float] | None = None  # (z, y, x)
+
+
+def split_key(path: str | os.PathLike, key: str | None = None) -> tuple[Path, str | None]:
+    """``file.h5:raw`` -> (file.h5, "raw"); an explicit ``key`` wins."""
+    text = str(path)
+    if key is None and ":" in text and not os.path.exists(text):
+        head, _, tail = text.rpartition(":")
+        if head and file_format(head) in ("hdf5", "zarr"):
+            return Path(head), tail
+    return Path(text), key
+
+
+def file_format(path: str | os.PathLike) -> str:
+    """``tiff``, ``hdf5``, ``zarr`` or ``nifti`` from the file name; VolumeFormatError otherwise."""
+    name = str(path).lower().rstrip("/")
+    for fmt, suffixes in (("tiff", TIFF_SUFFIXES), ("hdf5", HDF5_SUFFIXES), ("zarr", ZARR_SUFFIXES),
+                          ("nifti", NIFTI_SUFFIXES)):
+        if name.endswith(suffixes):
+            return fmt
+    raise VolumeFormatError(f"unknown volume format for {path!s}: use one of {', '.join(SUPPORTED)}")
+
+
+def _check_3d(data: np.ndarray, path) -> np.ndarray:
+    data = np.squeeze(data) if data.ndim > 3 else data
+    if data.ndim != 3:
+        raise VolumeFormatError(f"{path!s} holds a {data.ndim}D array of shape {data.shape}; a 3D (Z, Y, X) "
+                                "volume is needed (for a 2D image there is no axis to reconstruct)")
+    return data
+
+
+def _hdf5_key(handle, key, path):
+    import h5py
+    datasets = []
+    handle.visititems(lambda name, obj: datasets.append(name) if isinstance(obj, h5py.Dataset) else None)
+    if key is None:
+        if len(datasets) == 1:
+            return datasets[0]
+        raise VolumeFormatError(f"{path!s} holds {len(datasets)} datasets {datasets}; name one with --key")
+    if key not in handle or not isinstance(handle[key], h5py.Dataset):
+        raise VolumeFormatError(f"dataset key {key!r} not found in {path!s}; available: {datasets}")
+    return key
+
+
+def read_volume(path: str | os.PathLike, key: str | None = None) -> Volume:
+    """Read a 3D volume (Z, Y, X) and its voxel size (z, y, x) when the file records one."""
+    path, key = split_key(path, key)
+    fmt = file_format(path)
+    if not path.exists():
+        raise FileNotFoundError(f"no such volume: {path}")
+    if fmt == "tiff":
+        import tifffile
+        with tifffile.TiffFile(path) as tif:
+            data = tif.asarray()
+            voxel = None
+            ij = tif.imagej_metadata or {}
+            page = tif.pages[0]
+            if "spacing" in ij and "XResolution" in page.tags:
+                xr = page.tags["XResolution"].value
+                yr = page.tags["YResolution"].value
+                voxel = (float(ij["spacing"]), yr[1] / yr[0], xr[1] / xr[0])
+        return Volume(_check_3d(data, path), voxel)
+    if fmt == "hdf5":
+        import h5py
+        with h5py.File(path, "r") as f:
+            ds = f[_hdf5_key(f, key, path)]
+            data = ds[()]
+            voxel = ds.attrs.get("voxel_size", ds.attrs.get("resolution"))
+        return Volume(_check_3d(data, path), tuple(float(v) for v in voxel) if voxel is not None else None)
+    if fmt == "zarr":
+        import zarr
+        node = zarr.open(str(path), mode="r")
+        if isinstance(node, zarr.Group):
+            names = sorted(node.array_keys())
+            if key is None:
+                if len(names) != 1:
+                    raise VolumeFormatError(f"{path!s} holds arrays {names}; name one with --key")
+                key = names[0]
+            if key not in names:
+                raise VolumeFormatError(f"array key {key!r} not found in {path!s}; available: {names}")
+            node = node[key]
+        voxel = node.attrs.get("voxel_size")
+        return Volume(_check_3d(np.asarray(node[...]), path), tuple(voxel) if voxel else None)
+    import SimpleITK as sitk
+    image = sitk.ReadImage(str(path))
+    data = sitk.GetArrayFromImage(image)  # SimpleITK gives (z, y, x) arrays and (x, y, z) spacing
+    return Volume(_check_3d(data, path), tuple(float(s) for s in reversed(image.GetSpacing())))
+
+
+def write_volume(path: str | os.PathLike, data: np.ndarray, voxel_size=None, key: str | None = None) -> Path:
+    """Write a (Z, Y, X) array atomically (temporary name, then rename). Returns the path written."""
+    path, key = split_key(path, key)
+    fmt = file_format(path)
+    if data.ndim != 3:
+        raise VolumeFormatError(f"can only write 3D (Z, Y, X) volumes, got shape {data.shape}")
+    path.parent.mkdir(parents=True, exist_ok=True)
+    suffix = ".nii.gz" if str(path).lower().endswith(".nii.gz") else path.suffix
+    tmp = Path(tempfile.mkdtemp(prefix=".partial-", dir=path.parent)) / f"volume{suffix}"
+    try:
+        if fmt == "tiff":
+            import tifffile
+            kwargs = {"photometric": "minisblack"}
+            if voxel_size is not None:
+                kwargs = dict(imagej=True, photometric="minisblack", resolution=(1 / voxel_size[2], 1 / voxel_size[1]),
+                              metadata={"spacing": voxel_size[0], "axes": "ZYX"})
+            tifffile.imwrite(tmp, data, **kwargs)
+        elif fmt == "hdf5":
+            import h5py
+            with h5py.File(tmp, "w") as f:
+                ds = f.create_dataset(key or "data", data=data, chunks=True, compression="gzip")
+                if voxel_size is not None:
+                    ds.attrs["voxel_size"] = np.asarray(voxel_size, dtype=float)
+        elif fmt == "zarr":
+            import zarr
+            chunks = tuple(min(s, 64) for s in data.shape)
+            if key:
+                arr = zarr.open_group(str(tmp), mode="w").create_array(key, shape=data.shape, dtype=data.dtype,
+                                                                      chunks=chunks)
+            else:
+                arr = zarr.open_array(str(tmp), mode="w", shape=data.shape, dtype=data.dtype, chunks=chunks)
+            arr[...] = data
+            if voxel_size is not None:
+                arr.attrs["voxel_size"] = [float(v) for v in voxel_size]
+        else:
+            import SimpleITK as sitk
+            image = sitk.GetImageFromArray(data)
+            if voxel_size is not None:
+                image.SetSpacing([float(v) for v in reversed(voxel_size)])
+            sitk.WriteImage(image, str(tmp))
+        if path.exists():
+            shutil.rmtree(path) if path.is_dir() else path.unlink()
+        os.replace(tmp, path)
+    finally:
+        shutil.rmtree(tmp.parent, ignore_errors=True)
+    return path

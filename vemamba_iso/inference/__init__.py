@@ -1,0 +1,4 @@
+"""Inference: tiled reconstruction (file-independent) and loading of trained models."""
+from .tiling import blend_ramp, reconstruct_tile, reconstruct_volume, tile_starts
+
+__all__ = ["reconstruct_volume", "reconstruct_tile", "tile_starts", "blend_ramp"]

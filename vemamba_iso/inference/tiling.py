@@ -1,0 +1,102 @@
+"""Tiled reconstruction of whole volumes with overlapping tiles and blended seams.
+
+The network sees one batch of tiles at a time, so its memory is bounded by the tile size, not the
+volume; only the output accumulator has the size of the result.
+"""
+from __future__ import annotations
+
+import numpy as np
+import torch
+from tqdm import tqdm
+
+
+def tile_starts(length: int, tile: int, overlap: int) -> list[int]:
+    """Start indices of tiles of size ``tile`` covering ``range(length)`` with at least ``overlap``."""
+    if tile >= length:
+        return [0]
+    step = max(tile - overlap, 1)
+    starts = list(range(0, length - tile, step))
+    return starts + [length - tile]
+
+
+def blend_ramp(length: int, overlap: int, at_start: bool, at_end: bool) -> np.ndarray:
+    """1D weights: linear ramps over ``overlap`` at inner tile borders, flat at volume borders."""
+    w = np.ones(length, dtype=np.float32)
+    ramp = min(overlap, length // 2)
+    if ramp > 0:
+        up = (np.arange(ramp, dtype=np.float32) + 0.5) / ramp
+        if not at_start:
+            w[:ramp] = up
+        if not at_end:
+            w[-ramp:] = up[::-1]
+    return w
+
+
+#: Lateral flips used for test-time augmentation (they keep the degraded axis and the sample positions).
+LATERAL_FLIPS = ((), (3,), (4,), (3, 4))
+
+
+@torch.no_grad()
+def reconstruct_tile(model: torch.nn.Module, tiles: np.ndarray | torch.Tensor, device="cpu",
+                     flip_average: bool = False) -> np.ndarray:
+    """Run the network on normalised tiles (batch, d, h, w) -> (batch, d*factor, h, w) float32.
+
+    ``flip_average`` averages the predictions for the four lateral flips of each tile (4x the compute).
+    """
+    x = torch.as_tensor(np.ascontiguousarray(tiles), dtype=torch.float32, device=device)[:, None]
+    use_amp = torch.device(device).type == "cuda"
+    flips = LATERAL_FLIPS if flip_average else ((),)
+    total = None
+    with torch.autocast(device_type=torch.device(device).type, dtype=torch.float16, enabled=use_amp):
+        for dims in flips:
+            y = model(x.flip(dims) if dims else x).float()
+            y = y.flip(dims) if dims else y
+            total = y if total is None else total + y
+    return (total / len(flips))[:, 0].cpu().numpy()
+
+
+def reconstruct_volume(model: torch.nn.Module, volume: np.ndarray, factor: int | None = None,
+                       tile: tuple[int, int, int] = (24, 96, 96), overlap: tuple[int, int, int] = (6, 24, 24),
+                       batch_size: int = 2, device="cpu", progress: bool = True,
+                       flip_average: bool = False) -> np.ndarray:
+    """Upsample axis 0 of a normalised (d, H, W) float volume by the model's factor, tile by tile.
+
+    Args:
+        model: a :class:`~vemamba_iso.model.VEMambaNetwork` (eval mode is set here).
+        volume: (d, H, W), axis 0 the degraded axis, normalised like the training data.
+        factor: defaults to ``model.config.factor``.
+        tile, overlap: tile size and overlap in input voxels (d, H, W); clipped to the volume.
+        batch_size: tiles per forward pass.
+        flip_average: test-time augmentation, average over the four lateral flips (4x slower).
+    Returns:
+        (d*factor, H, W) float32.
+    """
+    if volume.ndim != 3:
+        raise ValueError(f"expected a 3D (d, H, W) volume, got shape {volume.shape}")
+    factor = int(factor or model.config.factor)
+    model.eval()
+    shape = volume.shape
+    tile = tuple(min(t, s) for t, s in zip(tile, shape))
+    overlap = tuple(min(o, t // 2) for o, t in zip(overlap, tile))
+    starts = [tile_starts(s, t, o) for s, t, o in zip(shape, tile, overlap)]
+    out_shape = (shape[0] * factor, *shape[1:])
+    accumulated = np.zeros(out_shape, dtype=np.float32)
+    weights = np.zeros(out_shape, dtype=np.float32)
+    positions = [(a, b, c) for a in starts[0] for b in starts[1] for c in starts[2]]
+    ramps = []
+    for axis, (s, t, o) in enumerate(zip(shape, tile, overlap)):
+        scale = factor if axis == 0 else 1
+        ramps.append({st: blend_ramp(t * scale, o * scale, st == 0, st + t == s) for st in starts[axis]})
+    bar = tqdm(total=len(positions), desc="reconstructing tiles", unit="tile", disable=not progress)
+    for i in range(0, len(positions), batch_size):
+        group = positions[i:i + batch_size]
+        tiles = np.stack([volume[a:a + tile[0], b:b + tile[1], c:c + tile[2]] for a, b, c in group])
+        results = reconstruct_tile(model, tiles, device, flip_average)
+        for (a, b, c), result in zip(group, results):
+            w = ramps[0][a][:, None, None] * ramps[1][b][None, :, None] * ramps[2][c][None, None, :]
+            region = (slice(a * factor, (a + tile[0]) * factor), slice(b, b + tile[1]), slice(c, c + tile[2]))
+            accumulated[region] += result * w
+            weights[region] += w
+        bar.update(len(group))
+    bar.close()
+    return accumulated / np.maximum(weights, 1e-8)

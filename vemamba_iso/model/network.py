@@ -1,0 +1,116 @@
+"""VEMamba reconstruction network: (batch, 1, d, H, W) low-res along axis d -> (batch, 1, d*factor, H, W)."""
+from __future__ import annotations
+
+from dataclasses import asdict, dataclass, fields
+
+import torch
+from torch import nn
+
+from .blocks import ResidualGroup
+from .degradation_encoder import DegradationEncoder
+
+MIN_FACTOR, MAX_FACTOR = 2, 10
+
+
+@dataclass
+class NetworkConfig:
+    """Architecture hyper-parameters. The paper's configuration is ``groups=4, blocks=4, dim=32``.
+
+    ``sample_offset`` is the high-resolution position of low-resolution sample 0 (see
+    :func:`vemamba_iso.degradation.sample_offset`); the network adds a linear interpolation of its input
+    at these positions to its output, so it learns only the residual detail.
+    """
+
+    factor: int = 4
+    dim: int = 32
+    groups: int = 4
+    blocks: int = 4
+    state_size: int = 8
+    expand: float = 1.0
+    ffn_ratio: float = 2.0
+    representation_dim: int = 64
+    use_degradation_encoder: bool = True
+    sample_offset: float = 0.0
+
+    def __post_init__(self):
+        if not MIN_FACTOR <= int(self.factor) <= MAX_FACTOR:
+            raise ValueError(f"factor must be in {MIN_FACTOR}..{MAX_FACTOR}, got {self.factor}")
+
+    def to_dict(self) -> dict:
+        return asdict(self)
+
+    @classmethod
+    def from_dict(cls, d: dict) -> "NetworkConfig":
+        names = {f.name for f in fields(cls)}
+        return cls(**{k: v for k, v in d.items() if k in names})
+
+
+def axial_pixel_shuffle(x: torch.Tensor, factor: int) -> torch.Tensor:
+    """(batch, C*factor, D, H, W) -> (batch, C, D*factor, H, W): channels become axial sub-positions."""
+    b, cf, d, *lateral = x.shape
+    c = cf // factor
+    return x.view(b, c, factor, d, *lateral).permute(0, 1, 3, 2, *range(4, x.ndim + 1)) \
+        .reshape(b, c, d * factor, *lateral)
+
+
+def interpolate_axial_linear(x: torch.Tensor, factor: int, offset: float) -> torch.Tensor:
+    """Linear interpolation along dim 2 to ``factor`` times its length, low-res sample ``j`` sitting at
+    high-res coordinate ``j * factor + offset``; constant beyond the first and last samples."""
+    n = x.shape[2]
+    target = (torch.arange(n * factor, device=x.device, dtype=torch.float32) - offset) / factor
+    target = target.clamp(0, n - 1)
+    lo = target.floor().long().clamp(max=n - 1)
+    hi = (lo + 1).clamp(max=n - 1)
+    w = (target - lo).to(x.dtype).view(1, 1, -1, *([1] * (x.ndim - 3)))
+    return x.index_select(2, lo) * (1 - w) + x.index_select(2, hi) * w
+
+
+class VEMambaNetwork(nn.Module):
+    """Shallow conv, residual volume-Mamba groups with a global residual, axial pixel-shuffle upsampling."""
+
+    def __init__(self, config: NetworkConfig):
+        super().__init__()
+        self.config = config
+        c = config
+        self.degradation_encoder = DegradationEncoder(c.representation_dim) if c.use_degradation_encoder else None
+        rep = c.representation_dim if c.use_degradation_encoder else None
+        self.shallow = nn.Conv3d(1, c.dim, 3, padding=1)
+        self.groups = nn.ModuleList(
+            ResidualGroup(c.dim, c.blocks, representation_dim=rep, state_size=c.state_size, expand=c.expand,
+                          ffn_ratio=c.ffn_ratio) for _ in range(c.groups))
+        self.body_conv = nn.Conv3d(c.dim, c.dim, 3, padding=1)
+        self.upsample_conv = nn.Conv3d(c.dim, c.dim * c.factor, 3, padding=1)
+        self.last_conv = nn.Conv3d(c.dim, 1, 3, padding=1)
+        # Zero-initialised output: an untrained network returns the linear interpolation of its input.
+        nn.init.zeros_(self.last_conv.weight)
+        nn.init.zeros_(self.last_conv.bias)
+
+    def freeze_degradation_encoder(self) -> None:
+        if self.degradation_encoder is not None:
+            self.degradation_encoder.requires_grad_(False)
+            self.degradation_encoder.eval()
+
+    def train(self, mode: bool = True):
+        super().train(mode)
+        # The encoder stays in eval mode once frozen (it is trained separately with MoCo).
+        if self.degradation_encoder is not None and not any(
+                p.requires_grad for p in self.degradation_encoder.parameters()):
+            self.degradation_encoder.eval()
+        return self
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        """x: (batch, 1, d, H, W), normalised intensities, axis 2 degraded by ``factor``."""
+        if x.ndim != 5 or x.shape[1] != 1:
+            raise ValueError(f"expected (batch, 1, d, H, W), got {tuple(x.shape)}")
+        rep = self.degradation_encoder(x) if self.degradation_encoder is not None else None
+        shallow = self.shallow(x)
+        y = shallow
+        for group in self.groups:
+            y = group(y, rep)
+        y = self.body_conv(y) + shallow
+        y = axial_pixel_shuffle(self.upsample_conv(y), self.config.factor)
+        return self.last_conv(y) + interpolate_axial_linear(x, self.config.factor, self.config.sample_offset)
+
+
+def count_parameters(module: nn.Module, trainable_only: bool = False) -> int:
+    return sum(p.numel() for p in module.parameters() if p.requires_grad or not trainable_only)

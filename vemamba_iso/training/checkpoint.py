@@ -1,0 +1,74 @@
+"""Model files: weights plus metadata, written atomically, loaded with ``weights_only=True``.
+
+A model directory holds ``model.pt`` (weights + metadata: factor, axis, network config, normalisation,
+degradation, version, training record), ``metadata.json`` (the same metadata, readable) and, while
+training, ``checkpoint_last.pt`` (optimizer/scheduler state to resume after an interruption).
+"""
+from __future__ import annotations
+
+import json
+import os
+import tempfile
+from pathlib import Path
+
+import torch
+
+from .. import __version__
+from ..model import NetworkConfig, VEMambaNetwork
+
+MODEL_FILE, METADATA_FILE, RESUME_FILE = "model.pt", "metadata.json", "checkpoint_last.pt"
+FORMAT = "vemamba_iso-model-1"
+DEFAULT_MODEL_DIR = Path(__file__).resolve().parent.parent / "weights" / "fib25_x4"
+
+
+def _atomic(path: Path, write) -> None:
+    path.parent.mkdir(parents=True, exist_ok=True)
+    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", dir=path.parent)
+    os.close(fd)
+    try:
+        write(tmp)
+        umask = os.umask(0)
+        os.umask(umask)
+        os.chmod(tmp, 0o666 & ~umask)  # mkstemp creates 0600; give the file normal permissions
+        os.replace(tmp, path)
+    finally:
+        if os.path.exists(tmp):
+            os.unlink(tmp)
+
+
+def save_torch_atomic(obj, path: str | os.PathLike) -> None:
+    _atomic(Path(path), lambda tmp: torch.save(obj, tmp))
+
+
+def save_model(model_dir: str | os.PathLike, network: VEMambaNetwork, metadata: dict) -> None:
+    """Write ``model.pt`` and ``metadata.json`` into ``model_dir`` atomically."""
+    model_dir = Path(model_dir)
+    metadata = {**metadata, "format": FORMAT, "version": __version__, "network": network.config.to_dict(),
+                "factor": network.config.factor}
+    state = {k: v.detach().cpu() for k, v in network.state_dict().items()}
+    save_torch_atomic({"metadata": metadata, "state_dict": state}, model_dir / MODEL_FILE)
+    _atomic(model_dir / METADATA_FILE,
+            lambda tmp: Path(tmp).write_text(json.dumps(metadata, indent=2, sort_keys=True)))
+
+
+def resolve_model_dir(model: str | os.PathLike | None) -> Path:
+    """The model directory (or file) to use: ``model`` or the shipped default."""
+    path = Path(model) if model else DEFAULT_MODEL_DIR
+    if path.is_dir():
+        path = path / MODEL_FILE
+    if not path.exists():
+        raise FileNotFoundError(f"no model at {path}; pass --model MODEL_DIR written by vemamba_iso_train")
+    return path
+
+
+def load_model(model: str | os.PathLike | None = None, device="cpu") -> tuple[VEMambaNetwork, dict]:
+    """Load a trained network (eval mode) and its metadata; ``None`` loads the shipped default model."""
+    path = resolve_model_dir(model)
+    blob = torch.load(path, map_location=device, weights_only=True)
+    if not isinstance(blob, dict) or blob.get("metadata", {}).get("format") != FORMAT:
+        raise ValueError(f"{path} is not a vemamba_iso model file (format {FORMAT})")
+    metadata = blob["metadata"]
+    network = VEMambaNetwork(NetworkConfig.from_dict(metadata["network"]))
+    network.load_state_dict(blob["state_dict"])
+    network.freeze_degradation_encoder()
+    return network.to(device).eval(), metadata

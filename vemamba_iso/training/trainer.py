@@ -1,0 +1,232 @@
+"""Self-supervised training of the VEMamba network on lateral degradations of the input volumes.
+
+Stages: (1) MoCo pre-training of the degradation encoder (skipped when it is switched off), then
+(2) reconstruction training with the encoder frozen: L1 + (1 - SSIM), Adam, linear warm-up then cosine
+decay, PSNR/SSIM on a held-out slab after every epoch, atomic checkpoints, resume after interruption.
+"""
+from __future__ import annotations
+
+import math
+import time
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+
+import numpy as np
+import torch
+from nnunetv2.preprocessing.cropping.cropping import crop_to_nonzero
+from tqdm import tqdm
+
+from ..data.intensity import normalize
+from ..data.sampling import LateralPairSampler, to_network_layout
+from ..degradation import degrade_axial, preset, sample_offset
+from ..evaluation.baselines import interpolate_axial
+from ..evaluation.metrics import psnr, ssim
+from ..inference.tiling import reconstruct_volume
+from ..model import MoCoDegradationLearner, NetworkConfig, VEMambaNetwork, count_parameters
+from .checkpoint import RESUME_FILE, resolve_model_dir, save_model, save_torch_atomic
+from .losses import reconstruction_loss
+
+
+@dataclass
+class TrainingConfig:
+    """Training hyper-parameters (defaults sized for a CPU; raise ``steps``/``batch_size`` on a GPU)."""
+
+    steps: int = 2000
+    batch_size: int = 4
+    low_res_length: int = 8          # input patch length along the degraded axis
+    lateral: int = 32                # input patch size along the two other axes
+    learning_rate: float = 4e-4
+    gradient_clip: float = 1.0
+    warmup_steps: int = 100
+    min_learning_rate_ratio: float = 0.02
+    ssim_weight: float = 1.0
+    steps_per_epoch: int = 100
+    validation_fraction: float = 0.15  # Z slab at the end of the first volume, never trained on
+    moco_steps: int = 200
+    moco_batch_size: int = 8
+    degradation: str = "subsample"     # preset name: realistic, average_pool, subsample
+    pair_axes: str = "lateral"         # "all" also degrades Z: only for isotropic training volumes
+    seed: int = 0
+    network: dict = field(default_factory=dict)
+
+
+def learning_rate_factor(step: int, total: int, warmup: int, floor: float) -> float:
+    """Linear warm-up over ``warmup`` steps, then cosine decay to ``floor`` at ``total``."""
+    if step < warmup:
+        return (step + 1) / warmup
+    progress = min(1.0, (step - warmup) / max(1, total - warmup))
+    return floor + (1 - floor) * 0.5 * (1 + math.cos(math.pi * progress))
+
+
+def prepare_volumes(volumes: list[np.ndarray]) -> tuple[list[np.ndarray], dict]:
+    """nnU-Net foreground cropping then normalisation (scheme chosen from the first volume's dtype)."""
+    prepared, record = [], None
+    for v in volumes:
+        if not np.all(np.isfinite(v)):
+            raise ValueError("input volume has NaN or infinite voxels; fix or mask them before training")
+        cropped, _, _ = crop_to_nonzero(v[None])
+        normed, rec = normalize(cropped[0], record["scheme"] if record else None)
+        record = record or rec
+        prepared.append(normed)
+    return prepared, record
+
+
+def split_validation(volume: np.ndarray, fraction: float, minimum: int) -> tuple[np.ndarray, np.ndarray | None]:
+    """(training part, held-out Z slab) of a (Z, Y, X) volume; no slab when the volume is too thin."""
+    n_val = max(minimum, int(round(volume.shape[0] * fraction)))
+    if volume.shape[0] - n_val < minimum:
+        return volume, None
+    return volume[:-n_val], volume[-n_val:]
+
+
+class Trainer:
+    def __init__(self, volumes: list[np.ndarray], factor: int, output_dir, config: TrainingConfig,
+                 device: str = "cpu", progress: bool = True, log=print):
+        self.config, self.device, self.progress, self.log = config, torch.device(device), progress, log
+        self.output_dir = Path(output_dir)
+        self.degradation = preset(config.degradation, factor)
+        prepared, self.normalisation = prepare_volumes(volumes)
+        train_first, self.validation = split_validation(prepared[0], config.validation_fraction, config.lateral)
+        self.train_volumes = [train_first] + prepared[1:]
+        torch.manual_seed(config.seed)
+        self.sampler = LateralPairSampler(self.train_volumes, self.degradation, config.low_res_length,
+                                          config.lateral, seed=config.seed,
+                                          vary_degradation=config.degradation == "realistic",
+                                          pair_axes=config.pair_axes)
+        net_cfg = NetworkConfig(**{**config.network, "factor": factor,
+                                   "sample_offset": sample_offset(factor, self.degradation.downsampling)})
+        self.network = VEMambaNetwork(net_cfg).to(self.device)
+        self.optimizer = torch.optim.Adam([p for n, p in self.network.named_parameters()
+                                           if not n.startswith("degradation_encoder.")], lr=config.learning_rate)
+        self.scheduler = torch.optim.lr_scheduler.LambdaLR(self.optimizer, lambda s: learning_rate_factor(
+            s, config.steps, config.warmup_steps, config.min_learning_rate_ratio))
+        self.use_amp = self.device.type == "cuda"
+        self.scaler = torch.amp.GradScaler("cuda", enabled=self.use_amp)
+        self.step, self.moco_done, self.history, self.seconds = 0, False, [], 0.0
+        self.initialised_from = None
+
+    # -- persistence ---------------------------------------------------------------------------------
+    def metadata(self) -> dict:
+        return {"factor": self.network.config.factor, "axis": 0, "normalisation": self.normalisation,
+                "degradation": {"preset": self.config.degradation, **self.degradation.to_dict()},
+                "training": {**asdict(self.config), "steps_done": self.step, "seconds": round(self.seconds, 1),
+                             "device": self.device.type, "history": self.history,
+                             "initialised_from": self.initialised_from,
+                             "parameters": count_parameters(self.network)}}
+
+    def save(self) -> None:
+        save_model(self.output_dir, self.network, self.metadata())
+        save_torch_atomic({"network": self.network.state_dict(), "optimizer": self.optimizer.state_dict(),
+                           "scheduler": self.scheduler.state_dict(), "step": self.step, "moco_done": self.moco_done,
+                           "history": self.history, "seconds": self.seconds, "factor": self.network.config.factor,
+                           "rng": torch.get_rng_state()}, self.output_dir / RESUME_FILE)
+
+    def initialise_from(self, model_dir) -> int:
+        """Copy every parameter whose name and shape match from another trained model (e.g. another factor);
+        a copied degradation encoder is kept as is (no MoCo pre-training). Returns how many tensors were copied."""
+        source = torch.load(resolve_model_dir(model_dir), map_location=self.device, weights_only=True)["state_dict"]
+        own = self.network.state_dict()
+        matching = {k: v for k, v in source.items() if k in own and own[k].shape == v.shape}
+        self.network.load_state_dict(matching, strict=False)
+        if self.network.degradation_encoder is not None and all(
+                k in matching for k in own if k.startswith("degradation_encoder.")):
+            self.moco_done = True
+        self.initialised_from = str(model_dir)
+        self.log(f"initialised {len(matching)} of {len(own)} tensors from {model_dir}")
+        return len(matching)
+
+    def try_resume(self) -> bool:
+        path = self.output_dir / RESUME_FILE
+        if not path.exists():
+            return False
+        state = torch.load(path, map_location=self.device, weights_only=True)
+        if state["factor"] != self.network.config.factor:
+            raise ValueError(f"{path} was trained for factor x{state['factor']}, not x{self.network.config.factor}; "
+                             "use another --output or delete it")
+        self.network.load_state_dict(state["network"])
+        self.optimizer.load_state_dict(state["optimizer"])
+        self.scheduler.load_state_dict(state["scheduler"])
+        self.step, self.moco_done = state["step"], state["moco_done"]
+        self.history, self.seconds = state["history"], state["seconds"]
+        torch.set_rng_state(state["rng"])
+        self.sampler.rng = np.random.default_rng(self.config.seed + self.step)
+        self.log(f"resuming from {path} at step {self.step}")
+        return True
+
+    # -- stages --------------------------------------------------------------------------------------
+    def pretrain_degradation_encoder(self) -> None:
+        encoder = self.network.degradation_encoder
+        if encoder is None or self.moco_done:
+            return
+        learner = MoCoDegradationLearner(encoder).to(self.device)
+        optimizer = torch.optim.Adam([p for p in learner.parameters() if p.requires_grad], lr=1e-3)
+        bar = tqdm(range(self.config.moco_steps), desc="MoCo degradation encoder", disable=not self.progress)
+        for _ in bar:
+            a, b = self.sampler.contrastive_batch(self.config.moco_batch_size)
+            loss = learner(torch.from_numpy(a).to(self.device), torch.from_numpy(b).to(self.device))
+            optimizer.zero_grad(set_to_none=True)
+            loss.backward()
+            optimizer.step()
+            bar.set_postfix(infonce=f"{loss.item():.3f}")
+        self.moco_done = True
+
+    def train_step(self) -> float:
+        self.network.train()
+        inputs, targets = self.sampler.batch(self.config.batch_size)
+        x = torch.from_numpy(inputs).to(self.device)
+        y = torch.from_numpy(targets).to(self.device)
+        with torch.autocast(device_type=self.device.type, dtype=torch.float16, enabled=self.use_amp):
+            prediction = self.network(x)
+        loss = reconstruction_loss(prediction.float(), y, self.config.ssim_weight)
+        self.optimizer.zero_grad(set_to_none=True)
+        self.scaler.scale(loss).backward()
+        self.scaler.unscale_(self.optimizer)
+        torch.nn.utils.clip_grad_norm_(self.network.parameters(), self.config.gradient_clip)
+        self.scaler.step(self.optimizer)
+        self.scaler.update()
+        self.scheduler.step()
+        return float(loss.item())
+
+    def validate(self) -> dict:
+        """PSNR/SSIM of reconstructing the held-out slab degraded along Y (self-supervised proxy)."""
+        if self.validation is None:
+            return {}
+        side = 2 * self.config.lateral
+        target = to_network_layout(self.validation[:self.config.lateral, :side, :side])
+        n = (target.shape[0] // self.degradation.factor) * self.degradation.factor
+        target = target[:n]
+        degraded = degrade_axial(target, self.degradation, axis=0, rng=np.random.default_rng(1234))
+        estimate = reconstruct_volume(self.network, degraded, tile=(self.config.low_res_length * 2, side, side),
+                                      device=self.device, progress=False)
+        e, t = torch.from_numpy(np.clip(estimate, 0, 1)), torch.from_numpy(target)
+        linear = torch.from_numpy(interpolate_axial(degraded, self.degradation.factor,
+                                                    self.network.config.sample_offset, "linear"))
+        return {"val_psnr": round(psnr(e, t), 3), "val_ssim": round(float(ssim(e, t)), 4),
+                "val_psnr_linear": round(psnr(linear, t), 3)}
+
+    def run(self, resume: bool = True) -> dict:
+        if resume:
+            self.try_resume()
+        self.pretrain_degradation_encoder()
+        self.network.freeze_degradation_encoder()
+        c = self.config
+        bar = tqdm(total=c.steps, initial=self.step, desc=f"training x{self.network.config.factor}",
+                   disable=not self.progress)
+        running, started = None, time.time()
+        while self.step < c.steps:
+            loss = self.train_step()
+            self.step += 1
+            running = loss if running is None else 0.95 * running + 0.05 * loss
+            bar.update(1)
+            bar.set_postfix(loss=f"{running:.4f}")
+            if self.step % c.steps_per_epoch == 0 or self.step == c.steps:
+                self.seconds += time.time() - started
+                started = time.time()
+                record = {"step": self.step, "loss": round(running, 5), **self.validate()}
+                self.history.append(record)
+                self.log(f"epoch {len(self.history)}: {record}")
+                self.save()
+        bar.close()
+        if not self.history:
+            self.save()
+        return self.metadata()
