@@ -64,8 +64,9 @@ def _run(main, argv):
     from .data.io import VolumeFormatError
     try:
         return main(argv)
-    except (CommandError, VolumeFormatError, FileNotFoundError, ValueError) as error:
-        print(f"error: {error}", file=sys.stderr)
+    except (CommandError, VolumeFormatError, FileNotFoundError, FileExistsError, PermissionError, ValueError,
+            KeyError) as error:
+        print(f"error: {error.args[0] if isinstance(error, KeyError) else error}", file=sys.stderr)
         return 2
 
 
@@ -174,8 +175,21 @@ def _predict(argv) -> int:
     parser.add_argument("--dtype", default=None, help="output dtype (default: the input's)")
     _tiling_args(parser)
     _add_common(parser)
+    chunked = parser.add_argument_group(
+        "large volumes", "Zarr/OME-Zarr/HDF5 input and output are reconstructed block by block (memory bounded by "
+        "the block), resumably (run the same command again after an interruption), optionally on Dask")
+    chunked.add_argument("--block", type=int, nargs=3, default=None, metavar=("Z", "Y", "X"),
+                         help="block core in input voxels (default 32 128 128)")
+    chunked.add_argument("--halo", type=int, nargs=3, default=(4, 16, 16), metavar=("Z", "Y", "X"),
+                         help="context read around each block, input voxels (default 4 16 16)")
+    chunked.add_argument("--scheduler", default=None,
+                         help="'local' (a Dask cluster sized to this machine) or a Dask scheduler address")
+    chunked.add_argument("--workers", type=int, default=None, help="workers of the local Dask cluster")
+    chunked.add_argument("--overwrite", action="store_true", help="replace an existing output")
     args = parser.parse_args(argv)
     _setup_torch(args)
+    if _is_blockwise(args):
+        return _predict_blockwise(args)
     from .data.intensity import denormalize, normalize
     from .data.io import file_format, write_volume
     from .inference import reconstruct_volume
@@ -208,6 +222,38 @@ def _predict(argv) -> int:
         voxel[args.axis] = voxel[args.axis] / factor
     write_volume(args.output, np.ascontiguousarray(out), voxel, key=args.output_key)
     print(f"wrote {args.output}: shape {out.shape} (Z, Y, X), dtype {out.dtype}, x{factor} along axis {args.axis}")
+    return 0
+
+
+def _is_blockwise(args) -> bool:
+    from .data.io import file_format, split_key
+    chunked = ("zarr", "hdf5")
+    formats = [file_format(split_key(p)[0]) if p != "sample" else "tiff" for p in (args.input, args.output)]
+    if args.block or args.scheduler:
+        if not all(f in chunked for f in formats):
+            raise CommandError("--block/--scheduler reconstruct chunked stores: use Zarr (.zarr) or HDF5 (.h5) for "
+                               "both --input and --output")
+        return True
+    return all(f in chunked for f in formats)
+
+
+def _predict_blockwise(args) -> int:
+    from .blockwise import VolumeSource, reconstruct_blockwise
+    from .blockwise.model_processor import ModelProcessor, volume_intensity_record
+    from .data.intensity import default_scheme
+    from .data.io import split_key
+    path, key = split_key(args.input, args.key)
+    source = VolumeSource(str(path), key)
+    processor = ModelProcessor(args.model, intensity={}, axis=args.axis, device=args.device, tile=args.tile,
+                               overlap=args.overlap, batch_size=args.batch_size)
+    _check_factor(args.factor, processor.metadata, args.model)
+    processor.network()   # load (and so validate) the weights before anything is written
+    scheme = processor.metadata.get("normalisation", {}).get("scheme") or default_scheme(source.dtype)
+    processor.intensity = volume_intensity_record(source, scheme)
+    out = reconstruct_blockwise(source, args.output, processor, block=args.block or (32, 128, 128),
+                                halo=args.halo, overwrite=args.overwrite, scheduler=args.scheduler,
+                                workers=args.workers, output_dtype=args.dtype, output_key=args.output_key)
+    print(f"wrote {out}: x{processor.factor} along axis {args.axis}, block by block")
     return 0
 
 

@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import json
 import os
+import pickle
 import tempfile
 from pathlib import Path
 
@@ -64,7 +65,11 @@ def resolve_model_dir(model: str | os.PathLike | None) -> Path:
 def load_model(model: str | os.PathLike | None = None, device="cpu") -> tuple[VEMambaNetwork, dict]:
     """Load a trained network (eval mode) and its metadata; ``None`` loads the shipped default model."""
     path = resolve_model_dir(model)
-    blob = torch.load(path, map_location=device, weights_only=True)
+    try:
+        blob = torch.load(path, map_location=device, weights_only=True)
+    except (RuntimeError, EOFError, OSError, pickle.UnpicklingError) as exc:
+        raise ValueError(f"{path} cannot be read: it is truncated or corrupt ({str(exc).splitlines()[0]}); "
+                         "copy it again or retrain the model") from exc
     if not isinstance(blob, dict) or blob.get("metadata", {}).get("format") != FORMAT:
         raise ValueError(f"{path} is not a vemamba_iso model file (format {FORMAT})")
     metadata = blob["metadata"]
