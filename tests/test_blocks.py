@@ -10,13 +10,7 @@ from nnunet_logmamba.blocks import (JOIN_ORDERS, GlobalTokenExtractor, LocalToke
                                     merge_routes, split_local, unfold_neighbourhood)
 
 
-@pytest.fixture(autouse=True)
-def one_torch_thread():
-    """Small tensors, many ops: one thread avoids waiting on descheduled threads on a busy machine."""
-    before = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(before)
+pytestmark = pytest.mark.usefixtures("one_torch_thread")
 
 
 def _shifted(x, offset):

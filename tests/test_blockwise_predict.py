@@ -9,17 +9,6 @@ import zarr
 
 from vemamba_iso.blockwise import VolumeSource
 from vemamba_iso.data import read_volume
-from vemamba_iso.model import NetworkConfig, VEMambaNetwork
-from vemamba_iso.training.checkpoint import save_model
-
-
-@pytest.fixture(scope="module")
-def tiny_model(tmp_path_factory):
-    folder = tmp_path_factory.mktemp("model")
-    network = VEMambaNetwork(NetworkConfig(factor=2, dim=8, groups=1, blocks=1, state_size=4, representation_dim=8))
-    save_model(folder, network, {"normalisation": {"scheme": "RGBTo01Normalization"},
-                                 "degradation": {"preset": "subsample"}, "axis": 0})
-    return folder
 
 
 def predict(*args):

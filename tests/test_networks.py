@@ -10,13 +10,7 @@ RESENC = "dynamic_network_architectures.architectures.unet.ResidualEncoderUNet"
 IMPORTS = ["conv_op", "norm_op", "dropout_op", "nonlin"]
 
 
-@pytest.fixture(autouse=True)
-def one_torch_thread():
-    """Small tensors, many ops: one thread avoids waiting on descheduled threads on a busy machine."""
-    before = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(before)
+pytestmark = pytest.mark.usefixtures("one_torch_thread")
 
 
 def arch_kwargs(arch, strides, features, ndim):

@@ -20,13 +20,7 @@ BIN = Path(sys.executable).parent
 REQUIRED = {"nnUNetTrainerLoGVMamba", "nnUNetTrainerLVMamba", "nnUNetTrainerGVMamba", "nnUNetTrainerLoGVMambaNoAMP"}
 
 
-@pytest.fixture(autouse=True)
-def one_torch_thread():
-    """Small tensors, many ops: one thread avoids waiting on descheduled threads on a busy machine."""
-    before = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(before)
+pytestmark = pytest.mark.usefixtures("one_torch_thread")
 
 
 def _clean_env(tmp_path, **extra):

@@ -10,8 +10,6 @@ import tifffile
 
 from vemamba_iso import cli
 from vemamba_iso.data import read_volume, write_volume
-from vemamba_iso.model import NetworkConfig, VEMambaNetwork
-from vemamba_iso.training.checkpoint import save_model
 
 TINY_FLAGS = ["--dim", "8", "--groups", "1", "--blocks", "1", "--state-size", "4", "--patch", "4", "16",
               "--moco-steps", "2", "--steps-per-epoch", "3", "--threads", "1"]
@@ -74,15 +72,6 @@ def test_default_model_and_sample_run_out_of_the_box(tmp_path):
     out = read_volume(tmp_path / "iso.tif")
     assert out.data.shape == (64, 128, 128) and out.data.dtype == np.uint8
     assert np.allclose(out.voxel_size, (10.0, 10.0, 10.0))
-
-
-@pytest.fixture(scope="module")
-def tiny_model(tmp_path_factory):
-    folder = tmp_path_factory.mktemp("model")
-    network = VEMambaNetwork(NetworkConfig(factor=2, dim=8, groups=1, blocks=1, state_size=4, representation_dim=8))
-    save_model(folder, network, {"normalisation": {"scheme": "RGBTo01Normalization"},
-                                 "degradation": {"preset": "subsample"}, "axis": 0})
-    return folder
 
 
 def assert_fails(capsys, command, argv, message, output=None):

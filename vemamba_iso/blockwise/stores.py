@@ -15,19 +15,19 @@ import shutil
 
 import numpy as np
 
-ZARR_SUFFIXES = (".zarr",)
-HDF5_SUFFIXES = (".h5", ".hdf5", ".hdf")
+from ..data.io import HDF5_SUFFIXES, ZARR_SUFFIXES, VolumeFormatError, file_format
 
 
 def store_format(path: str) -> str:
     """'zarr' or 'hdf5' from the path, or a ValueError that names the supported formats."""
-    low = str(path).lower().rstrip("/")
-    if low.endswith(ZARR_SUFFIXES) or (os.path.isdir(path) and _looks_like_zarr(path)):
-        return "zarr"
-    if low.endswith(HDF5_SUFFIXES):
-        return "hdf5"
-    raise ValueError(f"{path}: unknown chunked-store format; block-wise reconstruction reads and writes Zarr "
-                     f"({', '.join(ZARR_SUFFIXES)}, OME-Zarr included) and HDF5 ({', '.join(HDF5_SUFFIXES)})")
+    try:
+        fmt = file_format(path)
+    except VolumeFormatError:
+        fmt = "zarr" if os.path.isdir(path) and _looks_like_zarr(path) else None
+    if fmt not in ("zarr", "hdf5"):
+        raise ValueError(f"{path}: unknown chunked-store format; block-wise reconstruction reads and writes Zarr "
+                         f"({', '.join(ZARR_SUFFIXES)}, OME-Zarr included) and HDF5 ({', '.join(HDF5_SUFFIXES)})")
+    return fmt
 
 
 def _looks_like_zarr(path: str) -> bool:

@@ -1,0 +1,28 @@
+"""Fixtures shared by several test files."""
+import pytest
+import torch
+
+
+@pytest.fixture()
+def one_torch_thread():
+    """Small tensors, many ops: one thread avoids waiting on descheduled threads on a busy machine.
+
+    Opt in per file with ``pytestmark = pytest.mark.usefixtures("one_torch_thread")``.
+    """
+    before = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(before)
+
+
+@pytest.fixture(scope="session")
+def tiny_model(tmp_path_factory):
+    """A model directory holding an untrained, tiny x2 VEMamba network (fast to run on CPU)."""
+    from vemamba_iso.model import NetworkConfig, VEMambaNetwork
+    from vemamba_iso.training.checkpoint import save_model
+
+    folder = tmp_path_factory.mktemp("model")
+    network = VEMambaNetwork(NetworkConfig(factor=2, dim=8, groups=1, blocks=1, state_size=4, representation_dim=8))
+    save_model(folder, network, {"normalisation": {"scheme": "RGBTo01Normalization"},
+                                 "degradation": {"preset": "subsample"}, "axis": 0})
+    return folder
