@@ -244,8 +244,8 @@ def _predict_blockwise(args) -> int:
     from .data.io import split_key
     path, key = split_key(args.input, args.key)
     source = VolumeSource(str(path), key)
-    processor = ModelProcessor(args.model, intensity={}, axis=args.axis, device=args.device, tile=args.tile,
-                               overlap=args.overlap, batch_size=args.batch_size)
+    # each block is one tile (--block bounds the memory; --tile applies to in-memory prediction)
+    processor = ModelProcessor(args.model, intensity={}, axis=args.axis, device=args.device)
     _check_factor(args.factor, processor.metadata, args.model)
     processor.network()   # load (and so validate) the weights before anything is written
     scheme = processor.metadata.get("normalisation", {}).get("scheme") or default_scheme(source.dtype)
