@@ -38,17 +38,24 @@ def main() -> None:
     parser.add_argument("--threads", type=int, default=None)
     parser.add_argument("--out", default=str(RESULTS))
     parser.add_argument("--note", action="append", default=[], help="text lines added under the table")
+    parser.add_argument("--flip-average", action="store_true",
+                        help="test-time augmentation: average the 8 lateral symmetries (8x the reconstruction time)")
+    parser.add_argument("--merge", action="store_true",
+                        help="keep the entries of an existing fib25_results.json that this run does not recompute")
     args = parser.parse_args()
     if args.threads:
         torch.set_num_threads(args.threads)
     out = Path(args.out)
     gt = read_volume(Path(args.data) / args.gt).data
     results = {}
+    previous = out / "fib25_results.json"
+    if args.merge and previous.is_file():
+        results = json.loads(previous.read_text())
     for entry in args.models:
         name, _, model_dir = entry.partition("=")
         network, metadata = load_model(model_dir)
         started = time.time()
-        report, volumes = evaluate_reconstruction(network, metadata, gt)
+        report, volumes = evaluate_reconstruction(network, metadata, gt, flip_average=args.flip_average)
         report["settings"]["reconstruction_seconds"] = round(time.time() - started, 1)
         train = metadata["training"]
         report["training"] = {"steps": train["steps_done"], "batch_size": train["batch_size"],
@@ -56,13 +63,15 @@ def main() -> None:
                               "seconds": train["seconds"], "device": train["device"],
                               "parameters": count_parameters(network), "network": metadata["network"],
                               "degradation": metadata["degradation"]["preset"],
-                              "last_validation": train["history"][-1] if train["history"] else None}
+                              "last_validation": train["history"][-1] if train["history"] else None,
+                              "initialised_from": train.get("initialised_from")}
         results[name] = report
         orthogonal_views(volumes, out / f"fib25_views_{name}.png",
                          title=f"FIB-25 cube 2, {name} along Z (central 128 x 128 crops; XY: a removed slice)",
                          z_index=removed_slice_near_centre(report["settings"]["shape_zyx"][0],
                                                            report["settings"]["factor"]))
         print(name, json.dumps({m: report[m] for m in ("linear", "cubic", "vemamba")}))
+    results = dict(sorted(results.items(), key=lambda item: item[1]["settings"]["factor"]))
     (out / "fib25_results.json").write_text(json.dumps(results, indent=2))
     lines = ["| factor | method | PSNR (dB) | PSNR unobserved slices (dB) | SSIM 3D | SSIM XY | SSIM XZ | SSIM YZ |",
              "|---|---|---|---|---|---|---|---|"]
@@ -73,13 +82,14 @@ def main() -> None:
                          f"{m['ssim_3d']:.4f} | {m['ssim_xy']:.4f} | {m['ssim_xz']:.4f} | {m['ssim_yz']:.4f} |")
     lines.append("")
     lines.append("| factor | VEMamba gain over linear (dB) | over cubic (dB) | training steps | batch | "
-                 "patch (axial, lateral) | CPU training time (min) | parameters |")
-    lines.append("|---|---|---|---|---|---|---|---|")
+                 "patch (axial, lateral) | CPU training time (min) | parameters | lateral flip average |")
+    lines.append("|---|---|---|---|---|---|---|---|---|")
     for name, report in results.items():
         t = report["training"]
         lines.append(f"| {name} | {report['vemamba']['psnr_gain_over_linear']:+.2f} | "
                      f"{report['vemamba']['psnr_gain_over_cubic']:+.2f} | {t['steps']} | {t['batch_size']} | "
-                     f"{tuple(t['patch_axial_lateral'])} | {t['seconds'] / 60:.1f} | {t['parameters']} |")
+                     f"{tuple(t['patch_axial_lateral'])} | {t['seconds'] / 60:.1f} | {t['parameters']} | "
+                     f"{'yes' if report['settings'].get('flip_average') else 'no'} |")
     lines += [""] + args.note
     (out / "fib25_table.md").write_text("\n".join(lines) + "\n")
     print("\n".join(lines))

@@ -72,20 +72,35 @@ def summary_path(work: str, trainer: str, configuration: str) -> str:
                         "validation", "summary.json")
 
 
+def training_minutes(work: str, trainer: str, configuration: str) -> float:
+    """Sum of the epoch times nnU-Net logged for fold 0 (training and its per-epoch validation), minutes."""
+    import glob
+    import re
+
+    fold = os.path.dirname(os.path.dirname(summary_path(work, trainer, configuration)))
+    seconds = 0.0
+    for log in glob.glob(os.path.join(fold, "training_log_*.txt")):
+        with open(log) as f:
+            seconds += sum(float(m) for m in re.findall(r"Epoch time: ([0-9.]+) s", f.read()))
+    return seconds / 60 if seconds else float("nan")
+
+
 def write_table(rows: list[dict], labels: dict, out: str, command: str, configuration: str) -> None:
     classes = [name for name, value in labels.items() if value != 0]
     lines = [f"# Hippocampus (MSD Task04), {configuration}, fold 0 validation, CPU, short budget", "",
              "Same plans, same budget, same fold; trained and validated with the stock nnU-Net commands "
              "(`nnUNetv2_train 4 " + configuration + " 0 -tr TRAINER -device cpu`, `OMP_NUM_THREADS` torch threads, "
              "data augmentation in the main process).", "",
-             "| trainer | " + " | ".join(f"Dice {c}" for c in classes) + " | mean Dice | train+val wall (min) |",
+             "| trainer | " + " | ".join(f"Dice {c}" for c in classes) + " | mean Dice | training wall (min) |",
              "|---|" + "---|" * (len(classes) + 2)]
     for r in rows:
         dice = [r["dice"].get(str(labels[c]), float("nan")) for c in classes]
         lines.append(f"| {r['trainer']} | " + " | ".join(f"{d:.4f}" for d in dice) +
                      f" | {r['mean']:.4f} | {r['minutes']:.1f} |")
     lines += ["", "Budget: the trainers' names say it (epochs x iterations per epoch, batch and patch from the plans); "
-              "nnU-Net's default is 1000 x 250, so these numbers compare early training only, not final accuracy.",
+              "nnU-Net's default is 1000 x 250, so these numbers compare early training only, not final accuracy. "
+              "Training wall time: the sum of the epoch times nnU-Net logged (a shared 2-core machine: compare "
+              "`benchmarks/bench_network.py` for clean step-time ratios).",
               "", "Reproduce:", "", "    " + command, ""]
     tmp = out + ".tmp"
     with open(tmp, "w") as f:
@@ -113,11 +128,10 @@ def main(argv=None):
         rows = []
         for trainer in args.trainers:
             summary = summary_path(args.work, trainer, args.configuration)
-            minutes = float("nan")
             if not os.path.isfile(summary):
-                seconds = run(["nnUNetv2_train", "4", args.configuration, "0", "-tr", trainer, "-device", args.device],
-                              nnunet_env(args.work, training=True, threads=args.threads), log)
-                minutes = seconds / 60
+                run(["nnUNetv2_train", "4", args.configuration, "0", "-tr", trainer, "-device", args.device],
+                    nnunet_env(args.work, training=True, threads=args.threads), log)
+            minutes = training_minutes(args.work, trainer, args.configuration)
             with open(summary) as f:
                 s = json.load(f)
             rows.append({"trainer": trainer, "minutes": minutes,

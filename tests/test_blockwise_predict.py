@@ -67,3 +67,25 @@ def test_blockwise_predict_faults_write_nothing(tmp_path, tiny_model, volume_sto
                           "--block", "4", "16", "16")
     assert not_chunked.returncode == 2 and "chunked stores" in not_chunked.stderr
     assert sorted(os.listdir(tmp_path)) == ["in.zarr", "truncated"]
+
+
+def test_blockwise_predict_writes_an_ome_zarr_pyramid_with_flip_averaging(tmp_path, tiny_model, volume_store):
+    store, _ = volume_store
+    common = ["--model", str(tiny_model), "--block", "4", "20", "20", "--halo", "2", "6", "6", "--threads", "1"]
+    out = tmp_path / "out.ome.zarr"
+    result = predict("--input", str(store), "--output", str(out), "--pyramid", "2", "--flip-average", *common)
+    assert result.returncode == 0, result.stderr
+    group = zarr.open_group(str(out), mode="r")
+    [multiscale] = group.attrs["multiscales"]
+    assert [d["path"] for d in multiscale["datasets"]] == ["0", "1", "2"]
+    levels = [np.asarray(group[p][...]) for p in ("0", "1", "2")]
+    assert [level.shape for level in levels] == [(16, 40, 36), (8, 20, 18), (4, 10, 9)]
+    reference = levels[0].astype(np.float64).reshape(8, 2, 20, 2, 18, 2).mean(axis=(1, 3, 5))
+    assert np.abs(levels[1].astype(np.float64) - reference).max() <= 0.5
+    plain = predict("--input", str(store), "--output", str(tmp_path / "plain.zarr"), *common)
+    assert plain.returncode == 0, plain.stderr
+    # the eight lateral views of an untrained-for-symmetry network differ a little
+    assert not np.array_equal(VolumeSource(str(tmp_path / "plain.zarr")).read((slice(None),) * 3), levels[0])
+    wrong = predict("--input", str(store), "--output", str(tmp_path / "flat.zarr"), "--pyramid", "1", *common)
+    assert wrong.returncode == 2 and ".ome.zarr" in wrong.stderr
+    assert not (tmp_path / "flat.zarr").exists()

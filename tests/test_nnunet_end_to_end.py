@@ -1,4 +1,5 @@
-"""End to end with the stock nnU-Net commands in a clean environment (2d and 3d_fullres, CPU).
+"""End to end with the stock nnU-Net commands in a clean environment (CPU): 2d and 3d_fullres with the
+default planner, 3d_lowres with the residual-encoder planner (``nnUNetPlannerResEncM``).
 
 Only nnUNet_raw / nnUNet_preprocessed / nnUNet_results are set (not nnUNet_extTrainer): the package's
 start-up hook is what makes ``-tr nnUNetTrainerLoGVMamba_1epoch_2iters`` resolvable.
@@ -102,4 +103,62 @@ def test_train_and_predict_with_stock_commands(planned, configuration):
           "--disable_tta", "-npp", "1", "-nps", "1"], _env(root), root)
     seg = SimpleITK.GetArrayFromImage(SimpleITK.ReadImage(str(prediction / "blob_900.nii.gz")))
     assert seg.shape == (15, 19, 21)
+    assert set(np.unique(seg)) <= {0, 1}
+
+
+LOWRES_ID = 986
+LOWRES_DATASET = f"Dataset{LOWRES_ID}_LoGVMambaLowres"
+LOWRES_PLANS = "TinyResEncM"
+
+
+@pytest.fixture(scope="module")
+def planned_lowres(tmp_path_factory):
+    """Cases large enough for nnU-Net to add a 3d_lowres configuration, planned with ResEnc M.
+
+    A tiny GPU memory target shrinks the planned patch to about 16x32x28, so that 48x80x72 images are
+    more than 4x the patch and nnU-Net plans a downsampled 3d_lowres stage (and keeps the run cheap).
+    """
+    root = tmp_path_factory.mktemp("nnunet_lowres")
+    raw = root / "raw" / LOWRES_DATASET
+    for sub in ("imagesTr", "labelsTr", "imagesTs"):
+        (raw / sub).mkdir(parents=True)
+    rng = np.random.default_rng(1)
+    for i in range(5):
+        image, label = _case(rng, shape=(48, 80, 72))
+        _write(image, raw / "imagesTr" / f"blob_{i:03d}_0000.nii.gz")
+        _write(label, raw / "labelsTr" / f"blob_{i:03d}.nii.gz")
+    test_image, _ = _case(rng, shape=(47, 78, 75))
+    _write(test_image, raw / "imagesTs" / "blob_900_0000.nii.gz")
+    (raw / "dataset.json").write_text(json.dumps({
+        "channel_names": {"0": "MRI"}, "labels": {"background": 0, "blob": 1}, "numTraining": 5,
+        "file_ending": ".nii.gz"}))
+    # 3d_fullres is preprocessed too: validating a lowres stage also exports for the cascade's next stage
+    _run(["nnUNetv2_plan_and_preprocess", "-d", str(LOWRES_ID), "-pl", "nnUNetPlannerResEncM",
+          "-gpu_memory_target", "0.05", "-overwrite_plans_name", LOWRES_PLANS, "-c", "3d_fullres", "3d_lowres",
+          "-np", "1", "-npfp", "1"], _env(root), root)
+    return root
+
+
+def test_lowres_stage_with_residual_encoder_plans(planned_lowres):
+    root = planned_lowres
+    plans = json.loads((root / "preprocessed" / LOWRES_DATASET / f"{LOWRES_PLANS}.json").read_text())
+    lowres = plans["configurations"]["3d_lowres"]
+    assert lowres["architecture"]["network_class_name"].endswith("ResidualEncoderUNet")
+    assert lowres["spacing"][0] > plans["configurations"]["3d_fullres"]["spacing"][0]
+    out = _run(["nnUNetv2_train", str(LOWRES_ID), "3d_lowres", "0", "-tr", TRAINER, "-p", LOWRES_PLANS,
+                "-device", "cpu"], _env(root, training=True), root)
+    assert "ext_trainers" in out
+    fold = root / "results" / LOWRES_DATASET / f"{TRAINER}__{LOWRES_PLANS}__3d_lowres" / "fold_0"
+    log = "".join(p.read_text() for p in fold.glob("training_log_*.txt"))
+    assert "LoG-VMamba blocks" in log
+    checkpoint = torch.load(fold / "checkpoint_final.pth", map_location="cpu", weights_only=False)
+    assert any(".mamba." in k for k in checkpoint["network_weights"])
+    assert any(k.startswith("encoder.stages") and "blocks" in k for k in checkpoint["network_weights"])
+
+    prediction = root / "pred_lowres"
+    _run(["nnUNetv2_predict", "-i", str(root / "raw" / LOWRES_DATASET / "imagesTs"), "-o", str(prediction),
+          "-d", str(LOWRES_ID), "-c", "3d_lowres", "-p", LOWRES_PLANS, "-f", "0", "-tr", TRAINER, "-device", "cpu",
+          "--disable_tta", "-npp", "1", "-nps", "1"], _env(root), root)
+    seg = SimpleITK.GetArrayFromImage(SimpleITK.ReadImage(str(prediction / "blob_900.nii.gz")))
+    assert seg.shape == (47, 78, 75)
     assert set(np.unique(seg)) <= {0, 1}

@@ -144,7 +144,7 @@ def _tiling_args(parser: argparse.ArgumentParser) -> None:
                         help="tile overlap in input voxels (default 6 24 24)")
     parser.add_argument("--batch-size", type=int, default=2, help="tiles per forward pass")
     parser.add_argument("--flip-average", action="store_true",
-                        help="test-time augmentation: average the four lateral flips of each tile (4x slower)")
+                        help="test-time augmentation: average the eight lateral symmetries (flips, Y/X swap) of each tile (8x slower)")
 
 
 def _load(args):
@@ -186,6 +186,9 @@ def _predict(argv) -> int:
                          help="'local' (a Dask cluster sized to this machine) or a Dask scheduler address")
     chunked.add_argument("--workers", type=int, default=None, help="workers of the local Dask cluster")
     chunked.add_argument("--overwrite", action="store_true", help="replace an existing output")
+    chunked.add_argument("--pyramid", type=int, default=0, metavar="N",
+                         help="add N resolution levels (2x2x2 means) to an .ome.zarr output, for napari, "
+                              "neuroglancer or webKnossos (default 0)")
     args = parser.parse_args(argv)
     _setup_torch(args)
     if _is_blockwise(args):
@@ -242,17 +245,23 @@ def _predict_blockwise(args) -> int:
     from .blockwise.model_processor import ModelProcessor, volume_intensity_record
     from .data.intensity import default_scheme
     from .data.io import split_key
+    from .blockwise.stores import is_ome_zarr_path
+    if args.pyramid and not is_ome_zarr_path(args.output):
+        raise CommandError(f"--pyramid writes OME-Zarr multiscales: name the output *.ome.zarr (got {args.output}) "
+                           "or drop --pyramid")
     path, key = split_key(args.input, args.key)
     source = VolumeSource(str(path), key)
     # each block is one tile (--block bounds the memory; --tile applies to in-memory prediction)
-    processor = ModelProcessor(args.model, intensity={}, axis=args.axis, device=args.device)
+    processor = ModelProcessor(args.model, intensity={}, axis=args.axis, device=args.device,
+                               flip_average=args.flip_average)
     _check_factor(args.factor, processor.metadata, args.model)
     processor.network()   # load (and so validate) the weights before anything is written
     scheme = processor.metadata.get("normalisation", {}).get("scheme") or default_scheme(source.dtype)
     processor.intensity = volume_intensity_record(source, scheme)
     out = reconstruct_blockwise(source, args.output, processor, block=args.block or (32, 128, 128),
                                 halo=args.halo, overwrite=args.overwrite, scheduler=args.scheduler,
-                                workers=args.workers, output_dtype=args.dtype, output_key=args.output_key)
+                                workers=args.workers, output_dtype=args.dtype, output_key=args.output_key,
+                                pyramid_levels=args.pyramid)
     print(f"wrote {out}: x{processor.factor} along axis {args.axis}, block by block")
     return 0
 

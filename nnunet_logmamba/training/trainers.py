@@ -185,6 +185,25 @@ class nnUNetTrainer_4epochs_25iters(nnUNetTrainer):
         set_budget(self, epochs=4, iterations=25, val_iterations=5)
 
 
+class nnUNetTrainerLoGVMamba_12epochs_25iters(nnUNetTrainerLoGVMamba):
+    """Longer CPU evaluation budget: 12 epochs of 25 iterations (300 steps), 5 validation iterations."""
+
+    def __init__(self, plans: dict, configuration: str, fold: int, dataset_json: dict,
+                 device: torch.device = torch.device("cuda")):
+        super().__init__(plans, configuration, fold, dataset_json, device)
+        set_budget(self, epochs=12, iterations=25, val_iterations=5)
+
+
+class nnUNetTrainer_12epochs_25iters(nnUNetTrainer):
+    """The plain nnU-Net baseline at the same budget as :class:`nnUNetTrainerLoGVMamba_12epochs_25iters`."""
+
+    def __init__(self, plans: dict, configuration: str, fold: int, dataset_json: dict,
+                 device: torch.device = torch.device("cuda")):
+        super().__init__(plans, configuration, fold, dataset_json, device)
+        respect_omp_num_threads(device)
+        set_budget(self, epochs=12, iterations=25, val_iterations=5)
+
+
 __all__ = ["TRAINERS", "network_builder", "set_budget", "respect_omp_num_threads", "disable_autocast_in_forward"]
 
 #: Every trainer this package provides (the names nnU-Net's -tr option accepts).
@@ -192,5 +211,6 @@ TRAINERS = {cls.__name__: cls for cls in (
     nnUNetTrainerLoGVMamba, nnUNetTrainerLVMamba, nnUNetTrainerGVMamba, nnUNetTrainerLoGVMambaNoAMP,
     nnUNetTrainerLoGVMamba_JoinHead, nnUNetTrainerLoGVMamba_JoinMiddle, nnUNetTrainerLoGVMamba_JoinSplit,
     nnUNetTrainerLoGVMamba_K2, nnUNetTrainerLoGVMamba_K4, nnUNetTrainerLoGVMamba_1epoch_2iters,
-    nnUNetTrainerLoGVMamba_4epochs_25iters, nnUNetTrainer_4epochs_25iters)}
+    nnUNetTrainerLoGVMamba_4epochs_25iters, nnUNetTrainer_4epochs_25iters,
+    nnUNetTrainerLoGVMamba_12epochs_25iters, nnUNetTrainer_12epochs_25iters)}
 __all__ += sorted(TRAINERS)

@@ -5,6 +5,10 @@ one at a time (or a batch per worker). Finished blocks are journalled, so a run 
 and started again with the same arguments completes, with the same result as an uninterrupted run
 (every block's result depends on its own input region only). With Dask (``scheduler``), workers read
 and process blocks and the client alone writes: safe for every store format.
+
+An OME-Zarr output can get a resolution pyramid (``pyramid_levels``): once every full-resolution
+block is done, levels 1..N are built chunk by chunk in the working store (see :mod:`.pyramid`), each
+journalled when complete, and only then is the output moved into place.
 """
 from __future__ import annotations
 
@@ -15,9 +19,10 @@ from typing import Protocol, Sequence
 import numpy as np
 from tqdm.auto import tqdm
 
+from . import pyramid
 from .grid import Block, BlockGrid
 from .journal import BlockJournal
-from .stores import VolumeSource, WorkingStore, cast_like, check_output_location
+from .stores import OME_ZARR_SUFFIX, VolumeSource, WorkingStore, cast_like, check_output_location, is_ome_zarr_path
 
 log = logging.getLogger(__name__)
 
@@ -65,7 +70,8 @@ def process_blocks(processor: BlockProcessor, source: VolumeSource, blocks: Sequ
 def reconstruct_blockwise(source: VolumeSource, output: str, processor: BlockProcessor, *,
                           block=(32, 128, 128), halo=(4, 16, 16), overwrite: bool = False,
                           scheduler: str | None = None, workers: int | None = None, batch_size: int | None = None,
-                          output_dtype=None, output_key: str = "data", progress: bool = True) -> str:
+                          output_dtype=None, output_key: str = "data", progress: bool = True,
+                          pyramid_levels: int = 0) -> str:
     """Reconstruct ``source`` into ``output`` (Zarr/OME-Zarr or HDF5) block by block.
 
     Args:
@@ -80,15 +86,23 @@ def reconstruct_blockwise(source: VolumeSource, output: str, processor: BlockPro
         workers: workers of the local cluster (default: one per core, at most 8).
         batch_size: blocks per Dask task (default 1 on CPU, 4 for a CUDA processor).
         output_dtype: default: the input's dtype.
+        pyramid_levels: resolution levels to add below the full-resolution one (0: none). Level k is
+            the 2x2x2 mean of level k - 1 (sizes rounded up, a border voxel averages the voxels that
+            exist; integers rounded to nearest, ties to even), stored as OME-Zarr 0.4 datasets "1".."N"
+            with the scale doubled per level. Needs an OME-Zarr output (``*.ome.zarr``); a ValueError
+            before any work otherwise, or when a level would halve an axis of one voxel.
     Returns:
         the output path.
     """
     output = str(output).rstrip("/")
     grid = BlockGrid(source.shape, block, halo, processor.factor, processor.axis)
+    level_shapes = _check_pyramid(output, grid.output_shape, pyramid_levels)
     dtype = np.dtype(output_dtype or source.dtype)
     params = {"input": os.path.abspath(source.path), "key": source.key, "shape": list(source.shape),
               "block": list(grid.block), "halo": list(grid.halo), "factor": grid.factor, "axis": grid.axis,
               "dtype": dtype.str, "processor": processor.identity()}
+    if pyramid_levels:   # only when used, so that runs without a pyramid keep their journal format
+        params["pyramid_levels"] = int(pyramid_levels)
     journal_dir = f"{output}.journal"
     if _finish_interrupted(output, journal_dir, params, grid):
         return output
@@ -96,7 +110,7 @@ def reconstruct_blockwise(source: VolumeSource, output: str, processor: BlockPro
     if overwrite:
         _discard(journal_dir, output)      # start over; an old output is replaced only at the end
     journal = BlockJournal(journal_dir, params)
-    done = journal.done()
+    done = journal.done() & {b.name for b in grid}
     voxel_size = getattr(source, "voxel_size", None)
     if voxel_size is not None:
         voxel_size = tuple(v / (grid.factor if i == grid.axis else 1) for i, v in enumerate(voxel_size))
@@ -117,9 +131,38 @@ def reconstruct_blockwise(source: VolumeSource, output: str, processor: BlockPro
             _run_dask(processor, source, pending, dtype, store, journal, bar, scheduler, workers, batch_size)
     finally:
         bar.close()
+    if pyramid_levels:
+        _build_pyramid(store, journal, level_shapes, progress)
     path = store.finish(output_key)
     journal.remove()
     return path
+
+
+def _check_pyramid(output: str, shape, levels) -> list[tuple[int, ...]]:
+    """Shapes of levels 0..``levels``; a ValueError naming the fix for an impossible request."""
+    shapes = pyramid.pyramid_shapes(shape, levels)
+    if levels and not is_ome_zarr_path(output):
+        raise ValueError(f"{output}: pyramid levels are written as OME-Zarr multiscales only; name the output "
+                         f"*{OME_ZARR_SUFFIX} or drop the pyramid option")
+    return shapes
+
+
+def _level_marker(level: int) -> str:
+    return f"pyramid-level-{level}"
+
+
+def _build_pyramid(store: WorkingStore, journal: BlockJournal, shapes, progress: bool) -> None:
+    """Levels 1..N from level 0; a level not journalled as complete (a killed run) is rebuilt whole."""
+    done = journal.done()
+    rebuilt = False
+    for level in range(1, len(shapes)):
+        if _level_marker(level) in done and not rebuilt:
+            continue
+        rebuilt = True   # every later level depends on this one, so it is rebuilt too
+        target = store.create_level(level, shapes[level])
+        pyramid.build_level(store.level(level - 1), target, progress=progress, description=f"pyramid level {level}")
+        journal.mark(_level_marker(level))     # only after the whole level is stored
+    store.write_multiscales(len(shapes) - 1)
 
 
 def _store_block(store, journal, block: Block, values: np.ndarray, bar) -> None:
@@ -143,7 +186,7 @@ def _finish_interrupted(output: str, journal_dir: str, params: dict, grid: Block
         journal = BlockJournal(journal_dir, params)
     except ValueError:
         return False
-    if len(journal.done()) < len(grid):
+    if len(journal.done() & {b.name for b in grid}) < len(grid):
         return False
     _discard(journal_dir, output)
     return True

@@ -57,13 +57,14 @@ class ModelProcessor:
         model: model directory or file (None: the shipped default model).
         intensity: normalisation record of the whole input (:func:`volume_intensity_record`).
         axis: the degraded axis of the input (Z = 0).
-        device, tile, overlap, batch_size: as for :func:`vemamba_iso.inference.reconstruct_volume`;
+        device, tile, overlap, batch_size, flip_average: as for
+            :func:`vemamba_iso.inference.reconstruct_volume`;
             ``tile=None`` (default) runs each block as one tile: the block already bounds the memory, and
             tiling it again would add the tiles' overlaps on top of the block's halo.
     """
 
     def __init__(self, model=None, *, intensity: dict, axis: int = 0, device: str = "cpu",
-                 tile=None, overlap=(4, 16, 16), batch_size: int = 2):
+                 tile=None, overlap=(4, 16, 16), batch_size: int = 2, flip_average: bool = False):
         import json
 
         from ..training.checkpoint import METADATA_FILE, resolve_model_dir
@@ -75,11 +76,13 @@ class ModelProcessor:
         self.factor, self.axis, self.device = int(self.metadata["factor"]), int(axis), str(device)
         self.intensity, self.overlap, self.batch_size = dict(intensity), tuple(overlap), batch_size
         self.tile = tuple(tile) if tile is not None else None
+        self.flip_average = bool(flip_average)
         self.sha256 = _file_sha256(self.path)
 
     def identity(self) -> dict:
         return {"method": "vemamba", "weights_sha256": self.sha256, "intensity": self.intensity,
-                "tile": list(self.tile) if self.tile else "block", "overlap": list(self.overlap)}
+                "tile": list(self.tile) if self.tile else "block", "overlap": list(self.overlap),
+                "flip_average": self.flip_average}
 
     def network(self):
         key = (self.sha256, self.device)
@@ -96,5 +99,6 @@ class ModelProcessor:
         normed = (x - self.intensity["offset"]) / self.intensity["scale"]
         y = reconstruct_volume(self.network(), normed, factor=self.factor, tile=self.tile or normed.shape,
                                overlap=self.overlap,
-                               batch_size=self.batch_size, device=self.device, progress=False)
+                               batch_size=self.batch_size, device=self.device, progress=False,
+                               flip_average=self.flip_average)
         return np.moveaxis(y * self.intensity["scale"] + self.intensity["offset"], 0, self.axis)

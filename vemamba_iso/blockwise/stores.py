@@ -6,7 +6,8 @@ transforms, or a ``resolution`` / ``voxel_size`` attribute (nm), or ``element_si
 Outputs are always assembled in a Zarr working store ``<output>.partial.zarr``: Zarr writes each
 chunk as its own file, so a run killed mid-write loses at most the blocks in flight (HDF5 files
 can be corrupted by a kill). When every block is done the working store is renamed to the output
-(Zarr) or copied into it through a temporary name (HDF5).
+(Zarr) or copied into it through a temporary name (HDF5). Resolution pyramids (levels "1", "2", ...
+next to level "0") are built in the working store too, so they are in place before the rename.
 """
 from __future__ import annotations
 
@@ -28,6 +29,14 @@ def store_format(path: str) -> str:
         raise ValueError(f"{path}: unknown chunked-store format; block-wise reconstruction reads and writes Zarr "
                          f"({', '.join(ZARR_SUFFIXES)}, OME-Zarr included) and HDF5 ({', '.join(HDF5_SUFFIXES)})")
     return fmt
+
+
+OME_ZARR_SUFFIX = ".ome.zarr"
+
+
+def is_ome_zarr_path(path: str) -> bool:
+    """True for an OME-Zarr output name (``*.ome.zarr``, the OME-NGFF naming convention)."""
+    return str(path).lower().rstrip("/").endswith(OME_ZARR_SUFFIX)
 
 
 def _looks_like_zarr(path: str) -> bool:
@@ -178,6 +187,34 @@ class WorkingStore:
         if voxel_size is not None:
             group.attrs["voxel_size"] = list(voxel_size)
 
+    def write_multiscales(self, levels: int) -> None:
+        """Record levels 0..``levels`` in the OME-Zarr ``multiscales`` metadata of the working store."""
+        import zarr
+
+        group = zarr.open_group(self.path, mode="r+")
+        group.attrs["multiscales"] = [ome_multiscales_metadata(self.voxel_size, name=os.path.basename(self.output),
+                                                               levels=levels)]
+
+    def level(self, level: int):
+        """The array of pyramid ``level`` (0 = full resolution)."""
+        import zarr
+
+        return self.array if level == 0 else zarr.open_group(self.path, mode="r+")[str(level)]
+
+    def create_level(self, level: int, shape):
+        """A new, empty array for pyramid ``level`` >= 1 (an unfinished one from a killed run is replaced).
+
+        Chunks: level 0's, clipped to the level's shape.
+        """
+        import zarr
+
+        if level < 1:
+            raise ValueError(f"pyramid levels start at 1 (level 0 is the reconstruction), got {level}")
+        chunks = tuple(min(c, s) for c, s in zip(self.array.chunks, shape))
+        group = zarr.open_group(self.path, mode="r+")
+        return group.create_array(str(level), shape=tuple(shape), chunks=chunks, dtype=self.array.dtype,
+                                  fill_value=0, overwrite=True)
+
     def write(self, region, values: np.ndarray) -> None:
         self.array[region] = values
 
@@ -220,12 +257,27 @@ def _replace_path(src: str, dst: str) -> None:
         shutil.rmtree(old) if os.path.isdir(old) else os.remove(old)
 
 
-def ome_multiscales_metadata(voxel_size=None, name: str = "volume") -> dict:
-    """OME-Zarr 0.4 ``multiscales`` entry for one (Z, Y, X) level at path '0' (voxel size in nm)."""
-    scale = [float(v) for v in voxel_size] if voxel_size is not None else [1.0, 1.0, 1.0]
+def ome_multiscales_metadata(voxel_size=None, name: str = "volume", levels: int = 0) -> dict:
+    """OME-Zarr 0.4 ``multiscales`` entry for (Z, Y, X) levels 0..``levels`` at paths '0', '1', ...
+
+    Level ``k`` has the scale ``voxel_size * 2**k`` (nm; 1 per voxel without a voxel size) and, for
+    k >= 1, the translation ``(2**k - 1) / 2 * voxel_size``: a mean-downsampled voxel's centre is the
+    centre of the 2**k level-0 voxels it averages, so the levels overlay exactly in viewers.
+    """
+    base = [float(v) for v in voxel_size] if voxel_size is not None else [1.0, 1.0, 1.0]
     axes = [{"name": n, "type": "space"} for n in ("z", "y", "x")]
     if voxel_size is not None:
         for a in axes:
             a["unit"] = "nanometer"
-    return {"version": "0.4", "name": name, "axes": axes,
-            "datasets": [{"path": "0", "coordinateTransformations": [{"type": "scale", "scale": scale}]}]}
+    datasets = []
+    for level in range(levels + 1):
+        transforms = [{"type": "scale", "scale": [v * 2 ** level for v in base]}]
+        if level:
+            transforms.append({"type": "translation", "translation": [v * (2 ** level - 1) / 2 for v in base]})
+        datasets.append({"path": str(level), "coordinateTransformations": transforms})
+    metadata = {"version": "0.4", "name": name, "axes": axes, "datasets": datasets}
+    if levels:
+        metadata["type"] = "mean"
+        metadata["metadata"] = {"description": "each level is the 2x2x2 mean of the previous one (ceil sizes; "
+                                               "integers rounded to nearest, ties to even)"}
+    return metadata

@@ -6,7 +6,7 @@ import os
 import sys
 
 from ..data import read_volume
-from .nnunet_dataset import instance_boundaries, labels_to_classes, write_nnunet_dataset
+from .nnunet_dataset import expand_sparse_labels, instance_boundaries, labels_to_classes, write_nnunet_dataset
 
 
 def to_nnunet_main(argv=None) -> int:
@@ -26,6 +26,16 @@ def to_nnunet_main(argv=None) -> int:
                    help="labels are instance ids (e.g. neurons): use their boundaries (membranes) as class 1")
     p.add_argument("--subvolume", type=int, nargs=3, default=[32, 256, 256], metavar=("Z", "Y", "X"),
                    help="case size in voxels (default 32 256 256)")
+    p.add_argument("--test-fraction", type=float, default=0.0,
+                   help="hold out the last fraction of each volume along its last axis (X) as imagesTs/labelsTs, "
+                        "a region spatially separate from the training cases (default 0: all cases train)")
+    p.add_argument("--case-prefix", default=None,
+                   help="case names PREFIX_0000, ... (default: --name); give datasets built from versions of one "
+                        "stack (reconstructed, interpolated) the same prefix so their case names match")
+    p.add_argument("--sparse-labels", type=int, default=None, metavar="K",
+                   help="the labels are those of the original anisotropic stack (one slice per section) and the "
+                        "image its xK reconstruction along Z: section j goes to slice j*K, the slices in between "
+                        "get nnU-Net's 'ignore' label (added as the last class)")
     p.add_argument("--channel-name", default="EM")
     p.add_argument("--nnunet-raw", default=os.environ.get("nnUNet_raw"),
                    help="nnU-Net raw folder (default: $nnUNet_raw)")
@@ -41,17 +51,24 @@ def to_nnunet_main(argv=None) -> int:
             image, labels = read_volume(image_path), read_volume(label_path)
             classes = (instance_boundaries(labels.data) if args.from_instances
                        else labels_to_classes(labels.data, args.label_values))
+            if args.sparse_labels:
+                classes = expand_sparse_labels(classes, image.data.shape[0], args.sparse_labels,
+                                               ignore=len(args.label_names))
             yield image.data, classes, image.voxel_size or labels.voxel_size
 
+    label_names = args.label_names + (["ignore"] if args.sparse_labels else [])
     try:
         folder = write_nnunet_dataset(pairs(), args.nnunet_raw, args.dataset_id, args.name,
                                       subvolume=args.subvolume, channel_name=args.channel_name,
-                                      label_names=args.label_names, overwrite=args.overwrite)
+                                      label_names=label_names, overwrite=args.overwrite,
+                                      test_fraction=args.test_fraction, case_prefix=args.case_prefix)
     except (ValueError, FileExistsError, FileNotFoundError, KeyError) as exc:
         print(f"vemamba_iso_to_nnunet: error: {exc}", file=sys.stderr)
         return 2
     n = len(os.listdir(os.path.join(folder, "labelsTr")))
-    print(f"wrote {folder} ({n} cases); next: nnUNetv2_plan_and_preprocess -d {args.dataset_id} "
+    held_out = os.path.join(folder, "labelsTs")
+    n_test = len(os.listdir(held_out)) if os.path.isdir(held_out) else 0
+    print(f"wrote {folder} ({n} training cases, {n_test} test cases); next: nnUNetv2_plan_and_preprocess -d {args.dataset_id} "
           f"--verify_dataset_integrity")
     return 0
 

@@ -55,15 +55,75 @@ def labels_to_classes(labels: np.ndarray, values: Sequence[int] | None = None) -
     return classes
 
 
+def expand_sparse_labels(classes: np.ndarray, length: int, every: int, offset: int = 0,
+                         ignore: int | None = None) -> np.ndarray:
+    """Place labels drawn on the coarse sections of an anisotropic stack onto its reconstructed grid.
+
+    Args:
+        classes: (z, Y, X) class labels, one slice per acquired section.
+        length: number of slices (axis 0) of the reconstructed image.
+        every: reconstruction factor K: section ``j`` is image slice ``j * every + offset``.
+        offset: image slice of section 0 (0 for subsampled acquisitions, as the models place them).
+        ignore: value of the slices in between (default ``classes.max() + 1``), to be declared as
+            nnU-Net's ``ignore`` label (the highest label value), so training and evaluation skip them.
+    Returns:
+        (length, Y, X) uint8.
+    """
+    if every < 1 or not 0 <= offset < every:
+        raise ValueError(f"need every >= 1 and 0 <= offset < every, got every={every}, offset={offset}")
+    expected = (length - offset + every - 1) // every
+    if classes.shape[0] != expected:
+        raise ValueError(f"{classes.shape[0]} labelled sections do not fit an image of {length} slices with one "
+                         f"section every {every} slices from slice {offset} ({expected} sections): give the labels "
+                         f"of the original stack and its reconstruction")
+    ignore = int(classes.max()) + 1 if ignore is None else int(ignore)
+    out = np.full((length, *classes.shape[1:]), ignore, dtype=np.uint8)
+    out[offset::every] = classes
+    return out
+
+
+def split_last_axis(length: int, test_fraction: float) -> int:
+    """Start index along the last axis of the held-out (test) region: the last ``test_fraction`` of
+    ``length`` voxels, rounded, at least one voxel on each side when the fraction is > 0."""
+    if not 0 <= test_fraction < 1:
+        raise ValueError(f"the test fraction must be in [0, 1), got {test_fraction}")
+    if test_fraction == 0:
+        return length
+    if length < 2:
+        raise ValueError(f"the last axis has {length} voxel(s): too short to hold out a test region")
+    return int(min(max(length - round(test_fraction * length), 1), length - 1))
+
+
+def split_cases(shape: Sequence[int], size: Sequence[int], test_fraction: float = 0.0):
+    """(training tiles, test tiles) of a volume of ``shape`` (Z, Y, X): the last ``test_fraction`` of the
+    last axis is held out and tiled on its own, so no test tile overlaps a training tile (a spatially
+    separate region, not cubes interleaved with the training ones). Tiles as in :func:`cut_subvolumes`;
+    test tiles are narrower than ``size`` along the last axis when the held-out region is."""
+    start = split_last_axis(int(shape[-1]), test_fraction)
+
+    def shifted(tiles, by):
+        return [t[:-1] + (slice(t[-1].start + by, t[-1].stop + by),) for t in tiles]
+
+    train = cut_subvolumes((*shape[:-1], start), size)
+    test = shifted(cut_subvolumes((*shape[:-1], shape[-1] - start), size), start) if start < shape[-1] else []
+    return train, test
+
+
 def write_nnunet_dataset(pairs, raw_root: str, dataset_id: int, name: str, *, subvolume=(32, 256, 256),
                          channel_name: str = "EM", label_names: Sequence[str] = ("background", "foreground"),
-                         overwrite: bool = False, description: str = "") -> str:
+                         overwrite: bool = False, description: str = "", test_fraction: float = 0.0,
+                         case_prefix: str | None = None) -> str:
     """Write ``Dataset{id:03d}_{name}`` under ``raw_root``; returns its path.
 
     Args:
         pairs: iterable of (image (Z, Y, X), class labels (Z, Y, X) with values < len(label_names),
             voxel size (z, y, x) in nm or None).
         subvolume: case size (Z, Y, X) in voxels.
+        test_fraction: the last fraction of each volume along its last axis (X) goes to ``imagesTs`` /
+            ``labelsTs`` (see :func:`split_cases`); ``numTraining`` counts the training cases only.
+        case_prefix: case names are ``{case_prefix}_{index:04d}`` (default: ``name``). Volumes of one shape
+            give the same case names and regions whatever the dataset, so datasets built from reconstructed
+            and interpolated versions of a stack share their split.
     The folder is assembled under a temporary name and renamed when complete.
     """
     import SimpleITK as sitk
@@ -71,8 +131,11 @@ def write_nnunet_dataset(pairs, raw_root: str, dataset_id: int, name: str, *, su
 
     if not 1 <= int(dataset_id) <= 999:
         raise ValueError(f"nnU-Net dataset ids are 1..999, got {dataset_id}")
-    if not name.replace("_", "").isalnum():
-        raise ValueError(f"dataset name {name!r} must be letters, digits and underscores")
+    case_prefix = name if case_prefix is None else case_prefix
+    for what, text in (("dataset name", name), ("case prefix", case_prefix)):
+        if not text.replace("_", "").isalnum():
+            raise ValueError(f"{what} {text!r} must be letters, digits and underscores")
+    split_last_axis(2, test_fraction)  # check the fraction before anything is written
     folder = os.path.join(raw_root, f"Dataset{int(dataset_id):03d}_{name}")
     existing = [d for d in (os.listdir(raw_root) if os.path.isdir(raw_root) else [])
                 if d.startswith(f"Dataset{int(dataset_id):03d}_")]
@@ -82,9 +145,9 @@ def write_nnunet_dataset(pairs, raw_root: str, dataset_id: int, name: str, *, su
     os.makedirs(raw_root, exist_ok=True)
     tmp = folder + ".partial"
     shutil.rmtree(tmp, ignore_errors=True)
-    os.makedirs(os.path.join(tmp, "imagesTr"))
-    os.makedirs(os.path.join(tmp, "labelsTr"))
-    case = 0
+    for sub in ("imagesTr", "labelsTr") + (("imagesTs", "labelsTs") if test_fraction > 0 else ()):
+        os.makedirs(os.path.join(tmp, sub))
+    case = training = 0
     try:
         for i, (image, labels, voxel_size) in enumerate(pairs):
             if image.ndim != 3 or image.shape != labels.shape:
@@ -93,17 +156,19 @@ def write_nnunet_dataset(pairs, raw_root: str, dataset_id: int, name: str, *, su
             if labels.max() >= len(label_names):
                 raise ValueError(f"pair {i}: label value {int(labels.max())} has no name in {list(label_names)}")
             spacing = [float(v) for v in reversed(voxel_size)] if voxel_size is not None else [1.0, 1.0, 1.0]
-            for tile in cut_subvolumes(image.shape, subvolume):
-                case_id = f"{name}_{case:04d}"
-                for array, path in ((image[tile], os.path.join(tmp, "imagesTr", f"{case_id}_0000.nii.gz")),
-                                    (labels[tile].astype(np.uint8), os.path.join(tmp, "labelsTr", f"{case_id}.nii.gz"))):
+            train_tiles, test_tiles = split_cases(image.shape, subvolume, test_fraction)
+            for tile, part in [(t, "Tr") for t in train_tiles] + [(t, "Ts") for t in test_tiles]:
+                case_id = f"{case_prefix}_{case:04d}"
+                for array, path in ((image[tile], os.path.join(tmp, f"images{part}", f"{case_id}_0000.nii.gz")),
+                                    (labels[tile].astype(np.uint8), os.path.join(tmp, f"labels{part}", f"{case_id}.nii.gz"))):
                     itk = sitk.GetImageFromArray(np.ascontiguousarray(array))
                     itk.SetSpacing(spacing)
                     sitk.WriteImage(itk, path)
                 case += 1
+                training += part == "Tr"
         if case == 0:
             raise ValueError("no (image, labels) pair was given")
-        generate_dataset_json(tmp, {0: channel_name}, {n: k for k, n in enumerate(label_names)}, case, ".nii.gz",
+        generate_dataset_json(tmp, {0: channel_name}, {n: k for k, n in enumerate(label_names)}, training, ".nii.gz",
                               dataset_name=f"Dataset{int(dataset_id):03d}_{name}", description=description,
                               license="see the source volumes")
         for old in existing:

@@ -32,8 +32,20 @@ def blend_ramp(length: int, overlap: int, at_start: bool, at_end: bool) -> np.nd
     return w
 
 
-#: Lateral flips used for test-time augmentation (they keep the degraded axis and the sample positions).
-LATERAL_FLIPS = ((), (3,), (4,), (3, 4))
+#: The eight symmetries of the lateral (Y, X) plane as (transpose Y/X first, flipped dims) on a
+#: (batch, channel, Z, Y, X) tensor. Each keeps the degraded axis and its sample positions, so the
+#: network's answer for every view can be mapped back and averaged (test-time augmentation).
+LATERAL_SYMMETRIES = tuple((transpose, dims) for transpose in (False, True) for dims in ((), (3,), (4,), (3, 4)))
+
+
+def _to_view(x: torch.Tensor, transpose: bool, dims: tuple) -> torch.Tensor:
+    x = x.transpose(3, 4) if transpose else x
+    return x.flip(dims) if dims else x
+
+
+def _from_view(y: torch.Tensor, transpose: bool, dims: tuple) -> torch.Tensor:
+    y = y.flip(dims) if dims else y
+    return y.transpose(3, 4) if transpose else y
 
 
 @torch.no_grad()
@@ -41,18 +53,19 @@ def reconstruct_tile(model: torch.nn.Module, tiles: np.ndarray | torch.Tensor, d
                      flip_average: bool = False) -> np.ndarray:
     """Run the network on normalised tiles (batch, d, h, w) -> (batch, d*factor, h, w) float32.
 
-    ``flip_average`` averages the predictions for the four lateral flips of each tile (4x the compute).
+    ``flip_average`` averages the predictions for the eight lateral symmetries of each tile (the four
+    flips of Y and X, with and without swapping Y and X): 8x the compute, typically a few tenths of a
+    dB more PSNR.
     """
     x = torch.as_tensor(np.ascontiguousarray(tiles), dtype=torch.float32, device=device)[:, None]
     use_amp = torch.device(device).type == "cuda"
-    flips = LATERAL_FLIPS if flip_average else ((),)
+    views = LATERAL_SYMMETRIES if flip_average else ((False, ()),)
     total = None
     with torch.autocast(device_type=torch.device(device).type, dtype=torch.float16, enabled=use_amp):
-        for dims in flips:
-            y = model(x.flip(dims) if dims else x).float()
-            y = y.flip(dims) if dims else y
+        for transpose, dims in views:
+            y = _from_view(model(_to_view(x, transpose, dims)).float(), transpose, dims)
             total = y if total is None else total + y
-    return (total / len(flips))[:, 0].cpu().numpy()
+    return (total / len(views))[:, 0].cpu().numpy()
 
 
 def reconstruct_volume(model: torch.nn.Module, volume: np.ndarray, factor: int | None = None,
@@ -67,7 +80,7 @@ def reconstruct_volume(model: torch.nn.Module, volume: np.ndarray, factor: int |
         factor: defaults to ``model.config.factor``.
         tile, overlap: tile size and overlap in input voxels (d, H, W); clipped to the volume.
         batch_size: tiles per forward pass.
-        flip_average: test-time augmentation, average over the four lateral flips (4x slower).
+        flip_average: test-time augmentation, average over the eight lateral symmetries (8x slower).
     Returns:
         (d*factor, H, W) float32.
     """
