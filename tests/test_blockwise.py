@@ -159,3 +159,15 @@ def test_dask_local_cluster_equals_single_process(tmp_path):
                                  workers=2, **kwargs)
     np.testing.assert_array_equal(VolumeSource(single).read((slice(None),) * 3),
                                   VolumeSource(dask).read((slice(None),) * 3))
+
+
+def test_local_dask_workers_share_the_cores_and_respect_omp_num_threads(monkeypatch):
+    from vemamba_iso.blockwise.engine import local_worker_threads
+
+    monkeypatch.setattr(os, "cpu_count", lambda: 8)
+    monkeypatch.delenv("OMP_NUM_THREADS", raising=False)
+    assert [local_worker_threads(n) for n in (1, 2, 3, 8, 16)] == [8, 4, 2, 1, 1]
+    monkeypatch.setenv("OMP_NUM_THREADS", "1")
+    assert local_worker_threads(1) == 1
+    monkeypatch.setenv("OMP_NUM_THREADS", "3")
+    assert [local_worker_threads(n) for n in (1, 4)] == [3, 2]

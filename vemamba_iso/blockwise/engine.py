@@ -192,6 +192,14 @@ def _finish_interrupted(output: str, journal_dir: str, params: dict, grid: Block
     return True
 
 
+def local_worker_threads(workers: int) -> int:
+    """Torch threads per local Dask worker: the cores shared out, capped by ``OMP_NUM_THREADS`` when set
+    (on a machine that other jobs load, more threads than free cores slow the scan's small operations)."""
+    threads = max(1, (os.cpu_count() or 1) // workers)
+    cap = os.environ.get("OMP_NUM_THREADS", "")
+    return min(threads, int(cap)) if cap.isdigit() and int(cap) > 0 else threads
+
+
 def _run_dask(processor, source, pending, dtype, store, journal, bar, scheduler, workers, batch_size):
     try:
         from distributed import Client, LocalCluster, as_completed
@@ -205,7 +213,7 @@ def _run_dask(processor, source, pending, dtype, store, journal, bar, scheduler,
         cluster = LocalCluster(n_workers=n, threads_per_worker=1, processes=True, dashboard_address=None,
                                silence_logs=logging.ERROR)
         client = Client(cluster)
-        torch_threads = max(1, (os.cpu_count() or 1) // n)
+        torch_threads = local_worker_threads(n)
     else:
         client = Client(scheduler)
         torch_threads = None
