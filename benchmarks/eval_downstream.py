@@ -5,7 +5,7 @@ the repository in --work.
 
 fib25 (default): membranes of FIB-25 cube 2 (isotropic 10 nm, labels = boundaries of its neuron ids).
   1. crop the cube and its neuron ids to a multiple of K along Z (plus --crop, for smoke runs);
-  2. ``vemamba_iso_degrade --factor K`` (keep every K-th Z slice, as the shipped model was trained);
+  2. ``vemamba_iso_degrade --factor K`` with the model's degradation (the shipped model: keep every K-th Z slice);
   3. inputs on the isotropic grid: ``vemamba_iso_predict`` (vemamba), ``vemamba_iso_interpolate --method
      linear`` (linear) and the isotropic cube itself (groundtruth, the upper bound);
 vnc: mitochondria of the Drosophila VNC ssTEM stack 1 (20 sections of 50 nm, 4.6 nm pixels, labels on the
@@ -15,7 +15,9 @@ vnc: mitochondria of the Drosophila VNC ssTEM stack 1 (20 sections of 50 nm, 4.6
   3. inputs: ``vemamba_iso_predict`` (vemamba), ``vemamba_iso_interpolate`` (linear), both on a K times
      finer Z grid where only every K-th slice is labelled (``--sparse-labels K``: the others get nnU-Net's
      ignore label, skipped by training and evaluation), and the anisotropic stack itself (anisotropic,
-     the baseline without reconstruction; its cases are K times thinner in Z);
+     the baseline without reconstruction; its cases are K times thinner in Z). The grid is the model's: one
+     trained on area-averaged degradations (realistic, average_pool) centres section j on slice
+     j*K + (K - 1) / 2, so the labels go to slice j*K + (K - 1) // 2 and linear interpolation uses the same grid;
 both:
   4. ``vemamba_iso_to_nnunet --test-fraction F`` for each input, same labels and case names, so every
      dataset holds out the same region (the last F of X) as imagesTs/labelsTs;
@@ -141,6 +143,19 @@ def prepare_volumes(args, source: Source, work: str) -> tuple[str, str, bool]:
     return image_path, labels_path, True
 
 
+def model_grid(model: str | None) -> tuple[str, int]:
+    """(degradation preset, image slice of section 0 in the reconstructed grid) of a vemamba_iso model.
+
+    A model trained on area-averaged degradations (average_pool, realistic) reconstructs a section as the
+    mean of its K slices, centred at (K - 1) / 2: the interpolation baseline is put on the same grid (the same
+    preset) and the sparse labels on slice j*K + (K - 1) // 2."""
+    from vemamba_iso.degradation import sample_offset
+    from vemamba_iso.training.checkpoint import METADATA_FILE, resolve_model_dir
+    with open(resolve_model_dir(model).parent / METADATA_FILE) as f:
+        degradation = json.load(f)["degradation"]
+    return degradation["preset"], int(sample_offset(degradation["factor"], degradation["downsampling"]))
+
+
 def make_input(name: str, args, work: str, image_path: str, coarse: str, redo: bool, log) -> tuple[str, bool]:
     """(path, whether it was made now) of the input volume ``name`` from the (degraded or acquired)
     coarse stack; the ground truth and the anisotropic stack are used as they are."""
@@ -154,7 +169,8 @@ def make_input(name: str, args, work: str, image_path: str, coarse: str, redo: b
         run(cmd + (["--model", args.model] if args.model else []), env, log)
     elif name == "linear":
         run(tool("vemamba_iso_interpolate", "vemamba_iso.inference.interpolate_cli") + [
-            "--input", coarse, "--output", path, "--factor", str(args.factor), "--method", "linear"], env, log)
+            "--input", coarse, "--output", path, "--factor", str(args.factor), "--method", "linear",
+            "--degradation", model_grid(args.model)[0]], env, log)
     return path, True
 
 
@@ -177,7 +193,8 @@ def segment(name: str, source: Source, image: str, labels: str, args, work: str,
         redo = True
         run(tool("vemamba_iso_to_nnunet", "vemamba_iso.downstream.cli") + [
             "--image", image, "--labels", labels, *(["--from-instances"] if source.from_instances else []),
-            *(["--sparse-labels", str(args.factor)] if sparse else []), "--dataset-id", did,
+            *(["--sparse-labels", str(args.factor), "--section-offset", str(model_grid(args.model)[1])]
+              if sparse else []), "--dataset-id", did,
             "--name", dataset_name(source, name), "--label-names", *source.label_names,
             "--subvolume", *map(str, subvolume), "--test-fraction", str(args.test_fraction),
             "--case-prefix", args.dataset, "--nnunet-raw", env["nnUNet_raw"], "--overwrite"], env, log)
@@ -310,7 +327,7 @@ def main(argv=None):
             if {"vemamba", "linear"} & set(inputs) and (redo or not os.path.isfile(coarse)):
                 redo = True
                 run(tool("vemamba_iso_degrade", "vemamba_iso.degradation.cli") + [
-                    "--input", image_path, "--factor", str(args.factor), "--degradation", "subsample",
+                    "--input", image_path, "--factor", str(args.factor), "--degradation", model_grid(args.model)[0],
                     "--output", coarse], nnunet_env(work, threads=args.threads), log)
         rows = []
         for name in inputs:

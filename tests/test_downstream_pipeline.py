@@ -182,3 +182,14 @@ def test_sparse_section_labels_become_nnunet_ignore_label_between_sections(tmp_p
                            "--sparse-labels", "4", "--dataset-id", "22", "--name", "Wrong", "--nnunet-raw", str(raw)])
     assert code == 2 and "5 labelled sections" in capsys.readouterr().err
     assert not any(p.startswith("Dataset022") for p in os.listdir(raw))
+
+    # a model trained on area-averaged sections centres section j on slice j*K + (K - 1) / 2
+    write_volume(tmp_path / "recon3.tif", (rng.random((15, 16, 16)) * 255).astype(np.uint8))   # x3
+    code = to_nnunet_main(["--image", str(tmp_path / "recon3.tif"), "--labels", str(tmp_path / "mito.tif"),
+                           "--sparse-labels", "3", "--section-offset", "1", "--dataset-id", "23", "--name", "Centred",
+                           "--label-names", "background", "mitochondria", "--subvolume", "15", "16", "16",
+                           "--nnunet-raw", str(raw)])
+    assert code == 0
+    label = sitk.GetArrayFromImage(sitk.ReadImage(str(raw / "Dataset023_Centred" / "labelsTr" / "Centred_0000.nii.gz")))
+    np.testing.assert_array_equal(label[1::3], sections // 255)
+    assert (label[0::3] == 2).all() and (label[2::3] == 2).all()

@@ -97,3 +97,11 @@ def test_pairs_from_all_axes_include_axial_pairs():
     assert not any(np.ptp(lateral.target()[:, 0, 0]) > 0 for _ in range(20))
     with pytest.raises(ValueError, match="pair_axes"):
         LateralPairSampler([v], preset("subsample", 4), 4, 8, pair_axes="z")
+
+
+def test_rescaled_voxel_size_scales_one_axis_and_keeps_missing_metadata():
+    from vemamba_iso.data import rescaled_voxel_size
+
+    assert rescaled_voxel_size((40.0, 10.0, 10.0), 0, 1 / 4) == pytest.approx((10.0, 10.0, 10.0))
+    assert rescaled_voxel_size((10.0, 10.0, 10.0), 2, 3) == pytest.approx((10.0, 10.0, 30.0))
+    assert rescaled_voxel_size(None, 0, 4) is None

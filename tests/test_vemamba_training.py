@@ -87,6 +87,30 @@ def test_training_reduces_the_loss_on_a_tiny_volume(tmp_path):
     assert len(history) == 2 and all("val_psnr" in h and "val_ssim" in h for h in history)
 
 
+def test_validation_region_is_a_z_slab_or_for_thin_stacks_an_x_slab():
+    from vemamba_iso.training.trainer import split_validation
+
+    thick = np.arange(100 * 8 * 60).reshape(100, 8, 60)
+    train, held, which = split_validation(thick, 0.15, 16, 40)
+    assert which == "Z" and held.shape == (16, 8, 60) and train.shape == (84, 8, 60)
+    assert np.array_equal(np.concatenate([train, held], 0), thick)
+    thin = np.arange(20 * 8 * 200).reshape(20, 8, 200)   # 20 sections: too few to hold out Z
+    train, held, which = split_validation(thin, 0.15, 16, 40)
+    assert which == "X" and held.shape == (20, 8, 40) and train.shape == (20, 8, 160)
+    assert np.array_equal(np.concatenate([train, held], 2), thin)
+    train, held, which = split_validation(thin[..., :60], 0.15, 16, 40)
+    assert which == "none" and held is None and train.shape == (20, 8, 60)
+
+
+def test_thin_anisotropic_stack_still_reports_validation(tmp_path):
+    messages = []
+    config = tiny_config(steps=2, steps_per_epoch=2, lateral=12)
+    trainer = Trainer([tiny_volume((14, 96, 96))], 4, tmp_path / "m", config, progress=False, log=messages.append)
+    trainer.run(resume=False)
+    assert any("along X" in m for m in messages)
+    assert "val_psnr" in trainer.history[-1] and np.isfinite(trainer.history[-1]["val_psnr"])
+
+
 def test_checkpoint_metadata_and_resume_after_interruption(tmp_path):
     out = tmp_path / "model"
     first = Trainer([tiny_volume()], 3, out, tiny_config(steps=4, steps_per_epoch=2), progress=False,

@@ -194,7 +194,7 @@ def _predict(argv) -> int:
     if _is_blockwise(args):
         return _predict_blockwise(args)
     from .data.intensity import denormalize, normalize
-    from .data.io import file_format, write_volume
+    from .data.io import file_format, rescaled_voxel_size, write_volume
     from .inference import reconstruct_volume
     file_format(args.output)  # fail on an unknown output format before any work
     volume = _read(args.input, args.key, sample="anisotropic")
@@ -219,10 +219,7 @@ def _predict(argv) -> int:
     result = reconstruct_volume(network, normed, tile=tuple(args.tile), overlap=tuple(args.overlap),
                                 batch_size=args.batch_size, device=args.device, flip_average=args.flip_average)
     out = np.moveaxis(denormalize(result, record, np.dtype(args.dtype) if args.dtype else data.dtype), 0, args.axis)
-    voxel = None
-    if volume.voxel_size is not None:
-        voxel = list(volume.voxel_size)
-        voxel[args.axis] = voxel[args.axis] / factor
+    voxel = rescaled_voxel_size(volume.voxel_size, args.axis, 1 / factor)
     write_volume(args.output, np.ascontiguousarray(out), voxel, key=args.output_key)
     print(f"wrote {args.output}: shape {out.shape} (Z, Y, X), dtype {out.dtype}, x{factor} along axis {args.axis}")
     return 0

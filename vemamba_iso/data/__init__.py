@@ -1,7 +1,7 @@
 """Volume I/O (TIFF, HDF5, Zarr, NIfTI), nnU-Net normalisation, lateral training pairs, sample data."""
 from pathlib import Path
 
-from .io import SUPPORTED, Volume, VolumeFormatError, file_format, read_volume, write_volume
+from .io import SUPPORTED, Volume, VolumeFormatError, file_format, read_volume, rescaled_voxel_size, write_volume
 
 SAMPLE_DIR = Path(__file__).resolve().parent / "sample"
 SAMPLES = {
@@ -21,5 +21,5 @@ def sample_path(kind: str = "isotropic") -> Path:
     return SAMPLE_DIR / SAMPLES[kind]
 
 
-__all__ = ["read_volume", "write_volume", "file_format", "Volume", "VolumeFormatError", "SUPPORTED",
+__all__ = ["read_volume", "write_volume", "rescaled_voxel_size", "file_format", "Volume", "VolumeFormatError", "SUPPORTED",
            "sample_path", "SAMPLE_DIR"]

@@ -72,6 +72,14 @@ def _hdf5_key(handle, key, path):
     return key
 
 
+def rescaled_voxel_size(voxel_size, axis: int, ratio: float):
+    """``voxel_size`` (nm, Z, Y, X) with ``axis`` multiplied by ``ratio`` (1 / factor after upsampling by
+    factor, factor after downsampling); None stays None (a volume without voxel size metadata)."""
+    if voxel_size is None:
+        return None
+    return tuple(float(v) * (ratio if i == axis else 1) for i, v in enumerate(voxel_size))
+
+
 def read_volume(path: str | os.PathLike, key: str | None = None) -> Volume:
     """Read a 3D volume (Z, Y, X) and its voxel size (z, y, x) when the file records one."""
     path, key = split_key(path, key)

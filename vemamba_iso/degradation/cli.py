@@ -36,7 +36,7 @@ def _degrade(argv) -> int:
     parser.add_argument("--output-key", default="data", help="dataset key for HDF5/Zarr output")
     args = parser.parse_args(argv)
     from ..data.intensity import denormalize, normalize
-    from ..data.io import file_format, write_volume
+    from ..data.io import file_format, rescaled_voxel_size, write_volume
 
     if args.factor < 2:
         raise CommandError(f"--factor must be at least 2 (the anisotropy to simulate), got {args.factor}")
@@ -55,10 +55,7 @@ def _degrade(argv) -> int:
     degraded = degrade_axial(normed, preset(args.degradation, args.factor), axis=0,
                              rng=np.random.default_rng(args.seed))
     out = np.ascontiguousarray(np.moveaxis(denormalize(degraded, record, data.dtype), 0, args.axis))
-    voxel = None
-    if volume.voxel_size is not None:
-        voxel = list(volume.voxel_size)
-        voxel[args.axis] = voxel[args.axis] * args.factor
+    voxel = rescaled_voxel_size(volume.voxel_size, args.axis, args.factor)
     write_volume(args.output, out, voxel, key=args.output_key)
     print(f"wrote {args.output}: shape {out.shape} (Z, Y, X), dtype {out.dtype}, x{args.factor} {args.degradation} "
           f"along axis {args.axis}, voxel size {voxel}")

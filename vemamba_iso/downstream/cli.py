@@ -36,6 +36,10 @@ def to_nnunet_main(argv=None) -> int:
                    help="the labels are those of the original anisotropic stack (one slice per section) and the "
                         "image its xK reconstruction along Z: section j goes to slice j*K, the slices in between "
                         "get nnU-Net's 'ignore' label (added as the last class)")
+    p.add_argument("--section-offset", type=int, default=0, metavar="O",
+                   help="with --sparse-labels: section j goes to slice j*K + O instead; 0 for models trained with "
+                        "--degradation subsample, (K - 1) // 2 for average_pool / realistic ones (a section "
+                        "then stands for the mean of its K slices, centred there)")
     p.add_argument("--channel-name", default="EM")
     p.add_argument("--nnunet-raw", default=os.environ.get("nnUNet_raw"),
                    help="nnU-Net raw folder (default: $nnUNet_raw)")
@@ -53,7 +57,7 @@ def to_nnunet_main(argv=None) -> int:
                        else labels_to_classes(labels.data, args.label_values))
             if args.sparse_labels:
                 classes = expand_sparse_labels(classes, image.data.shape[0], args.sparse_labels,
-                                               ignore=len(args.label_names))
+                                               offset=args.section_offset, ignore=len(args.label_names))
             yield image.data, classes, image.voxel_size or labels.voxel_size
 
     label_names = args.label_names + (["ignore"] if args.sparse_labels else [])

@@ -36,7 +36,7 @@ def _interpolate(argv) -> int:
     parser.add_argument("--dtype", default=None, help="output dtype (default: the input's)")
     args = parser.parse_args(argv)
     from ..data.intensity import denormalize, normalize
-    from ..data.io import file_format, write_volume
+    from ..data.io import file_format, rescaled_voxel_size, write_volume
 
     if args.factor < 2:
         raise CommandError(f"--factor must be at least 2, got {args.factor}")
@@ -51,10 +51,7 @@ def _interpolate(argv) -> int:
     result = interpolate_axial(normed, args.factor, offset, args.method)
     dtype = np.dtype(args.dtype) if args.dtype else data.dtype
     out = np.ascontiguousarray(np.moveaxis(denormalize(result, record, dtype), 0, args.axis))
-    voxel = None
-    if volume.voxel_size is not None:
-        voxel = list(volume.voxel_size)
-        voxel[args.axis] = voxel[args.axis] / args.factor
+    voxel = rescaled_voxel_size(volume.voxel_size, args.axis, 1 / args.factor)
     write_volume(args.output, out, voxel, key=args.output_key)
     print(f"wrote {args.output}: shape {out.shape} (Z, Y, X), dtype {out.dtype}, x{args.factor} {args.method} "
           f"along axis {args.axis}")

@@ -41,7 +41,7 @@ class TrainingConfig:
     min_learning_rate_ratio: float = 0.02
     ssim_weight: float = 1.0
     steps_per_epoch: int = 100
-    validation_fraction: float = 0.15  # Z slab at the end of the first volume, never trained on
+    validation_fraction: float = 0.15  # end of the first volume (Z, or X for thin stacks), never trained on
     moco_steps: int = 200
     moco_batch_size: int = 8
     degradation: str = "subsample"     # preset name: realistic, average_pool, subsample
@@ -71,12 +71,24 @@ def prepare_volumes(volumes: list[np.ndarray]) -> tuple[list[np.ndarray], dict]:
     return prepared, record
 
 
-def split_validation(volume: np.ndarray, fraction: float, minimum: int) -> tuple[np.ndarray, np.ndarray | None]:
-    """(training part, held-out Z slab) of a (Z, Y, X) volume; no slab when the volume is too thin."""
-    n_val = max(minimum, int(round(volume.shape[0] * fraction)))
-    if volume.shape[0] - n_val < minimum:
-        return volume, None
-    return volume[:-n_val], volume[-n_val:]
+def split_validation(volume: np.ndarray, fraction: float, minimum_z: int,
+                     minimum_lateral: int | None = None) -> tuple[np.ndarray, np.ndarray | None, str]:
+    """(training part, held-out part, which) of a (Z, Y, X) volume, never trained on.
+
+    The held-out part is the last ``fraction`` of Z (``which = "Z"``), at least ``minimum_z`` slices, when
+    ``minimum_z`` slices are left to train on. A stack too thin for that (an ssTEM stack of a few tens of
+    sections) holds out the last ``fraction`` of X instead (``"X"``, at least ``minimum_lateral`` voxels,
+    as many left); with neither possible, nothing is held out (``None, "none"``).
+    """
+    depth, width = volume.shape[0], volume.shape[2]
+    n_val = max(minimum_z, int(round(depth * fraction)))
+    if depth - n_val >= minimum_z:
+        return volume[:-n_val], volume[-n_val:], "Z"
+    minimum_lateral = minimum_lateral or minimum_z
+    n_val = max(minimum_lateral, int(round(width * fraction)))
+    if depth >= minimum_z and width - n_val >= minimum_lateral:
+        return volume[..., :-n_val], volume[..., -n_val:], "X"
+    return volume, None, "none"
 
 
 class Trainer:
@@ -86,7 +98,15 @@ class Trainer:
         self.output_dir = Path(output_dir)
         self.degradation = preset(config.degradation, factor)
         prepared, self.normalisation = prepare_volumes(volumes)
-        train_first, self.validation = split_validation(prepared[0], config.validation_fraction, config.lateral)
+        train_first, self.validation, held_out = split_validation(
+            prepared[0], config.validation_fraction, config.lateral,
+            max(config.low_res_length * factor, config.lateral))
+        if self.validation is None:
+            log(f"no validation: the first volume {prepared[0].shape} is too small to hold out a region "
+                "(validation PSNR/SSIM are not reported)")
+        else:
+            log(f"validation: the last {self.validation.shape[0 if held_out == 'Z' else 2]} voxels along "
+                f"{held_out} of the first volume are held out")
         self.train_volumes = [train_first] + prepared[1:]
         torch.manual_seed(config.seed)
         self.sampler = LateralPairSampler(self.train_volumes, self.degradation, config.low_res_length,
