@@ -22,7 +22,7 @@ import time
 HERE = os.path.dirname(os.path.abspath(__file__))
 DEFAULT_SOURCE = "/work/shared/data/med/Task04_Hippocampus"
 DEFAULT_WORK = "/tmp/nnunet_logmamba_hippocampus"
-DEFAULT_TRAINERS = ["nnUNetTrainerLoGVMamba_4epochs_25iters", "nnUNetTrainer_4epochs_25iters"]
+DEFAULT_TRAINERS = ["nnUNetTrainer_12epochs_25iters", "nnUNetTrainerLoGVMamba_12epochs_25iters"]
 DATASET = "Dataset004_Hippocampus"
 
 
