@@ -89,3 +89,33 @@ def test_blockwise_predict_writes_an_ome_zarr_pyramid_with_flip_averaging(tmp_pa
     wrong = predict("--input", str(store), "--output", str(tmp_path / "flat.zarr"), "--pyramid", "1", *common)
     assert wrong.returncode == 2 and ".ome.zarr" in wrong.stderr
     assert not (tmp_path / "flat.zarr").exists()
+
+
+def test_blocks_of_one_shape_go_through_one_forward_pass_with_the_same_result(tmp_path, tiny_model, volume_store):
+    from vemamba_iso.blockwise import reconstruct_blockwise
+    from vemamba_iso.blockwise.engine import default_batch_size, run_processor
+    from vemamba_iso.blockwise.model_processor import ModelProcessor, volume_intensity_record
+
+    store, _ = volume_store
+    source = VolumeSource(str(store))
+    processor = ModelProcessor(str(tiny_model), intensity=volume_intensity_record(source, "RGBTo01Normalization"))
+    calls = []
+    batch = processor.process_batch
+    processor.process_batch = lambda blocks: calls.append(len(blocks)) or batch(blocks)
+    rng = np.random.default_rng(1)
+    arrays = [rng.random(s).astype(np.float32) * 255 for s in ((4, 12, 12), (6, 12, 12), (4, 12, 12), (4, 12, 12))]
+    outputs = run_processor(processor, arrays)
+    assert calls == [3]     # the three 4 x 12 x 12 blocks together, the other one alone
+    for a, y in zip(arrays, outputs):
+        assert y.shape == (a.shape[0] * 2, *a.shape[1:])
+        np.testing.assert_allclose(y, processor(a), rtol=0, atol=1e-3)
+
+    kwargs = dict(block=(4, 16, 16), halo=(2, 4, 4), progress=False)
+    assert default_batch_size(processor) == 1
+    one = reconstruct_blockwise(source, str(tmp_path / "one.zarr"), processor, **kwargs)
+    four = reconstruct_blockwise(source, str(tmp_path / "four.zarr"), processor, batch_size=4, **kwargs)
+    assert max(calls[1:]) > 1      # the 4-block batches did share forward passes
+    a, b = (VolumeSource(p).read((slice(None),) * 3).astype(int) for p in (one, four))
+    assert np.abs(a - b).max() <= 1     # uint8 output: at most a rounding step apart
+    processor.device = "cuda:0"
+    assert default_batch_size(processor) == 4

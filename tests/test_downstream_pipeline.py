@@ -18,7 +18,7 @@ def run_module(module, *args, env=None):
     env = dict(os.environ if env is None else env)
     env.setdefault("OMP_NUM_THREADS", "1")
     return subprocess.run([sys.executable, "-m", module, *map(str, args)], capture_output=True, text=True,
-                          env=env, timeout=300)
+                          env=env, timeout=900)
 
 
 @pytest.fixture()
@@ -82,7 +82,7 @@ def test_interpolate_matches_predict_grid_and_keeps_observed_slices(tmp_path, ti
     code = "import sys; from vemamba_iso.cli import predict_main; sys.argv[0] = 'vemamba_iso_predict'; predict_main()"
     result = subprocess.run([sys.executable, "-c", code, "--input", str(tmp_path / "aniso.tif"), "--output",
                              str(predicted), "--model", str(tiny_model), "--threads", "1"], capture_output=True,
-                            text=True, env={**os.environ, "OMP_NUM_THREADS": "1"}, timeout=300)
+                            text=True, env={**os.environ, "OMP_NUM_THREADS": "1"}, timeout=900)
     assert result.returncode == 0, result.stderr
     linear, model = read_volume(interpolated), read_volume(predicted)
     assert linear.data.shape == model.data.shape == (10, 16, 12)

@@ -25,7 +25,7 @@ def tiny_volume(shape=(40, 40, 40), seed=0):
 def run_command(name, *args):
     env = {**os.environ, "OMP_NUM_THREADS": "1"}
     code = f"import sys; from vemamba_iso.cli import {name}; sys.argv[0] = {name!r}; {name}()"
-    return subprocess.run([sys.executable, "-c", code, *args], capture_output=True, text=True, env=env, timeout=300)
+    return subprocess.run([sys.executable, "-c", code, *args], capture_output=True, text=True, env=env, timeout=900)
 
 
 @pytest.mark.slow

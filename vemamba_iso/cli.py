@@ -142,7 +142,9 @@ def _tiling_args(parser: argparse.ArgumentParser) -> None:
                              "use less memory, larger ones give the scans more context)")
     parser.add_argument("--overlap", type=int, nargs=3, default=(6, 24, 24), metavar=("D", "H", "W"),
                         help="tile overlap in input voxels (default 6 24 24)")
-    parser.add_argument("--batch-size", type=int, default=2, help="tiles per forward pass")
+    parser.add_argument("--batch-size", type=int, default=None,
+                        help="tiles per forward pass (default 2); block-wise (Zarr/HDF5): blocks of one shape per "
+                             "forward pass (default 4 on a GPU, 1 on a CPU)")
     parser.add_argument("--flip-average", action="store_true",
                         help="test-time augmentation: average the eight lateral symmetries (flips, Y/X swap) of each tile (8x slower)")
 
@@ -217,7 +219,7 @@ def _predict(argv) -> int:
     except ValueError:
         normed, record = normalize(data)
     result = reconstruct_volume(network, normed, tile=tuple(args.tile), overlap=tuple(args.overlap),
-                                batch_size=args.batch_size, device=args.device, flip_average=args.flip_average)
+                                batch_size=args.batch_size or 2, device=args.device, flip_average=args.flip_average)
     out = np.moveaxis(denormalize(result, record, np.dtype(args.dtype) if args.dtype else data.dtype), 0, args.axis)
     voxel = rescaled_voxel_size(volume.voxel_size, args.axis, 1 / factor)
     write_volume(args.output, np.ascontiguousarray(out), voxel, key=args.output_key)
@@ -257,8 +259,8 @@ def _predict_blockwise(args) -> int:
     processor.intensity = volume_intensity_record(source, scheme)
     out = reconstruct_blockwise(source, args.output, processor, block=args.block or (32, 128, 128),
                                 halo=args.halo, overwrite=args.overwrite, scheduler=args.scheduler,
-                                workers=args.workers, output_dtype=args.dtype, output_key=args.output_key,
-                                pyramid_levels=args.pyramid)
+                                workers=args.workers, batch_size=args.batch_size, output_dtype=args.dtype,
+                                output_key=args.output_key, pyramid_levels=args.pyramid)
     print(f"wrote {out}: x{processor.factor} along axis {args.axis}, block by block")
     return 0
 

@@ -56,18 +56,37 @@ def process_blocks(processor: BlockProcessor, source: VolumeSource, blocks: Sequ
         import torch
 
         torch.set_num_threads(torch_threads)
+    outputs = run_processor(processor, [source.read(block.read) for block in blocks])
     results = []
-    for block in blocks:
-        values = np.asarray(processor(source.read(block.read)))
+    for block, values in zip(blocks, outputs):
+        values = np.asarray(values)
         expected = tuple((s.stop - s.start) * (processor.factor if i == processor.axis else 1)
                          for i, s in enumerate(block.read))
         if values.shape != expected:
             raise ValueError(f"the processor returned {values.shape} for a {tuple(s.stop - s.start for s in block.read)} "
                              f"block; expected {expected} (factor {processor.factor} along axis {processor.axis})")
         results.append((block, cast_like(values[block.crop], dtype)))
-        del values
-        return_freed_memory()
+    del outputs, values
+    return_freed_memory()
     return results
+
+
+def run_processor(processor: BlockProcessor, arrays: Sequence[np.ndarray]) -> list[np.ndarray]:
+    """``processor`` applied to each array, in order. Arrays of one shape go through its ``process_batch``
+    together where it has one (one forward pass for several blocks: what a GPU needs to be busy); the
+    others, and every array of a processor without it, one at a time."""
+    process_batch = getattr(processor, "process_batch", None)
+    if process_batch is None or len(arrays) < 2:
+        return [processor(a) for a in arrays]
+    by_shape: dict[tuple, list[int]] = {}
+    for i, a in enumerate(arrays):
+        by_shape.setdefault(tuple(a.shape), []).append(i)
+    outputs: list = [None] * len(arrays)
+    for indices in by_shape.values():
+        values = process_batch([arrays[i] for i in indices]) if len(indices) > 1 else [processor(arrays[indices[0]])]
+        for i, v in zip(indices, values):
+            outputs[i] = v
+    return outputs
 
 
 _MALLOC_TRIM = None     # glibc's malloc_trim once looked up; False where there is none
@@ -111,7 +130,9 @@ def reconstruct_blockwise(source: VolumeSource, output: str, processor: BlockPro
         scheduler: None (this process), ``"local"`` (a Dask LocalCluster sized to the machine) or a
             Dask scheduler address (``tcp://host:8786``).
         workers: workers of the local cluster (default: one per core, at most 8).
-        batch_size: blocks per Dask task (default 1 on CPU, 4 for a CUDA processor).
+        batch_size: blocks read and processed together, in this process or per Dask task (default 1 on a
+            CPU, 4 for a CUDA processor); blocks of one shape go through one forward pass where the
+            processor has a ``process_batch`` method. Memory grows with it.
         output_dtype: default: the input's dtype.
         pyramid_levels: resolution levels to add below the full-resolution one (0: none). Level k is
             the 2x2x2 mean of level k - 1 (sizes rounded up, a border voxel averages the voxels that
@@ -147,13 +168,17 @@ def reconstruct_blockwise(source: VolumeSource, output: str, processor: BlockPro
         log.info("resuming: %d of %d blocks already done", len(grid) - len(pending), len(grid))
     bar = tqdm(total=len(grid), initial=len(grid) - len(pending), unit="block", disable=not progress,
                desc="reconstructing", dynamic_ncols=True)
+    batch_size = batch_size or default_batch_size(processor)
+    if batch_size > 1:   # blocks of one shape next to each other, so that a batch shares one forward pass
+        pending.sort(key=lambda b: tuple(s.stop - s.start for s in b.read))
+    batches = [pending[i:i + batch_size] for i in range(0, len(pending), batch_size)]
     try:
         if scheduler is None:
-            for b in pending:
-                for done_block, values in process_blocks(processor, source, [b], dtype):
+            for batch in batches:
+                for done_block, values in process_blocks(processor, source, batch, dtype):
                     _store_block(store, journal, done_block, values, bar)
         else:
-            _run_dask(processor, source, pending, dtype, store, journal, bar, scheduler, workers, batch_size)
+            _run_dask(processor, source, batches, dtype, store, journal, bar, scheduler, workers)
     finally:
         bar.close()
     if pyramid_levels:
@@ -225,13 +250,17 @@ def local_worker_threads(workers: int) -> int:
     return min(threads, int(cap)) if cap.isdigit() and int(cap) > 0 else threads
 
 
-def _run_dask(processor, source, pending, dtype, store, journal, bar, scheduler, workers, batch_size):
+def default_batch_size(processor) -> int:
+    """Blocks per batch: 4 for a processor on a CUDA device (one forward pass keeps a GPU busy), 1 on a CPU
+    (several blocks at once would only raise the peak memory)."""
+    return 4 if str(getattr(processor, "device", "cpu")).startswith("cuda") else 1
+
+
+def _run_dask(processor, source, batches, dtype, store, journal, bar, scheduler, workers):
     try:
         from distributed import Client, LocalCluster, as_completed
     except ImportError as exc:
         raise RuntimeError("distributed reconstruction needs Dask: pip install 'bioimage-mamba[dask]'") from exc
-    on_gpu = str(getattr(processor, "device", "cpu")).startswith("cuda")
-    batch_size = batch_size or (4 if on_gpu else 1)
     cluster = None
     if scheduler == "local":
         n = workers or default_workers()
@@ -245,7 +274,6 @@ def _run_dask(processor, source, pending, dtype, store, journal, bar, scheduler,
     try:
         processor_f = client.scatter(processor, broadcast=True)
         source_f = client.scatter(source, broadcast=True)
-        batches = [pending[i:i + batch_size] for i in range(0, len(pending), batch_size)]
         futures = [client.submit(process_blocks, processor_f, source_f, batch, dtype, torch_threads, pure=False)
                    for batch in batches]
         for future in as_completed(futures):

@@ -92,13 +92,31 @@ class ModelProcessor:
             _NETWORKS[key] = load_model(self.path, device=self.device)[0]
         return _NETWORKS[key]
 
+    def _normalised(self, block: np.ndarray) -> np.ndarray:
+        x = np.moveaxis(np.asarray(block, dtype=np.float32), self.axis, 0)
+        return (x - self.intensity["offset"]) / self.intensity["scale"]
+
+    def _restored(self, y: np.ndarray) -> np.ndarray:
+        return np.moveaxis(y * self.intensity["scale"] + self.intensity["offset"], 0, self.axis)
+
     def __call__(self, block: np.ndarray) -> np.ndarray:
         from ..inference import reconstruct_volume
 
-        x = np.moveaxis(np.asarray(block, dtype=np.float32), self.axis, 0)
-        normed = (x - self.intensity["offset"]) / self.intensity["scale"]
+        normed = self._normalised(block)
         y = reconstruct_volume(self.network(), normed, factor=self.factor, tile=self.tile or normed.shape,
                                overlap=self.overlap,
                                batch_size=self.batch_size, device=self.device, progress=False,
                                flip_average=self.flip_average)
-        return np.moveaxis(y * self.intensity["scale"] + self.intensity["offset"], 0, self.axis)
+        return self._restored(y)
+
+    def process_batch(self, blocks: list[np.ndarray]) -> list[np.ndarray]:
+        """Blocks of one shape in one forward pass (each block one tile); a tiled processor (``tile`` set)
+        goes block by block."""
+        if self.tile is not None:
+            return [self(b) for b in blocks]
+        from ..inference.tiling import reconstruct_tile
+
+        network = self.network()
+        network.eval()
+        y = reconstruct_tile(network, np.stack([self._normalised(b) for b in blocks]), self.device, self.flip_average)
+        return [self._restored(v) for v in y]
