@@ -66,7 +66,7 @@ def process_blocks(processor: BlockProcessor, source: VolumeSource, blocks: Sequ
             raise ValueError(f"the processor returned {values.shape} for a {tuple(s.stop - s.start for s in block.read)} "
                              f"block; expected {expected} (factor {processor.factor} along axis {processor.axis})")
         results.append((block, cast_like(values[block.crop], dtype)))
-    del outputs, values
+    del outputs
     return_freed_memory()
     return results
 
