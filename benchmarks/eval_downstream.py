@@ -41,12 +41,13 @@ import argparse
 import json
 import os
 import shutil
-import subprocess
 import sys
 import time
 from dataclasses import dataclass
 
 import numpy as np
+
+from logged_steps import run
 
 HERE = os.path.dirname(os.path.abspath(__file__))
 DATA = "/work/shared/data/em"
@@ -86,15 +87,6 @@ def nnunet_env(work: str, training: bool = False, threads: int = 1) -> dict:
     return env
 
 
-def run(cmd: list[str], env: dict, log) -> float:
-    print("+", " ".join(cmd), flush=True)
-    log.write("+ " + " ".join(cmd) + "\n")
-    log.flush()
-    t0 = time.time()
-    result = subprocess.run(cmd, env=env, stdout=log, stderr=subprocess.STDOUT)
-    if result.returncode != 0:
-        sys.exit(f"step failed (exit {result.returncode}): {' '.join(cmd)}; see {log.name}")
-    return time.time() - t0
 
 
 def tool(entry_point: str, module: str) -> list[str]:

@@ -15,9 +15,9 @@ import argparse
 import json
 import os
 import shutil
-import subprocess
 import sys
-import time
+
+from logged_steps import run
 
 HERE = os.path.dirname(os.path.abspath(__file__))
 DEFAULT_SOURCE = "/work/shared/data/med/Task04_Hippocampus"
@@ -38,13 +38,6 @@ def nnunet_env(work: str, training: bool = False, threads: int = 1) -> dict:
     return env
 
 
-def run(cmd: list[str], env: dict, log) -> float:
-    print("+", " ".join(cmd), flush=True)
-    log.write("+ " + " ".join(cmd) + "\n")
-    log.flush()
-    t0 = time.time()
-    subprocess.run(cmd, env=env, check=True, stdout=log, stderr=subprocess.STDOUT)
-    return time.time() - t0
 
 
 def prepare(source: str, work: str, log) -> None:
