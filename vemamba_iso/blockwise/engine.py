@@ -66,8 +66,6 @@ def process_blocks(processor: BlockProcessor, source: VolumeSource, blocks: Sequ
             raise ValueError(f"the processor returned {values.shape} for a {tuple(s.stop - s.start for s in block.read)} "
                              f"block; expected {expected} (factor {processor.factor} along axis {processor.axis})")
         results.append((block, cast_like(values[block.crop], dtype)))
-    del outputs
-    return_freed_memory()
     return results
 
 
@@ -87,30 +85,6 @@ def run_processor(processor: BlockProcessor, arrays: Sequence[np.ndarray]) -> li
         for i, v in zip(indices, values):
             outputs[i] = v
     return outputs
-
-
-_MALLOC_TRIM = None     # glibc's malloc_trim once looked up; False where there is none
-
-
-def return_freed_memory() -> None:
-    """Hand memory freed by the last block back to the system (glibc ``malloc_trim``; a no-op elsewhere).
-
-    Edge blocks are smaller than interior ones, and the allocator keeps the freed buffers of every block
-    shape it has seen; trimming after each block lowers the plateau this reaches. The number of shapes
-    depends on the grid's ends (first, interior, last blocks per axis), not on the volume size.
-    """
-    global _MALLOC_TRIM
-    if _MALLOC_TRIM is None:
-        _MALLOC_TRIM = False
-        try:
-            import ctypes
-
-            _MALLOC_TRIM = ctypes.CDLL("libc.so.6").malloc_trim
-        except (OSError, AttributeError):
-            pass
-    if _MALLOC_TRIM:
-        _MALLOC_TRIM(0)
-
 
 
 def reconstruct_blockwise(source: VolumeSource, output: str, processor: BlockProcessor, *,
