@@ -156,13 +156,14 @@ def make_input(name: str, args, work: str, image_path: str, coarse: str, redo: b
         return path, redo
     env = nnunet_env(work, threads=args.threads)
     if name == "vemamba":
-        cmd = tool("vemamba_iso_predict", "vemamba_iso.cli") + [
-            "--input", coarse, "--output", path, "--factor", str(args.factor), "--threads", str(args.threads)]
+        cmd = tool("vemamba_iso_predict", "vemamba_iso.cli.predict") + [
+            "--input", coarse, "--output", path, "--factor", str(args.factor), "--threads", str(args.threads),
+            "--overwrite"]
         run(cmd + (["--model", args.model] if args.model else []), env, log)
     elif name == "linear":
-        run(tool("vemamba_iso_interpolate", "vemamba_iso.inference.interpolate_cli") + [
+        run(tool("vemamba_iso_interpolate", "vemamba_iso.cli.interpolate") + [
             "--input", coarse, "--output", path, "--factor", str(args.factor), "--method", "linear",
-            "--degradation", model_grid(args.model)[0]], env, log)
+            "--degradation", model_grid(args.model)[0], "--overwrite"], env, log)
     return path, True
 
 
@@ -183,7 +184,7 @@ def segment(name: str, source: Source, image: str, labels: str, args, work: str,
     timings = {}
     if redo or not os.path.isfile(os.path.join(folder, "dataset.json")):
         redo = True
-        run(tool("vemamba_iso_to_nnunet", "vemamba_iso.downstream.cli") + [
+        run(tool("vemamba_iso_to_nnunet", "vemamba_iso.cli.to_nnunet") + [
             "--image", image, "--labels", labels, *(["--from-instances"] if source.from_instances else []),
             *(["--sparse-labels", str(args.factor), "--section-offset", str(model_grid(args.model)[1])]
               if sparse else []), "--dataset-id", did,
@@ -318,9 +319,9 @@ def main(argv=None):
             coarse = os.path.join(work, f"degraded_x{args.factor}.tif")
             if {"vemamba", "linear"} & set(inputs) and (redo or not os.path.isfile(coarse)):
                 redo = True
-                run(tool("vemamba_iso_degrade", "vemamba_iso.degradation.cli") + [
+                run(tool("vemamba_iso_degrade", "vemamba_iso.cli.degrade") + [
                     "--input", image_path, "--factor", str(args.factor), "--degradation", model_grid(args.model)[0],
-                    "--output", coarse], nnunet_env(work, threads=args.threads), log)
+                    "--output", coarse, "--overwrite"], nnunet_env(work, threads=args.threads), log)
         rows = []
         for name in inputs:
             image, made = make_input(name, args, work, image_path, coarse, redo, log)

@@ -3,19 +3,26 @@
 Steps (all with the stock nnU-Net commands, in a work folder outside the repository):
   1. copy the MSD task (read-only source) and add the empty ``imagesTs`` that the converter needs;
   2. ``nnUNetv2_convert_MSD_dataset`` and ``nnUNetv2_plan_and_preprocess -c 3d_fullres 2d``;
-  3. ``nnUNetv2_train 4 3d_fullres 0 -tr T -device cpu`` for each trainer T (same epochs/iterations);
-  4. read fold 0's validation ``summary.json`` and write a Dice-per-class table.
+  3. ``nnUNetv2_train 4 3d_fullres FOLD -tr T -device cpu`` for each trainer T and fold (same budget),
+     ``--parallel`` of them at a time (one torch thread each), runs that already have a summary kept;
+  4. read each fold's validation ``summary.json`` and the training logs, and write a Dice-per-class
+     table and the learning curves (losses and nnU-Net's pseudo Dice per epoch).
 
-    python benchmarks/eval_hippocampus.py                # everything, table -> benchmarks/results/hippocampus_cpu.md
-    python benchmarks/eval_hippocampus.py --prepare-only # only steps 1-2 (plans for bench_network.py)
+    python benchmarks/eval_hippocampus.py                         # fold 0, table -> benchmarks/results/hippocampus_cpu.md
+    python benchmarks/eval_hippocampus.py --folds 0 1 --parallel 2 # two folds, two trainings at a time
+    python benchmarks/eval_hippocampus.py --prepare-only          # only steps 1-2 (plans for bench_network.py)
 """
 from __future__ import annotations
 
 import argparse
+import glob
 import json
 import os
+import re
 import shutil
+import subprocess
 import sys
+import time
 
 from logged_steps import run
 
@@ -60,41 +67,102 @@ def prepare(source: str, work: str, log) -> None:
          "--verify_dataset_integrity"], env, log)
 
 
-def summary_path(work: str, trainer: str, configuration: str) -> str:
-    return os.path.join(work, "nnUNet_results", DATASET, f"{trainer}__nnUNetPlans__{configuration}", "fold_0",
-                        "validation", "summary.json")
+def fold_dir(work: str, trainer: str, configuration: str, fold: int) -> str:
+    return os.path.join(work, "nnUNet_results", DATASET, f"{trainer}__nnUNetPlans__{configuration}", f"fold_{fold}")
 
 
-def training_minutes(work: str, trainer: str, configuration: str) -> float:
-    """Sum of the epoch times nnU-Net logged for fold 0 (training and its per-epoch validation), minutes."""
-    import glob
-    import re
+def summary_path(work: str, trainer: str, configuration: str, fold: int = 0) -> str:
+    return os.path.join(fold_dir(work, trainer, configuration, fold), "validation", "summary.json")
 
-    fold = os.path.dirname(os.path.dirname(summary_path(work, trainer, configuration)))
-    seconds = 0.0
-    for log in glob.glob(os.path.join(fold, "training_log_*.txt")):
+
+def learning_curve(work: str, trainer: str, configuration: str, fold: int) -> list[dict]:
+    """Per epoch, from nnU-Net's training logs: train/val loss, pseudo Dice per class, epoch time (s)."""
+    epochs: dict[int, dict] = {}
+    current = None
+    for log in sorted(glob.glob(os.path.join(fold_dir(work, trainer, configuration, fold), "training_log_*.txt"))):
         with open(log) as f:
-            seconds += sum(float(m) for m in re.findall(r"Epoch time: ([0-9.]+) s", f.read()))
+            for line in f:
+                m = re.search(r": Epoch (\d+)\s*$", line)
+                if m:
+                    current = epochs.setdefault(int(m.group(1)), {"epoch": int(m.group(1))})
+                    continue
+                if current is None:
+                    continue
+                for key in ("train_loss", "val_loss"):
+                    m = re.search(key + r" (-?[0-9.]+(?:e-?\d+)?)", line)
+                    if m:
+                        current[key] = float(m.group(1))
+                m = re.search(r"Pseudo dice \[(.*)\]", line)
+                if m:
+                    current["pseudo_dice"] = [float(v) for v in re.findall(r"(-?\d+\.\d+(?:e-?\d+)?|\bnan\b)",
+                                                                          m.group(1))]
+                m = re.search(r"Epoch time: ([0-9.]+) s", line)
+                if m:
+                    current["seconds"] = float(m.group(1))
+    return [epochs[k] for k in sorted(epochs)]
+
+
+def training_minutes(work: str, trainer: str, configuration: str, fold: int = 0) -> float:
+    """Sum of the epoch times nnU-Net logged (training and its per-epoch validation), minutes."""
+    seconds = sum(e.get("seconds", 0.0) for e in learning_curve(work, trainer, configuration, fold))
     return seconds / 60 if seconds else float("nan")
+
+
+def train_all(jobs: list[tuple[str, int]], args, log) -> None:
+    """Run ``nnUNetv2_train`` for every (trainer, fold) without a summary, ``args.parallel`` at a time."""
+    pending = [(t, f) for t, f in jobs if not os.path.isfile(summary_path(args.work, t, args.configuration, f))]
+    env = nnunet_env(args.work, training=True, threads=args.threads)
+    running: list[tuple[subprocess.Popen, list[str]]] = []
+    while pending or running:
+        while pending and len(running) < args.parallel:
+            trainer, fold = pending.pop(0)
+            continue_flag = ["--c"] if glob.glob(os.path.join(fold_dir(args.work, trainer, args.configuration, fold),
+                                                              "checkpoint_latest.pth")) else []
+            cmd = ["nnUNetv2_train", "4", args.configuration, str(fold), "-tr", trainer, "-device", args.device,
+                   *continue_flag]
+            print("+", " ".join(cmd), flush=True)
+            log.write("+ " + " ".join(cmd) + "\n")
+            log.flush()
+            running.append((subprocess.Popen(cmd, env=env, stdout=log, stderr=subprocess.STDOUT), cmd))
+            time.sleep(20)  # staggered: the first run writes splits_final.json
+        for proc, cmd in list(running):
+            if proc.poll() is not None:
+                running.remove((proc, cmd))
+                if proc.returncode != 0:
+                    sys.exit(f"step failed (exit {proc.returncode}): {' '.join(cmd)}; see {log.name}")
+        time.sleep(5)
 
 
 def write_table(rows: list[dict], labels: dict, out: str, command: str, configuration: str) -> None:
     classes = [name for name, value in labels.items() if value != 0]
-    lines = [f"# Hippocampus (MSD Task04), {configuration}, fold 0 validation, CPU, short budget", "",
-             "Same plans, same budget, same fold; trained and validated with the stock nnU-Net commands "
-             "(`nnUNetv2_train 4 " + configuration + " 0 -tr TRAINER -device cpu`, `OMP_NUM_THREADS` torch threads, "
-             "data augmentation in the main process).", "",
-             "| trainer | " + " | ".join(f"Dice {c}" for c in classes) + " | mean Dice | training wall (min) |",
-             "|---|" + "---|" * (len(classes) + 2)]
+    folds = sorted({r["fold"] for r in rows})
+    lines = [f"# Hippocampus (MSD Task04), {configuration}, validation of fold(s) {', '.join(map(str, folds))}, CPU, "
+             "short budget", "",
+             "Same plans, same budget, same folds; trained and validated with the stock nnU-Net commands "
+             "(`nnUNetv2_train 4 " + configuration + " FOLD -tr TRAINER -device cpu`, `OMP_NUM_THREADS` torch "
+             "threads, data augmentation in the main process).", "",
+             "| fold | trainer | " + " | ".join(f"Dice {c}" for c in classes) + " | mean Dice | training wall (min) |",
+             "|---|---|" + "---|" * (len(classes) + 2)]
     for r in rows:
         dice = [r["dice"].get(str(labels[c]), float("nan")) for c in classes]
-        lines.append(f"| {r['trainer']} | " + " | ".join(f"{d:.4f}" for d in dice) +
+        lines.append(f"| {r['fold']} | {r['trainer']} | " + " | ".join(f"{d:.4f}" for d in dice) +
                      f" | {r['mean']:.4f} | {r['minutes']:.1f} |")
     lines += ["", "Budget: the trainers' names say it (epochs x iterations per epoch, batch and patch from the plans); "
               "nnU-Net's default is 1000 x 250, so these numbers compare early training only, not final accuracy. "
               "Training wall time: the sum of the epoch times nnU-Net logged (a shared 2-core machine: compare "
-              "`benchmarks/bench_network.py` for clean step-time ratios).",
-              "", "Reproduce:", "", "    " + command, ""]
+              "`benchmarks/bench_network.py` for clean step-time ratios).", "",
+              "## Learning curves", "",
+              "Per epoch: training / validation loss (nnU-Net's CE + (-soft Dice), lower is better) and nnU-Net's "
+              "pseudo Dice per class on its validation batches.", ""]
+    for r in rows:
+        lines += [f"### fold {r['fold']}, {r['trainer']}", "", "| epoch | train loss | val loss | pseudo Dice |",
+                  "|---|---|---|---|"]
+        for e in r["curve"]:
+            dice = " / ".join(f"{d:.2f}" for d in e.get("pseudo_dice", []))
+            lines.append(f"| {e['epoch']} | {e.get('train_loss', float('nan')):.3f} | "
+                         f"{e.get('val_loss', float('nan')):.3f} | {dice} |")
+        lines.append("")
+    lines += ["Reproduce:", "", "    " + command, ""]
     tmp = out + ".tmp"
     with open(tmp, "w") as f:
         f.write("\n".join(lines))
@@ -111,6 +179,8 @@ def main(argv=None):
     parser.add_argument("--device", default="cpu")
     parser.add_argument("--out", default=os.path.join(HERE, "results", "hippocampus_cpu.md"))
     parser.add_argument("--threads", type=int, default=1, help="torch threads per training (OMP_NUM_THREADS)")
+    parser.add_argument("--folds", type=int, nargs="+", default=[0])
+    parser.add_argument("--parallel", type=int, default=1, help="trainings run at the same time")
     parser.add_argument("--prepare-only", action="store_true")
     args = parser.parse_args(argv)
     os.makedirs(args.work, exist_ok=True)
@@ -118,18 +188,17 @@ def main(argv=None):
         prepare(args.source, args.work, log)
         if args.prepare_only:
             return
+        train_all([(t, f) for f in args.folds for t in args.trainers], args, log)
         rows = []
-        for trainer in args.trainers:
-            summary = summary_path(args.work, trainer, args.configuration)
-            if not os.path.isfile(summary):
-                run(["nnUNetv2_train", "4", args.configuration, "0", "-tr", trainer, "-device", args.device],
-                    nnunet_env(args.work, training=True, threads=args.threads), log)
-            minutes = training_minutes(args.work, trainer, args.configuration)
-            with open(summary) as f:
-                s = json.load(f)
-            rows.append({"trainer": trainer, "minutes": minutes,
-                         "dice": {k: v["Dice"] for k, v in s["mean"].items()},
-                         "mean": s["foreground_mean"]["Dice"]})
+        for fold in args.folds:
+            for trainer in args.trainers:
+                with open(summary_path(args.work, trainer, args.configuration, fold)) as f:
+                    s = json.load(f)
+                rows.append({"trainer": trainer, "fold": fold,
+                             "minutes": training_minutes(args.work, trainer, args.configuration, fold),
+                             "curve": learning_curve(args.work, trainer, args.configuration, fold),
+                             "dice": {k: v["Dice"] for k, v in s["mean"].items()},
+                             "mean": s["foreground_mean"]["Dice"]})
     with open(os.path.join(args.work, "nnUNet_raw", DATASET, "dataset.json")) as f:
         labels = json.load(f)["labels"]
     command = "python benchmarks/eval_hippocampus.py " + " ".join(argv if argv is not None else sys.argv[1:])

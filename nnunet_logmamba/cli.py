@@ -2,6 +2,9 @@
 
     nnunet_logmamba doctor
     python -m nnunet_logmamba doctor
+
+It exits 1 when a trainer is not discoverable or the scan backend a device would use disagrees with the
+``reference`` backend on a tiny problem, so that it can gate scripts (``nnunet_logmamba doctor && ...``).
 """
 from __future__ import annotations
 
@@ -25,13 +28,49 @@ def _nnunet_finds(name: str) -> tuple[bool, str]:
     return ok, f"{cls.__module__}.{cls.__qualname__}"
 
 
+def scan_parity(device: str, atol: float = 1e-4, rtol: float = 1e-3) -> tuple[bool, str]:
+    """Run the scan a model on ``device`` would use (``backend="auto"``) on a tiny problem (forward and
+    gradients) and compare it with the ``reference`` backend. Returns (ok, what was found)."""
+    import torch
+
+    from .ssm import selective_scan, selective_scan_reference
+
+    g = torch.Generator().manual_seed(0)    # not the global generator: doctor must not change a caller's seeds
+
+    def rand(*shape, scale=1.0):
+        return (torch.randn(*shape, generator=g) * scale).to(device).requires_grad_()
+
+    b, d, n, length = 2, 4, 3, 33          # an odd length crosses the chunked backend's segment edges
+    u, delta, z = rand(b, d, length), rand(b, d, length, scale=0.5), rand(b, d, length)
+    A = (-torch.rand(d, n, generator=g) - 0.5).to(device).requires_grad_()
+    B, C = rand(b, n, length), rand(b, n, length)
+    D, bias = rand(d), rand(d, scale=0.1)
+    inputs = (u, delta, A, B, C)
+    kwargs = dict(D=D, z=z, delta_bias=bias, delta_softplus=True)
+    try:
+        results = []
+        for scan in (lambda: selective_scan(*inputs, **kwargs, backend="auto"),
+                     lambda: selective_scan_reference(*inputs, **kwargs)):
+            y = scan()
+            grads = torch.autograd.grad(y.square().sum(), (u, delta, A, B, C, D))
+            results.append([y.detach()] + [t.detach() for t in grads])
+    except Exception as exc:  # a backend that cannot run at all fails the check as much as a wrong one
+        return False, f"{type(exc).__name__}: {str(exc).splitlines()[0][:160]}"
+    worst = max(float((a - r).abs().max()) for a, r in zip(*results))
+    ok = all(torch.isfinite(a).all() and torch.allclose(a, r, atol=atol, rtol=rtol) for a, r in zip(*results))
+    return bool(ok), f"largest difference {worst:.1e} on output and gradients"
+
+
 def doctor() -> int:
-    """Print versions, trainer discovery, scan backends, CUDA and mamba-ssm status. Returns an exit code."""
+    """Print versions, trainer discovery, scan backends (with a parity check each), CUDA and mamba-ssm status.
+
+    Returns 0 when everything works, 1 when anything above is marked NO or FAILED.
+    """
     import nnunetv2  # noqa: F401
     import torch
     from importlib.metadata import PackageNotFoundError, version
 
-    from .ssm import available_backends, mamba_ssm_status, resolve_backend
+    from .ssm import auto_backend_reason, available_backends, mamba_ssm_status, resolve_backend, triton_status
     from .training import TRAINERS
 
     def pkg_version(name):
@@ -62,12 +101,27 @@ def doctor() -> int:
     print(f"CUDA: {'available, ' + torch.cuda.get_device_name(0) if cuda else 'not available'}"
           f" (torch built for CUDA {torch.version.cuda})")
     print(f"mamba-ssm kernel: {'importable' if mamba_ok else 'not importable'} ({mamba_reason})")
+    triton_ok, triton_reason = triton_status()
+    print(f"triton kernels: {'importable' if triton_ok else 'not importable'} ({triton_reason}; used on CUDA "
+          "when mamba-ssm is not)")
     devices = ["cpu"] + (["cuda"] if cuda else [])
     for device in devices:
         u = torch.zeros(1, 1, 1, device=device)
         a = torch.zeros(1, 1, device=device)
-        print(f"scan backend on {device}: auto -> {resolve_backend('auto', u, a)}"
-              f" (available: {', '.join(available_backends(device))})")
+        try:
+            backend = resolve_backend("auto", u, a)
+        except ValueError as exc:      # e.g. a misspelt BIOIMAGE_MAMBA_SCAN_BACKEND
+            problems += 1
+            print(f"scan backend on {device}: NO ({exc})")
+            continue
+        ok, detail = scan_parity(device)
+        problems += not ok
+        print(f"scan backend on {device}: auto -> {backend} ({auto_backend_reason(u, a)}; "
+              f"available: {', '.join(available_backends(device))}); parity with reference: "
+              f"{'ok' if ok else 'FAILED'} ({detail})")
+        if not ok:
+            print(f"  fix: set BIOIMAGE_MAMBA_SCAN_BACKEND=torch (or reference) to avoid {backend} on {device}, "
+                  "and report this")
     print("status: " + ("ok" if problems == 0 else f"{problems} problem(s), see above"))
     return 0 if problems == 0 else 1
 

@@ -138,19 +138,36 @@ def test_block_forward_backward_every_parameter_gets_a_gradient(mode, directions
     x = torch.randn(2, 16, *spatial, requires_grad=True)
     y = block(x)
     assert y.shape == x.shape and torch.isfinite(y).all()
-    assert not torch.allclose(y, x)  # the residual branch contributes
-    y.square().mean().backward()
+    torch.testing.assert_close(y, x, rtol=0, atol=0)  # a new block is the identity (zero out_proj)
+    target = torch.randn_like(x)
+    (y - target).square().mean().backward()
+    # at step 0 only out_proj learns; one optimiser step opens the branch for everything before it
+    assert block.out_proj.weight.grad.abs().sum() > 0
+    torch.optim.SGD(block.parameters(), lr=0.1).step()
+    block.zero_grad()
+    x.grad = None
+    y = block(x)
+    assert not torch.allclose(y, x)  # the residual branch contributes now
+    (y - target).square().mean().backward()
     for name, p in block.named_parameters():
         assert p.grad is not None and p.grad.abs().sum() > 0, name
     assert x.grad.abs().sum() > 0
 
 
+def test_block_without_zero_init_contributes_at_once():
+    torch.manual_seed(0)
+    block = LoGVSSBlock(16, (6, 8), zero_init_residual=False, squeeze=4)
+    assert block.out_proj.weight.abs().sum() > 0
+    x = torch.randn(1, 16, 6, 8)
+    assert not torch.allclose(block(x), x)
+
+
 def test_block_sequence_order_matters_for_join_and_directions():
     torch.manual_seed(0)
     x = torch.randn(1, 16, 6, 7)
-    ref = LoGVSSBlock(16, (6, 7), join="interleaved")
+    ref = LoGVSSBlock(16, (6, 7), join="interleaved", zero_init_residual=False)
     state = ref.state_dict()
-    other = LoGVSSBlock(16, (6, 7), join="head")
+    other = LoGVSSBlock(16, (6, 7), join="head", zero_init_residual=False)
     other.load_state_dict(state)
     assert not torch.allclose(ref(x), other(x))
 

@@ -95,7 +95,7 @@ def test_faults_are_clear_and_write_nothing(tmp_path):
     with pytest.raises(ValueError, match="3 dimensions"):
         VolumeSource(str(tmp_path / "flat.zarr"))
     with pytest.raises(ValueError, match="unknown chunked-store format"):
-        VolumeSource(str(tmp_path / "in.tif"))
+        VolumeSource(str(tmp_path / "in.nii.gz"))
     assert sorted(os.listdir(tmp_path)) == ["flat.zarr", "in.zarr", "out.zarr"]
     assert os.listdir(existing) == []
 

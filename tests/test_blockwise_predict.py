@@ -13,7 +13,7 @@ from vemamba_iso.data import read_volume
 
 def predict(*args):
     env = dict(os.environ, OMP_NUM_THREADS="1")
-    return subprocess.run([sys.executable, "-c", "from vemamba_iso.cli import predict_main; predict_main()", *args],
+    return subprocess.run([sys.executable, "-m", "vemamba_iso.cli.predict", *args],
                           capture_output=True, text=True, env=env, timeout=600)
 
 
@@ -63,9 +63,9 @@ def test_blockwise_predict_faults_write_nothing(tmp_path, tiny_model, volume_sto
     small_block = predict("--input", str(store), "--output", str(out), "--model", str(tiny_model),
                           "--block", "2", "16", "16", "--halo", "4", "2", "2")
     assert small_block.returncode == 2 and "smaller than the halo" in small_block.stderr
-    not_chunked = predict("--input", str(store), "--output", str(tmp_path / "out.tif"), "--model", str(tiny_model),
+    not_chunked = predict("--input", str(store), "--output", str(tmp_path / "out.nii.gz"), "--model", str(tiny_model),
                           "--block", "4", "16", "16")
-    assert not_chunked.returncode == 2 and "chunked stores" in not_chunked.stderr
+    assert not_chunked.returncode == 2 and "block by block" in not_chunked.stderr
     assert sorted(os.listdir(tmp_path)) == ["in.zarr", "truncated"]
 
 
@@ -119,3 +119,44 @@ def test_blocks_of_one_shape_go_through_one_forward_pass_with_the_same_result(tm
     assert np.abs(a - b).max() <= 1     # uint8 output: at most a rounding step apart
     processor.device = "cuda:0"
     assert default_batch_size(processor) == 4
+
+
+def test_tiff_over_the_memory_budget_is_read_block_by_block(tmp_path, tiny_model, volume_store, monkeypatch):
+    """A TIFF bigger than the (test-sized) budget is never loaded whole: it goes to the block-wise engine, each
+    read is one block with its halo, and the result is the block-wise reconstruction of the same volume."""
+    import tifffile
+    from vemamba_iso.blockwise import stores
+    from vemamba_iso.cli import predict as predict_command
+
+    store, volume = volume_store
+    tifffile.imwrite(tmp_path / "in.tif", volume, photometric="minisblack")
+    model = ["--model", str(tiny_model), "--threads", "1"]
+    blocks = ["--block", "4", "20", "20", "--halo", "2", "6", "6"]
+    assert predict_command.main(["--input", str(store), "--output", str(tmp_path / "zarr_in.zarr"), *model,
+                                 *blocks]) == 0
+
+    sizes = []
+    read = stores.VolumeSource.read
+
+    def recording_read(self, region):
+        values = read(self, region)
+        sizes.append(values.size)
+        return values
+
+    def whole(*args, **kwargs):
+        raise AssertionError("the whole TIFF was loaded")
+
+    monkeypatch.setattr(stores.VolumeSource, "read", recording_read)
+    monkeypatch.setattr(tifffile.TiffFile, "asarray", whole)    # what reading it in memory does
+    monkeypatch.setenv("VEMAMBA_ISO_MEMORY_BUDGET", str(volume.nbytes / 4 / 2 ** 30))   # a quarter of the volume
+    # over the budget, without any block-wise flag: block-wise all the same
+    assert predict_command.main(["--input", str(tmp_path / "in.tif"), "--output", str(tmp_path / "default.tif"),
+                                 *model]) == 0
+    sizes.clear()
+    out = tmp_path / "tiff_in.tif"
+    assert predict_command.main(["--input", str(tmp_path / "in.tif"), "--output", str(out), *model, *blocks]) == 0
+    assert sizes and max(sizes) <= (4 + 2 * 2) * (20 + 2 * 6) * (20 + 2 * 6) < volume.size
+    monkeypatch.undo()
+    expected = VolumeSource(str(tmp_path / "zarr_in.zarr")).read((slice(None),) * 3)
+    np.testing.assert_array_equal(tifffile.imread(out), expected)
+    assert sorted(os.listdir(tmp_path)) == ["default.tif", "in.tif", "in.zarr", "tiff_in.tif", "zarr_in.zarr"]

@@ -10,7 +10,7 @@ import pytest
 import SimpleITK as sitk
 
 from vemamba_iso.data import read_volume, write_volume
-from vemamba_iso.downstream.cli import to_nnunet_main
+from vemamba_iso.cli.to_nnunet import main as to_nnunet_main
 from vemamba_iso.downstream.nnunet_dataset import split_cases
 
 
@@ -33,7 +33,7 @@ def iso_volume(tmp_path):
 def test_degrade_crops_to_a_multiple_and_keeps_dtype_and_voxel_size(tmp_path, iso_volume):
     path, data = iso_volume
     out = tmp_path / "aniso.tif"
-    result = run_module("vemamba_iso.degradation.cli", "--input", path, "--factor", 4, "--output", out)
+    result = run_module("vemamba_iso.cli.degrade", "--input", path, "--factor", 4, "--output", out)
     assert result.returncode == 0, result.stderr
     assert "from 18 to 16" in result.stdout and "first 16" in result.stdout
     degraded = read_volume(out)
@@ -43,7 +43,7 @@ def test_degrade_crops_to_a_multiple_and_keeps_dtype_and_voxel_size(tmp_path, is
 
     # another axis and the averaging preset: the mean of each slab of 3 along X, rounded back to uint8
     out = tmp_path / "aniso_x.tif"
-    result = run_module("vemamba_iso.degradation.cli", "--input", path, "--factor", 3, "--output", out,
+    result = run_module("vemamba_iso.cli.degrade", "--input", path, "--factor", 3, "--output", out,
                         "--axis", 2, "--degradation", "average_pool")
     assert result.returncode == 0, result.stderr
     assert "cropped" not in result.stdout
@@ -56,15 +56,15 @@ def test_degrade_crops_to_a_multiple_and_keeps_dtype_and_voxel_size(tmp_path, is
 def test_degrade_rejects_bad_input_without_writing(tmp_path, iso_volume):
     path, _ = iso_volume
     out = tmp_path / "out.tif"
-    result = run_module("vemamba_iso.degradation.cli", "--input", path, "--factor", 1, "--output", out)
+    result = run_module("vemamba_iso.cli.degrade", "--input", path, "--factor", 1, "--output", out)
     assert result.returncode == 2 and "at least 2" in result.stderr
-    write_volume(tmp_path / "short.tif", np.zeros((5, 8, 8), np.uint8))
-    result = run_module("vemamba_iso.degradation.cli", "--input", tmp_path / "short.tif", "--factor", 4,
+    write_volume(tmp_path / "short.tif", np.arange(5 * 8 * 8).reshape(5, 8, 8).astype(np.uint8))  # not constant
+    result = run_module("vemamba_iso.cli.degrade", "--input", tmp_path / "short.tif", "--factor", 4,
                         "--output", out)
     assert result.returncode == 2 and "at least 8" in result.stderr
     import tifffile
     tifffile.imwrite(tmp_path / "image2d.tif", np.zeros((16, 16), np.uint8))
-    result = run_module("vemamba_iso.degradation.cli", "--input", tmp_path / "image2d.tif", "--factor", 2,
+    result = run_module("vemamba_iso.cli.degrade", "--input", tmp_path / "image2d.tif", "--factor", 2,
                         "--output", out)
     assert result.returncode == 2 and "3D" in result.stderr
     assert not out.exists()
@@ -75,12 +75,11 @@ def test_interpolate_matches_predict_grid_and_keeps_observed_slices(tmp_path, ti
     aniso = (rng.random((5, 16, 12)) * 255).astype(np.uint8)
     write_volume(tmp_path / "aniso.tif", aniso, voxel_size=(20.0, 10.0, 10.0))
     interpolated = tmp_path / "linear.tif"
-    result = run_module("vemamba_iso.inference.interpolate_cli", "--input", tmp_path / "aniso.tif", "--factor", 2,
+    result = run_module("vemamba_iso.cli.interpolate", "--input", tmp_path / "aniso.tif", "--factor", 2,
                         "--output", interpolated)
     assert result.returncode == 0, result.stderr
     predicted = tmp_path / "model.tif"
-    code = "import sys; from vemamba_iso.cli import predict_main; sys.argv[0] = 'vemamba_iso_predict'; predict_main()"
-    result = subprocess.run([sys.executable, "-c", code, "--input", str(tmp_path / "aniso.tif"), "--output",
+    result = subprocess.run([sys.executable, "-m", "vemamba_iso.cli.predict", "--input", str(tmp_path / "aniso.tif"), "--output",
                              str(predicted), "--model", str(tiny_model), "--threads", "1"], capture_output=True,
                             text=True, env={**os.environ, "OMP_NUM_THREADS": "1"}, timeout=900)
     assert result.returncode == 0, result.stderr
@@ -93,7 +92,7 @@ def test_interpolate_matches_predict_grid_and_keeps_observed_slices(tmp_path, ti
     assert np.abs(linear.data[1:-1:2] - midpoint).max() <= 0.5 + 1e-3
 
     # averaged acquisitions sit at the slab centres: no output slice equals an input slice any more
-    result = run_module("vemamba_iso.inference.interpolate_cli", "--input", tmp_path / "aniso.tif", "--factor", 2,
+    result = run_module("vemamba_iso.cli.interpolate", "--input", tmp_path / "aniso.tif", "--factor", 2,
                         "--output", tmp_path / "centred.tif", "--degradation", "average_pool", "--method", "cubic")
     assert result.returncode == 0, result.stderr
     centred = read_volume(tmp_path / "centred.tif").data
@@ -122,7 +121,7 @@ def test_to_nnunet_test_fraction_writes_a_verified_dataset_with_a_shared_split(t
     raw = tmp_path / "nnUNet_raw"
     folders = []
     for dataset_id, name in ((11, "a"), (12, "b")):
-        result = run_module("vemamba_iso.downstream.cli", "--image", tmp_path / f"{name}.tif", "--labels",
+        result = run_module("vemamba_iso.cli.to_nnunet", "--image", tmp_path / f"{name}.tif", "--labels",
                             tmp_path / "ids.tif", "--from-instances", "--dataset-id", dataset_id, "--name",
                             f"Set{name.upper()}", "--subvolume", 8, 16, 16, "--test-fraction", 0.25,
                             "--case-prefix", "stack", "--nnunet-raw", raw)
@@ -165,7 +164,7 @@ def test_sparse_section_labels_become_nnunet_ignore_label_between_sections(tmp_p
     write_volume(tmp_path / "recon.tif", (rng.random((10, 16, 16)) * 255).astype(np.uint8))   # its x2 reconstruction
     write_volume(tmp_path / "mito.tif", sections)
     raw = tmp_path / "nnUNet_raw"
-    result = run_module("vemamba_iso.downstream.cli", "--image", tmp_path / "recon.tif", "--labels",
+    result = run_module("vemamba_iso.cli.to_nnunet", "--image", tmp_path / "recon.tif", "--labels",
                         tmp_path / "mito.tif", "--sparse-labels", 2, "--dataset-id", 21, "--name", "Mito",
                         "--label-names", "background", "mitochondria", "--subvolume", 10, 16, 16, "--nnunet-raw", raw)
     assert result.returncode == 0, result.stderr

@@ -1,7 +1,10 @@
 """LoG-VMamba blocks inserted into nnU-Net's planned U-Nets (PlainConvUNet, ResidualEncoderUNet)."""
+import re
+
 import pytest
 import torch
 
+from nnunet_logmamba.blocks.token_extractors import global_compression
 from nnunet_logmamba.networks import (LoGVMambaConfig, PlacementRule, StageWithMamba, build_log_vmamba_network,
                                       insert_log_vmamba_blocks, stage_spatial_sizes)
 
@@ -60,8 +63,11 @@ def test_forward_backward_every_parameter_gets_a_gradient(name):
         assert out.shape[2:] == stage_spatial_sizes(patch, strides)[level]
     sum(o.square().mean() for o in outputs).backward()
     assert all(p.grad is not None and torch.isfinite(p.grad).all() for p in net.parameters())
-    # every parameter of our blocks learns (nnU-Net's own layers may start at zero gradient: conv
-    # biases before instance norm, residual blocks whose last norm is initialised to zero)
+    # blocks start as the identity: after one optimiser step every parameter of our blocks learns
+    # (nnU-Net's own layers may stay at zero gradient: conv biases before instance norm)
+    torch.optim.SGD(net.parameters(), lr=0.05, momentum=0.9).step()
+    net.zero_grad()
+    sum(o.square().mean() for o in net(x)).backward()
     block_params = [(n, p) for n, p in net.named_parameters() if ".mamba." in n]
     assert len(block_params) >= 10 * len(net.log_vmamba_blocks)
     assert [n for n, p in block_params if p.grad.abs().sum() == 0] == []
@@ -78,6 +84,56 @@ def test_deep_supervision_on_off_same_state_dict(name):
     with torch.no_grad():
         torch.testing.assert_close(off(x), on(x)[0])
     assert any(".mamba." in k for k in on.state_dict())
+
+
+def _plain_network(name, deep_supervision=True, num_classes=3):
+    from nnunetv2.utilities.get_network_from_plans import get_network_from_plans
+
+    arch, patch, strides, features, _ = PLANS[name]
+    torch.manual_seed(1)
+    return get_network_from_plans(arch, arch_kwargs(arch, strides, features, len(patch)), IMPORTS, 1, num_classes,
+                                  allow_init=True, deep_supervision=deep_supervision)
+
+
+def _plain_key(key):
+    """The plain network's name of a LoG-VMamba network's non-block parameter."""
+    return re.sub(r"(stages\.\d+)\.stage\.", r"\1.", key)
+
+
+@pytest.mark.parametrize("name", sorted(PLANS))
+@pytest.mark.parametrize("placement", ["by_size", "all_stages"])
+def test_a_new_network_is_the_plain_network_of_the_same_weights(name, placement):
+    plain = _plain_network(name)
+    ours, patch = build(name, config=LoGVMambaConfig(placement=placement))
+    plain_state = plain.state_dict()
+    ours_state = ours.state_dict()
+    conv_keys = [k for k in ours_state if ".mamba." not in k]
+    assert sorted(_plain_key(k) for k in conv_keys) == sorted(plain_state)
+    ours.load_state_dict({**ours_state, **{k: plain_state[_plain_key(k)] for k in conv_keys}})
+    plain.eval(), ours.eval()
+    x = torch.randn(2, 1, *patch)
+    with torch.no_grad():
+        expected, got = plain(x), ours(x)
+    assert len(got) == len(expected)
+    for e, g in zip(expected, got):
+        torch.testing.assert_close(g, e, rtol=0, atol=0)
+
+
+def test_all_stages_places_the_papers_layout():
+    config = LoGVMambaConfig(placement="all_stages", global_max_edge=8, last_global_max_edge=4)
+    net, patch = build("3d_plain_6stages_odd", config=config)
+    strides = PLANS["3d_plain_6stages_odd"][2]
+    modes = [(p["stage"], p["mode"]) for p in net.log_vmamba_blocks]
+    assert modes == [(0, "local")] + [(i, "local_global") for i in range(1, 5)] + [(5, "global")]
+    grids = {p["stage"]: net.encoder.stages[p["stage"]].mamba.global_tokens for p in net.log_vmamba_blocks}
+    assert grids[0] is None
+    sizes = stage_spatial_sizes(patch, strides)
+    for stage in range(1, 6):
+        edge = 4 if stage == 5 else 8
+        assert grids[stage].compressed_size == global_compression(sizes[stage], edge)[1]
+        assert max(grids[stage].compressed_size) <= edge
+    with pytest.raises(ValueError, match="unknown placement"):
+        LoGVMambaConfig(placement="everywhere")
 
 
 def test_placement_follows_spatial_size_not_stage_index():

@@ -38,7 +38,7 @@ def test_labels_to_classes():
 def run_cli(*args, env_raw=None):
     env = dict(os.environ)
     env.pop("nnUNet_raw", None)
-    return subprocess.run([sys.executable, "-m", "vemamba_iso.downstream.cli", *args], capture_output=True,
+    return subprocess.run([sys.executable, "-m", "vemamba_iso.cli.to_nnunet", *args], capture_output=True,
                           text=True, env=env, timeout=300)
 
 
@@ -67,13 +67,13 @@ def test_cli_writes_a_dataset_that_nnunet_verifies(tmp_path):
 
 
 def test_cli_errors_leave_no_dataset(tmp_path):
-    write_volume(tmp_path / "raw.tif", np.zeros((4, 16, 16), np.uint8))
+    write_volume(tmp_path / "raw.tif", np.arange(4 * 16 * 16).reshape(4, 16, 16).astype(np.uint8))  # not constant
     write_volume(tmp_path / "small.tif", np.zeros((4, 8, 16), np.uint8))
     raw_root = tmp_path / "raw_root"
     result = run_cli("--image", str(tmp_path / "raw.tif"), "--labels", str(tmp_path / "small.tif"),
                      "--dataset-id", "7", "--name", "X", "--nnunet-raw", str(raw_root))
     assert result.returncode == 2 and "one shape" in result.stderr
-    assert os.listdir(raw_root) == []
+    assert not raw_root.exists()      # not even the raw folder the failed run would have made
     result = run_cli("--image", str(tmp_path / "raw.tif"), "--labels", str(tmp_path / "raw.tif"),
                      "--dataset-id", "7", "--name", "X")
     assert result.returncode != 0 and "nnUNet_raw" in result.stderr

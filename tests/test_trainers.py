@@ -12,9 +12,12 @@ import torch
 from nnunetv2.training.nnUNetTrainer.nnUNetTrainer import nnUNetTrainer
 
 from nnunet_logmamba.networks import StageWithMamba
+from nnunet_logmamba.blocks import LoGVSSBlock
 from nnunet_logmamba.training import (TRAINERS, disable_autocast_in_forward, nnUNetTrainerGVMamba,
                                       nnUNetTrainerLoGVMamba, nnUNetTrainerLoGVMamba_JoinMiddle,
-                                      nnUNetTrainerLoGVMamba_K2, nnUNetTrainerLVMamba)
+                                      nnUNetTrainerLoGVMamba_K2, nnUNetTrainerLoGVMambaAllStages,
+                                      nnUNetTrainerLVMamba)
+from nnunet_logmamba.training.trainers import parameter_groups
 
 BIN = Path(sys.executable).parent
 REQUIRED = {"nnUNetTrainerLoGVMamba", "nnUNetTrainerLVMamba", "nnUNetTrainerGVMamba", "nnUNetTrainerLoGVMambaNoAMP"}
@@ -64,6 +67,7 @@ def _configuration(patch=(16, 24, 16), strides=((1, 1, 1), (2, 2, 2), (2, 2, 2),
     (nnUNetTrainerGVMamba, lambda b: b.mode == "global"),
     (nnUNetTrainerLoGVMamba_JoinMiddle, lambda b: b.join == "middle"),
     (nnUNetTrainerLoGVMamba_K2, lambda b: b.directions == 2),
+    (nnUNetTrainerLoGVMambaAllStages, lambda b: b.mode in ("local", "local_global", "global")),
 ])
 def test_trainers_build_their_variant(cls, check):
     net = cls.build_network_architecture(None, _configuration(), 1, 2, True)
@@ -71,6 +75,46 @@ def test_trainers_build_their_variant(cls, check):
     assert blocks and all(check(b) for b in blocks)
     out = net(torch.randn(1, 1, 16, 24, 16))
     assert isinstance(out, list) and out[0].shape == (1, 2, 16, 24, 16)
+
+
+def test_all_stages_trainer_puts_a_block_after_every_encoder_stage():
+    net = nnUNetTrainerLoGVMambaAllStages.build_network_architecture(None, _configuration(), 1, 2, True)
+    assert [(p["stage"], p["mode"]) for p in net.log_vmamba_blocks] == \
+        [(0, "local"), (1, "local_global"), (2, "local_global"), (3, "global")]
+    # on a planned batch of large maps the default's cost cap skips the first stage; all-stages does not
+    big = _configuration(patch=(32, 48, 32), batch=8)
+    default = nnUNetTrainerLoGVMamba.build_network_architecture(None, big, 1, 2, True)
+    every = nnUNetTrainerLoGVMambaAllStages.build_network_architecture(None, big, 1, 2, True)
+    assert 0 not in [p["stage"] for p in default.log_vmamba_blocks]
+    assert [p["stage"] for p in every.log_vmamba_blocks] == [0, 1, 2, 3]
+
+
+def test_ssm_parameters_are_kept_out_of_weight_decay():
+    net = nnUNetTrainerLoGVMamba.build_network_architecture(None, _configuration(), 1, 2, True)
+    groups = parameter_groups(net, 3e-5)
+    assert [g["weight_decay"] for g in groups] == [3e-5, 0.0]
+    blocks = [m for m in net.modules() if isinstance(m, LoGVSSBlock)]
+    expected = {id(getattr(b, n)) for b in blocks for n in ("A_log", "D", "dt_bias")}
+    assert {id(p) for p in groups[1]["params"]} == expected
+    assert len(groups[0]["params"]) + len(groups[1]["params"]) == len(list(net.parameters()))
+    # the trainer's optimiser uses these groups with nnU-Net's schedule
+    trainer = object.__new__(nnUNetTrainerLoGVMamba)
+    trainer.network, trainer.initial_lr, trainer.weight_decay, trainer.num_epochs = net, 1e-2, 3e-5, 10
+    optimizer, scheduler = trainer.configure_optimizers()
+    assert [g["weight_decay"] for g in optimizer.param_groups] == [3e-5, 0.0]
+    assert all(g["momentum"] == 0.99 and g["nesterov"] for g in optimizer.param_groups)
+    scheduler.step(5)
+    assert len({g["lr"] for g in optimizer.param_groups}) == 1 and optimizer.param_groups[0]["lr"] < 1e-2
+
+
+def test_long_budgets_checkpoint_every_epoch_so_a_stopped_cpu_run_continues():
+    from nnunet_logmamba.training import set_budget
+
+    trainer = SimpleNamespace(save_every=50)
+    set_budget(trainer, epochs=4, iterations=25, val_iterations=5)
+    assert (trainer.num_epochs, trainer.num_iterations_per_epoch, trainer.save_every) == (4, 25, 50)
+    set_budget(trainer, epochs=12, iterations=25, val_iterations=5)
+    assert trainer.save_every == 1
 
 
 def test_compile_is_off_unless_requested(monkeypatch):

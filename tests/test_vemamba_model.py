@@ -4,7 +4,7 @@ import pytest
 import torch
 
 from vemamba_iso.evaluation.baselines import interpolate_axial
-from vemamba_iso.model import (ORDER_AXES, DegradationEncoder, DegradationInjection, DirectionWeightedAggregation,
+from vemamba_iso.model import (FAMILY_ORDERS, ORDER_AXES, DegradationEncoder, DegradationInjection, DirectionWeightedAggregation,
                                MoCoDegradationLearner, NetworkConfig, VEMambaNetwork, VolumeMambaModule,
                                axial_pixel_shuffle, count_parameters, interpolate_axial_linear,
                                scan_permutations)
@@ -28,42 +28,71 @@ def test_factor_out_of_range_is_rejected():
         NetworkConfig(factor=11)
 
 
-@pytest.mark.parametrize("shape", [(3, 4, 5), (4, 4, 4), (1, 3, 2), (5, 1, 7)])
+@pytest.mark.parametrize("shape", [(3, 4, 5), (4, 4, 4), (1, 3, 2), (5, 1, 7), (3, 5, 7), (2, 9, 3)])
 @pytest.mark.parametrize("family", sorted(ORDER_AXES))
 def test_scan_orders_are_continuous_permutations_with_exact_inverse(shape, family):
     n = int(np.prod(shape))
-    for perm in scan_permutations(shape, family):
+    perms = scan_permutations(shape, family, lateral_orders=2)
+    assert len(perms) == 4
+    for perm in perms:
         assert sorted(perm.tolist()) == list(range(n))
         coords = np.stack(np.unravel_index(perm.numpy(), shape), axis=1)
         if n > 1:  # consecutive tokens are grid neighbours: snake, no jumps
             assert np.abs(np.diff(coords, axis=0)).sum(axis=1).max() == 1
         x = torch.randn(2, 3, *shape).flatten(2)
         seq = to_sequence(x, perm)
-        assert not (n > 2 and torch.equal(perm, torch.arange(n)) and family == "axial_first")
         assert torch.equal(from_sequence(seq, perm), x)
         assert torch.equal(inverse_permutation(inverse_permutation(perm)), perm)
+    # the two lateral orders are different walks wherever both lateral axes are longer than 1
+    if shape[1] > 1 and shape[2] > 1:
+        assert not torch.equal(perms[0], perms[2])
+    assert [p.tolist() for p in scan_permutations(shape, family)] == [p.tolist() for p in perms[:2]]
 
 
 def test_axial_first_runs_along_the_axial_axis_and_lateral_first_along_lateral():
     shape = (4, 3, 5)
-    axial = np.stack(np.unravel_index(scan_permutations(shape, "axial_first")[0].numpy(), shape), 1)
-    lateral = np.stack(np.unravel_index(scan_permutations(shape, "lateral_first")[0].numpy(), shape), 1)
-    assert np.all(axial[:4, 1:] == axial[0, 1:]) and len(set(axial[:4, 0])) == 4  # first 4 tokens: one column in D
-    assert np.all(lateral[:15, 0] == 0)  # the whole first lateral plane comes first
-    fwd, rev = scan_permutations(shape, "axial_first")
-    assert torch.equal(rev, fwd.flip(0))
+    orders = {family: [np.stack(np.unravel_index(p.numpy(), shape), 1)
+                       for p in scan_permutations(shape, family, lateral_orders=2)] for family in FAMILY_ORDERS}
+    for axial in orders["axial_first"]:
+        assert np.all(axial[:4, 1:] == axial[0, 1:]) and len(set(axial[:4, 0])) == 4  # one column in D first
+    hw, _, wh, _ = orders["axial_first"]
+    assert len(set(hw[:20, 1])) == 1 and len(set(wh[:12, 2])) == 1  # H slowest, then W; or W slowest, then H
+    for lateral in orders["lateral_first"][0::2]:  # forward paths (the reversed ones end there)
+        assert np.all(lateral[:15, 0] == 0)  # the whole first lateral plane comes first
+    hw, _, wh, _ = orders["lateral_first"]
+    assert len(set(hw[:5, 1])) == 1 and len(set(wh[:3, 2])) == 1  # W fastest / H fastest within the plane
+    perms = scan_permutations(shape, "axial_first", lateral_orders=2)
+    assert torch.equal(perms[1], perms[0].flip(0)) and torch.equal(perms[3], perms[2].flip(0))
+    with pytest.raises(ValueError, match="lateral_orders"):
+        scan_permutations(shape, "axial_first", lateral_orders=3)
 
 
-def test_dwam_weights_are_a_softmax_over_paths():
-    dwam = DirectionWeightedAggregation(channels=6, paths=2)
+@pytest.mark.parametrize("source,paths", [("restored", 4), ("input", 2), ("restored", 2)])
+def test_dwam_weights_are_a_softmax_over_paths(source, paths):
+    torch.manual_seed(0)
+    dwam = DirectionWeightedAggregation(channels=6, paths=paths, source=source)
     tokens = torch.randn(3, 6, 40)
-    w = dwam.weights(tokens)
-    assert w.shape == (3, 2, 40)
+    outputs = torch.randn(3, paths, 6, 40)
+    w = dwam.weights(tokens, outputs)
+    assert w.shape == (3, paths, 40)
     assert torch.allclose(w.sum(dim=1), torch.ones(3, 40), atol=1e-6)
     assert (w > 0).all() and w.std() > 0  # per-token weights, not constant
-    outputs = torch.randn(3, 2, 6, 40)
     fused = dwam(tokens, outputs)
     assert torch.allclose(fused, (outputs * w[:, :, None]).sum(1), atol=1e-6)
+    if source == "restored":  # the paper's DWAM: 4C -> 2C -> 4 on the restored paths
+        assert dwam.mlp[0].in_features == paths * 6 and dwam.mlp[0].out_features == paths * 3
+        assert isinstance(dwam.mlp[1], torch.nn.ReLU) and dwam.mlp[2].out_features == paths
+        torch.testing.assert_close(w, dwam.weights(torch.randn(3, 6, 40), outputs))  # from the paths alone
+        assert not torch.allclose(w, dwam.weights(tokens, torch.randn(3, paths, 6, 40)))
+
+
+def test_plain_sum_aggregation_has_equal_weights_and_no_parameters():
+    dwam = DirectionWeightedAggregation(channels=6, paths=4, source="sum")
+    outputs = torch.randn(2, 4, 6, 10)
+    assert list(dwam.parameters()) == []
+    torch.testing.assert_close(dwam(torch.randn(2, 6, 10), outputs), outputs.mean(1))
+    with pytest.raises(ValueError, match="aggregation"):
+        DirectionWeightedAggregation(channels=6, paths=4, source="max")
 
 
 def test_vdim_output_depends_on_the_degradation_representation():
@@ -78,15 +107,34 @@ def test_vdim_output_depends_on_the_degradation_representation():
     assert torch.allclose(plain(x, None).mean(1), torch.zeros(2, 3, 4, 4), atol=1e-5)
 
 
-def test_every_scan_path_has_its_own_trained_parameters():
+@pytest.mark.parametrize("paths", [4, 2])
+def test_every_scan_path_has_its_own_trained_parameters(paths):
     torch.manual_seed(0)
-    module = VolumeMambaModule(dim=8, state_size=4)
-    module(torch.randn(2, 8, 3, 4, 4)).square().mean().backward()
+    module = VolumeMambaModule(dim=8, state_size=4, paths_per_chunk=paths)
+    module(torch.randn(2, 8, 3, 4, 5)).square().mean().backward()
+    assert len(module.scans) == 2  # two chunks: axial-first and lateral-first
     for scan in module.scans:
-        assert scan.x_proj.shape[0] == 2
-        for param in (scan.x_proj, scan.dt_proj, scan.A_log, scan.D):
-            per_path = param.grad.reshape(2, -1).abs().sum(1)
+        assert scan.x_proj.shape[0] == paths
+        for param in (scan.x_proj, scan.dt_proj, scan.A_log, scan.D, scan.dt_bias):
+            per_path = param.grad.reshape(paths, -1).abs().sum(1)
             assert (per_path > 0).all()
+    for name, param in module.named_parameters():
+        assert param.grad is not None and param.grad.abs().sum() > 0, name
+    with pytest.raises(ValueError, match="paths_per_chunk"):
+        VolumeMambaModule(dim=8, paths_per_chunk=3)
+
+
+def test_paper_configuration_and_legacy_models():
+    paper = VEMambaNetwork(NetworkConfig(factor=4))  # groups 4, blocks 4, dim 32: the paper's configuration
+    module = paper.groups[0].blocks[0].mamba
+    assert module.paths_per_chunk == 4 and module.aggregations[0].source == "restored"
+    assert count_parameters(paper) > count_parameters(VEMambaNetwork(NetworkConfig(factor=4, paths_per_chunk=2,
+                                                                                   aggregation="input")))
+    # a model saved before the scan form was recorded is rebuilt in the form it was trained with
+    legacy = NetworkConfig.from_dict({"factor": 4, "dim": 8, "groups": 1, "blocks": 1})
+    assert (legacy.paths_per_chunk, legacy.aggregation) == (2, "input")
+    current = NetworkConfig.from_dict(NetworkConfig(factor=4).to_dict())
+    assert (current.paths_per_chunk, current.aggregation) == (4, "restored")
 
 
 def test_axial_pixel_shuffle_places_channels_at_axial_subpositions():

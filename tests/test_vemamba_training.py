@@ -221,3 +221,70 @@ def test_initialise_from_a_model_for_another_factor(tmp_path):
     assert copied == len(own) - 2  # all but the upsampling convolution (weight, bias), whose shape differs
     assert torch.equal(own["shallow.weight"], source.network.state_dict()["shallow.weight"])
     assert target.moco_done
+
+
+def test_resume_after_a_crash_ends_with_the_weights_of_an_uninterrupted_run(tmp_path):
+    """Killed mid-epoch (nothing after its last checkpoint survives), then resumed: the same weights, bit for bit."""
+    config = tiny_config(steps=6, steps_per_epoch=2)
+    quiet = dict(progress=False, log=lambda *_: None)
+    reference = Trainer([tiny_volume()], 2, tmp_path / "reference", config, **quiet)
+    reference.run(resume=False)
+
+    crashed = Trainer([tiny_volume()], 2, tmp_path / "resumed", config, **quiet)
+    step = crashed.train_step
+
+    def dies_in_the_second_epoch():
+        if crashed.step == 3:       # after the checkpoint at step 2, before the next one
+            raise RuntimeError("killed")
+        return step()
+
+    crashed.train_step = dies_in_the_second_epoch
+    with pytest.raises(RuntimeError, match="killed"):
+        crashed.run(resume=False)
+    torch.manual_seed(123)          # the new process's generators start anywhere: the checkpoint must restore them
+    resumed = Trainer([tiny_volume()], 2, tmp_path / "resumed", config, **quiet)
+    assert resumed.try_resume() and resumed.step == 2
+    resumed.run(resume=False)
+    assert resumed.step == reference.step == 6
+    for name, tensor in reference.network.state_dict().items():
+        assert torch.equal(tensor, resumed.network.state_dict()[name]), name
+    assert [{k: v for k, v in h.items()} for h in resumed.history] == reference.history
+
+
+@pytest.mark.slow
+def test_training_killed_with_sigkill_resumes_to_the_same_weights(tmp_path):
+    import os
+    import signal
+    import subprocess
+    import sys
+    import time
+
+    from vemamba_iso.data import write_volume
+    write_volume(tmp_path / "train.tif", tiny_volume())
+    flags = ["--input", str(tmp_path / "train.tif"), "--factor", "2", "--steps", "30", "--steps-per-epoch", "2",
+             "--dim", "8", "--groups", "1", "--blocks", "1", "--state-size", "4", "--patch", "4", "16",
+             "--batch-size", "2", "--moco-steps", "2", "--threads", "1"]
+    env = {**os.environ, "OMP_NUM_THREADS": "1"}
+
+    def train(folder, **kwargs):
+        return subprocess.Popen([sys.executable, "-m", "vemamba_iso.cli.train", *flags, "--output", str(folder)],
+                                stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, env=env, **kwargs)
+
+    killed = train(tmp_path / "killed")
+    checkpoint = tmp_path / "killed" / "checkpoint_last.pt"
+    deadline = time.time() + 300
+    while not checkpoint.exists() and killed.poll() is None and time.time() < deadline:
+        time.sleep(0.01)
+    killed.send_signal(signal.SIGKILL)
+    killed.wait(timeout=60)
+    assert killed.returncode == -signal.SIGKILL, "the run ended before it could be killed"
+    step = torch.load(checkpoint, weights_only=True)["step"]
+    assert 0 < step < 30          # killed part-way: the resume below has work left to do
+    for folder in ("killed", "reference"):
+        run = train(tmp_path / folder)
+        assert run.wait(timeout=600) == 0, run.stderr.read().decode()[-2000:]
+    resumed, _ = load_model(tmp_path / "killed")
+    reference, _ = load_model(tmp_path / "reference")
+    for name, tensor in reference.state_dict().items():
+        assert torch.equal(tensor, resumed.state_dict()[name]), name
+    assert not [p.name for p in (tmp_path / "killed").iterdir() if p.name.startswith(".")]   # no stale temporaries

@@ -60,6 +60,13 @@ class LoGVSSBlock(nn.Module):
         drop_path: stochastic depth probability of the residual branch.
         global_max_edge: GTX compressed edge per axis.
         scan_backend: passed to :func:`nnunet_logmamba.ssm.selective_scan`.
+        zero_init_residual: start ``out_proj`` at zero so that a new block is the identity (see below).
+
+    A block inserted into a trained or freshly initialised network should not disturb the features
+    its neighbours learn under: with ``zero_init_residual`` (the default) the residual branch adds
+    exactly zero at step 0, so a network with blocks starts as the plain network of the same weights
+    (as ResEnc U-Nets zero the last norm before each residual add). ``out_proj`` itself gets a
+    gradient at once; everything before it does from the first optimiser step on.
 
     ``forward``: ``(batch, C, *spatial_size)`` -> same shape.
     """
@@ -68,7 +75,7 @@ class LoGVSSBlock(nn.Module):
                  expand: float = 1.0, state_size: int = 16, squeeze: int | None = None,
                  kernel_size: int = 3, num_global_tokens: int = 4, join: str = "interleaved",
                  directions: int = 1, drop_path: float = 0.0, global_max_edge: int = 4,
-                 scan_backend: str = "auto"):
+                 scan_backend: str = "auto", zero_init_residual: bool = True):
         super().__init__()
         if mode not in TOKEN_MODES:
             raise ValueError(f"unknown token mode {mode!r}; choose one of {TOKEN_MODES}")
@@ -102,6 +109,8 @@ class LoGVSSBlock(nn.Module):
         self.back_proj = nn.Linear(token_channels, inner) if token_channels != inner else nn.Identity()
         self.out_norm = nn.LayerNorm(inner)
         self.out_proj = nn.Linear(inner, channels, bias=False)
+        if zero_init_residual:
+            nn.init.zeros_(self.out_proj.weight)
         self.drop_path = DropPath(drop_path)
 
     def _init_ssm(self, dim: int, state: int, directions: int) -> None:
@@ -117,6 +126,10 @@ class LoGVSSBlock(nn.Module):
         a = torch.arange(1, state + 1, dtype=torch.float32).repeat(directions * dim, 1)
         self.A_log = nn.Parameter(torch.log(a))
         self.D = nn.Parameter(torch.ones(directions * dim))
+
+    #: Parameters that Mamba keeps out of weight decay (its ``_no_weight_decay`` marks): decaying them
+    #: pulls the state decay rates, the skip and the step size towards zero, not towards a prior.
+    no_weight_decay = ("A_log", "D", "dt_bias")
 
     def _tokens(self, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor | None]:
         if self.mode == "global":

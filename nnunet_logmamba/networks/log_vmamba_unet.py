@@ -20,6 +20,9 @@ from ..blocks import LoGVSSBlock
 from .placement import PlacementRule, stage_spatial_sizes
 
 
+PLACEMENTS = ("by_size", "all_stages")
+
+
 @dataclass(frozen=True)
 class LoGVMambaConfig:
     """How blocks are built and placed.
@@ -39,6 +42,14 @@ class LoGVMambaConfig:
             2D model; with encoder blocks too, a 2D hippocampus step took 1.6-1.8x the plain
             network's time, 2D plans having batches of hundreds; see benchmarks/bench_network.py).
         scan_backend: selective-scan backend.
+        placement: ``by_size`` (the rule above, with its cost cap) or ``all_stages`` (the official
+            LoG-VMamba 3D model: a block after every encoder stage, LTX only on the first, LTX +
+            GTX on the middle ones, GTX only on the last, no cost cap).
+        global_max_edge: GTX compressed grid edge per axis (``by_size``: every block;
+            ``all_stages``: every block but the last, which uses ``last_global_max_edge``).
+        last_global_max_edge: GTX grid edge of the last encoder stage under ``all_stages``.
+        zero_init_residual: blocks start as the identity (zero ``out_proj``), so the network starts
+            as the plain network of the same plans.
     """
 
     rule: PlacementRule = field(default_factory=PlacementRule)
@@ -51,6 +62,14 @@ class LoGVMambaConfig:
     in_decoder: bool | None = None
     encoder_stages: str | None = None
     scan_backend: str = "auto"
+    placement: str = "by_size"
+    global_max_edge: int = 4
+    last_global_max_edge: int = 4
+    zero_init_residual: bool = True
+
+    def __post_init__(self):
+        if self.placement not in PLACEMENTS:
+            raise ValueError(f"unknown placement {self.placement!r}; choose one of {PLACEMENTS}")
 
     def with_(self, **changes) -> "LoGVMambaConfig":
         """A copy with some fields changed (``rule`` fields may be given by name too)."""
@@ -80,11 +99,22 @@ class StageWithMamba(nn.Module):
         return output
 
 
-def _block(channels: int, size: Sequence[int], mode: str, config: LoGVMambaConfig) -> LoGVSSBlock:
+def _block(channels: int, size: Sequence[int], mode: str, config: LoGVMambaConfig,
+           global_max_edge: int | None = None) -> LoGVSSBlock:
     return LoGVSSBlock(channels, size, mode=mode, expand=config.expand, state_size=config.state_size,
                        kernel_size=config.rule.kernel_size, num_global_tokens=config.num_global_tokens,
                        join=config.join, directions=config.directions, drop_path=config.drop_path,
-                       scan_backend=config.scan_backend)
+                       global_max_edge=config.global_max_edge if global_max_edge is None else global_max_edge,
+                       scan_backend=config.scan_backend, zero_init_residual=config.zero_init_residual)
+
+
+def all_stages_mode(stage: int, num_stages: int, variant: str = "log") -> str:
+    """Token mode of encoder stage ``stage`` of ``num_stages`` in the official 3D model's layout."""
+    if variant != "log":
+        return variant
+    if stage == 0:
+        return "local"
+    return "global" if stage == num_stages - 1 else "local_global"
 
 
 def insert_log_vmamba_blocks(network: nn.Module, patch_size: Sequence[int], batch_size: int = 1,
@@ -119,6 +149,8 @@ def insert_log_vmamba_blocks(network: nn.Module, patch_size: Sequence[int], batc
     if encoder_stages not in ("all", "bottleneck", "none"):
         raise ValueError(f"encoder_stages must be 'all', 'bottleneck' or 'none', got {encoder_stages!r}")
     placed = []
+    if config.placement == "all_stages":
+        return _insert_after_every_encoder_stage(encoder, sizes, channels, config)
     for i, size in enumerate(sizes):
         if encoder_stages == "none" or (encoder_stages == "bottleneck" and i != len(sizes) - 1):
             continue
@@ -139,6 +171,19 @@ def insert_log_vmamba_blocks(network: nn.Module, patch_size: Sequence[int], batc
         raise ValueError(f"no stage of patch size {tuple(patch_size)} qualifies for a LoG-VMamba block "
                          f"at batch size {batch_size} (max_batch_tokens={config.rule.max_batch_tokens}); raise "
                          "max_batch_tokens or use the plain trainer")
+    return placed
+
+
+def _insert_after_every_encoder_stage(encoder: nn.Module, sizes: list[tuple[int, ...]], channels: list[int],
+                                      config: LoGVMambaConfig) -> list[dict]:
+    placed = []
+    for i, size in enumerate(sizes):
+        if isinstance(encoder.stages[i], StageWithMamba):
+            continue
+        mode = all_stages_mode(i, len(sizes), config.rule.variant)
+        edge = config.last_global_max_edge if i == len(sizes) - 1 else config.global_max_edge
+        encoder.stages[i] = StageWithMamba(encoder.stages[i], _block(channels[i], size, mode, config, edge))
+        placed.append({"where": "encoder", "stage": i, "size": size, "mode": mode})
     return placed
 
 

@@ -5,12 +5,15 @@
                        delta_softplus=False, return_last_state=False, backend="auto")
 
 Backends: ``reference`` (sequential ground truth), ``torch`` (fast, chunked, pure PyTorch),
-``mamba_ssm`` (CUDA kernel, optional extra), ``auto`` (fastest available for the tensors' device).
+``triton`` (fused Triton kernels, GPU, no compiler needed), ``mamba_ssm`` (CUDA kernel, optional extra),
+``auto`` (fastest available for the tensors' device).
 """
 from .chunked import selective_scan_chunked
 from .cuda_kernel import mamba_ssm_status
-from .dispatch import BACKENDS, available_backends, resolve_backend, selective_scan
+from .dispatch import BACKENDS, auto_backend_reason, available_backends, resolve_backend, selective_scan
 from .reference import selective_scan_reference
+from .triton_kernel import selective_scan_triton, triton_status
 
 __all__ = ["selective_scan", "selective_scan_reference", "selective_scan_chunked", "resolve_backend",
-           "available_backends", "mamba_ssm_status", "BACKENDS"]
+           "available_backends", "mamba_ssm_status", "BACKENDS", "selective_scan_triton", "triton_status",
+           "auto_backend_reason"]

@@ -8,23 +8,44 @@ import torch
 from .chunked import selective_scan_chunked
 from .cuda_kernel import kernel_supports, mamba_ssm_status, selective_scan_cuda_kernel
 from .reference import selective_scan_reference
+from .triton_kernel import interpreter_active, selective_scan_triton, triton_status, triton_supports
 
-BACKENDS = ("auto", "reference", "torch", "mamba_ssm")
+BACKENDS = ("auto", "reference", "torch", "triton", "mamba_ssm")
 _IMPLEMENTATIONS = {
     "reference": selective_scan_reference,
     "torch": selective_scan_chunked,
+    "triton": selective_scan_triton,
     "mamba_ssm": selective_scan_cuda_kernel,
 }
 #: Environment variable that overrides ``backend="auto"`` everywhere (benchmarks, debugging).
 BACKEND_ENV = "BIOIMAGE_MAMBA_SCAN_BACKEND"
+#: the Triton kernel keeps the (channels, state) block in registers; larger states go to ``torch``
+MAX_TRITON_STATE = 256
 
 
 def available_backends(device: str | torch.device = "cpu") -> list[str]:
-    """Backends that can run on ``device`` here (``mamba_ssm`` only on CUDA with the extra installed)."""
+    """Backends that can run on ``device`` here: ``triton`` on CUDA when triton imports (on CPU only in
+    Triton's interpreter), ``mamba_ssm`` only on CUDA with the extra installed."""
     names = ["reference", "torch"]
+    kind = torch.device(device).type
+    if triton_status()[0] and (kind == "cuda" or (kind == "cpu" and interpreter_active())):
+        names.append("triton")
     if torch.device(device).type == "cuda" and mamba_ssm_status()[0]:
         names.append("mamba_ssm")
     return names
+
+
+def auto_backend_reason(u: torch.Tensor, A: torch.Tensor) -> str:
+    """Why ``auto`` picks what it picks for these tensors (for ``nnunet_logmamba doctor``)."""
+    if not u.is_cuda:
+        return "CPU tensors: the chunked torch scan"
+    mamba_ok, mamba_reason = mamba_ssm_status()
+    if kernel_supports(u, A):
+        return "mamba-ssm's CUDA kernel imports"
+    triton_ok, triton_reason = triton_status()
+    if triton_ok and triton_supports(u) and A.shape[1] <= MAX_TRITON_STATE:
+        return f"mamba-ssm does not import ({mamba_reason.splitlines()[0][:80]}); {triton_reason} does"
+    return f"neither mamba-ssm ({mamba_reason.splitlines()[0][:80]}) nor triton ({triton_reason}) can run here"
 
 
 def resolve_backend(backend: str, u: torch.Tensor, A: torch.Tensor) -> str:
@@ -36,7 +57,11 @@ def resolve_backend(backend: str, u: torch.Tensor, A: torch.Tensor) -> str:
         if backend not in BACKENDS:
             raise ValueError(f"{BACKEND_ENV}={backend!r} is not one of {BACKENDS}")
     if backend == "auto":
-        return "mamba_ssm" if kernel_supports(u, A) else "torch"
+        if kernel_supports(u, A):
+            return "mamba_ssm"
+        if u.is_cuda and triton_supports(u) and A.shape[1] <= MAX_TRITON_STATE:
+            return "triton"
+        return "torch"
     return backend
 
 
@@ -52,7 +77,8 @@ def selective_scan(u, delta, A, B, C, D=None, z=None, delta_bias=None, delta_sof
         D, delta_bias: (dim,) or None. z: (batch, dim, length) or None (output gate ``silu(z)``).
         delta_softplus: apply softplus to ``delta + delta_bias``.
         return_last_state: also return the state after the last step, (batch, dim, state).
-        backend: ``auto``, ``reference``, ``torch`` or ``mamba_ssm``.
+        backend: ``auto``, ``reference``, ``torch``, ``triton`` or ``mamba_ssm``. ``auto``: on CUDA
+            tensors mamba_ssm when it imports, else triton, else torch; on CPU torch.
 
     The recurrence runs in fp32 (fp64 for fp64 inputs) whatever the input dtype and an outer
     autocast; ``y`` comes back in ``u``'s dtype, the last state in the compute dtype.

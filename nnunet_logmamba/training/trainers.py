@@ -13,8 +13,10 @@ Class names are stored in checkpoints: renaming one breaks prediction from old c
 import os
 
 import torch
+from nnunetv2.training.lr_scheduler.polylr import PolyLRScheduler
 from nnunetv2.training.nnUNetTrainer.nnUNetTrainer import nnUNetTrainer
 
+from ..blocks import LoGVSSBlock
 from ..networks import LoGVMambaConfig, build_log_vmamba_network
 
 _TRUE = ("true", "1", "t")
@@ -30,6 +32,24 @@ def respect_omp_num_threads(device: torch.device) -> None:
     value = os.environ.get("OMP_NUM_THREADS", "")
     if torch.device(device).type == "cpu" and value.isdigit() and int(value) > 0:
         torch.set_num_threads(int(value))
+
+
+def parameter_groups(network: torch.nn.Module, weight_decay: float) -> list[dict]:
+    """Optimiser groups: the SSM parameters Mamba keeps out of weight decay, and everything else.
+
+    ``A_log``, ``D`` and ``dt_bias`` of every :class:`LoGVSSBlock` (``LoGVSSBlock.no_weight_decay``)
+    get ``weight_decay=0``; all other parameters keep nnU-Net's ``weight_decay``.
+    """
+    exempt = set()
+    for module in network.modules():
+        if isinstance(module, LoGVSSBlock):
+            exempt.update(id(getattr(module, name)) for name in module.no_weight_decay)
+    decayed = [p for p in network.parameters() if id(p) not in exempt]
+    undecayed = [p for p in network.parameters() if id(p) in exempt]
+    groups = [{"params": decayed, "weight_decay": weight_decay}]
+    if undecayed:
+        groups.append({"params": undecayed, "weight_decay": 0.0})
+    return groups
 
 
 def network_builder(config: LoGVMambaConfig) -> staticmethod:
@@ -65,6 +85,13 @@ class nnUNetTrainerLoGVMamba(nnUNetTrainer):
             return False
         return super()._do_i_compile()
 
+    def configure_optimizers(self):
+        # nnU-Net's SGD schedule (same lr, momentum, nesterov, poly decay), without decaying the SSM's
+        # A_log / D / dt_bias. The poly scheduler sets the lr of every group.
+        optimizer = torch.optim.SGD(parameter_groups(self.network, self.weight_decay), self.initial_lr,
+                                    momentum=0.99, nesterov=True)
+        return optimizer, PolyLRScheduler(optimizer, self.initial_lr, self.num_epochs)
+
     def initialize(self):
         super().initialize()
         network = self.network._orig_mod if hasattr(self.network, "_orig_mod") else self.network
@@ -72,6 +99,18 @@ class nnUNetTrainerLoGVMamba(nnUNetTrainer):
         placed = getattr(network, "log_vmamba_blocks", [])
         self.print_to_log_file(f"LoG-VMamba blocks ({type(self).__name__}): "
                                + "; ".join(f"{p['where']} stage {p['stage']} {p['size']} {p['mode']}" for p in placed))
+
+
+class nnUNetTrainerLoGVMambaAllStages(nnUNetTrainerLoGVMamba):
+    """The official LoG-VMamba 3D layout: a block after every encoder stage, the largest map included.
+
+    LTX only on the first stage, LTX + GTX on the middle ones (GTX to an 8-per-axis grid), GTX only
+    on the last (4 per axis). No cost cap: on nnU-Net's large first maps this is the expensive layout
+    (see ``benchmarks/results/bench_network_cpu.md``).
+    """
+
+    log_vmamba_config = LoGVMambaConfig(placement="all_stages", global_max_edge=8, last_global_max_edge=4)
+    build_network_architecture = network_builder(log_vmamba_config)
 
 
 class nnUNetTrainerLVMamba(nnUNetTrainerLoGVMamba):
@@ -151,10 +190,16 @@ class nnUNetTrainerLoGVMamba_K4(nnUNetTrainerLoGVMamba):
 # --- short budgets (nnU-Net has no epochs flag) for tests, CPU evaluations and debugging ---
 
 def set_budget(trainer: nnUNetTrainer, epochs: int, iterations: int, val_iterations: int) -> None:
-    """Shorten a trainer's schedule (the poly LR schedule follows ``num_epochs``)."""
+    """Shorten a trainer's schedule (the poly LR schedule follows ``num_epochs``).
+
+    Budgets of 12 epochs and more write ``checkpoint_latest.pth`` after every epoch (nnU-Net: every
+    50), so that a long CPU run that is stopped continues with ``nnUNetv2_train ... --c``.
+    """
     trainer.num_epochs = epochs
     trainer.num_iterations_per_epoch = iterations
     trainer.num_val_iterations_per_epoch = val_iterations
+    if epochs >= 12:
+        trainer.save_every = 1
 
 
 class nnUNetTrainerLoGVMamba_1epoch_2iters(nnUNetTrainerLoGVMamba):
@@ -194,6 +239,33 @@ class nnUNetTrainerLoGVMamba_12epochs_25iters(nnUNetTrainerLoGVMamba):
         set_budget(self, epochs=12, iterations=25, val_iterations=5)
 
 
+class nnUNetTrainerLoGVMambaAllStages_12epochs_25iters(nnUNetTrainerLoGVMambaAllStages):
+    """The all-stages layout at the 300-step CPU budget of :class:`nnUNetTrainerLoGVMamba_12epochs_25iters`."""
+
+    def __init__(self, plans: dict, configuration: str, fold: int, dataset_json: dict,
+                 device: torch.device = torch.device("cuda")):
+        super().__init__(plans, configuration, fold, dataset_json, device)
+        set_budget(self, epochs=12, iterations=25, val_iterations=5)
+
+
+class nnUNetTrainerLVMamba_12epochs_25iters(nnUNetTrainerLVMamba):
+    """L-VMamba ablation at the 300-step CPU budget."""
+
+    def __init__(self, plans: dict, configuration: str, fold: int, dataset_json: dict,
+                 device: torch.device = torch.device("cuda")):
+        super().__init__(plans, configuration, fold, dataset_json, device)
+        set_budget(self, epochs=12, iterations=25, val_iterations=5)
+
+
+class nnUNetTrainerGVMamba_12epochs_25iters(nnUNetTrainerGVMamba):
+    """G-VMamba ablation at the 300-step CPU budget."""
+
+    def __init__(self, plans: dict, configuration: str, fold: int, dataset_json: dict,
+                 device: torch.device = torch.device("cuda")):
+        super().__init__(plans, configuration, fold, dataset_json, device)
+        set_budget(self, epochs=12, iterations=25, val_iterations=5)
+
+
 class nnUNetTrainer_12epochs_25iters(nnUNetTrainer):
     """The plain nnU-Net baseline at the same budget as :class:`nnUNetTrainerLoGVMamba_12epochs_25iters`."""
 
@@ -204,13 +276,35 @@ class nnUNetTrainer_12epochs_25iters(nnUNetTrainer):
         set_budget(self, epochs=12, iterations=25, val_iterations=5)
 
 
-__all__ = ["TRAINERS", "network_builder", "set_budget", "respect_omp_num_threads", "disable_autocast_in_forward"]
+class nnUNetTrainerLoGVMamba_40epochs_25iters(nnUNetTrainerLoGVMamba):
+    """1000-step CPU budget: 40 epochs of 25 iterations, 5 validation iterations."""
+
+    def __init__(self, plans: dict, configuration: str, fold: int, dataset_json: dict,
+                 device: torch.device = torch.device("cuda")):
+        super().__init__(plans, configuration, fold, dataset_json, device)
+        set_budget(self, epochs=40, iterations=25, val_iterations=5)
+
+
+class nnUNetTrainer_40epochs_25iters(nnUNetTrainer):
+    """The plain baseline at the budget of :class:`nnUNetTrainerLoGVMamba_40epochs_25iters`."""
+
+    def __init__(self, plans: dict, configuration: str, fold: int, dataset_json: dict,
+                 device: torch.device = torch.device("cuda")):
+        super().__init__(plans, configuration, fold, dataset_json, device)
+        respect_omp_num_threads(device)
+        set_budget(self, epochs=40, iterations=25, val_iterations=5)
+
+
+__all__ = ["TRAINERS", "parameter_groups", "network_builder", "set_budget", "respect_omp_num_threads", "disable_autocast_in_forward"]
 
 #: Every trainer this package provides (the names nnU-Net's -tr option accepts).
 TRAINERS = {cls.__name__: cls for cls in (
-    nnUNetTrainerLoGVMamba, nnUNetTrainerLVMamba, nnUNetTrainerGVMamba, nnUNetTrainerLoGVMambaNoAMP,
+    nnUNetTrainerLoGVMamba, nnUNetTrainerLoGVMambaAllStages, nnUNetTrainerLVMamba, nnUNetTrainerGVMamba,
+    nnUNetTrainerLoGVMambaNoAMP,
     nnUNetTrainerLoGVMamba_JoinHead, nnUNetTrainerLoGVMamba_JoinMiddle, nnUNetTrainerLoGVMamba_JoinSplit,
     nnUNetTrainerLoGVMamba_K2, nnUNetTrainerLoGVMamba_K4, nnUNetTrainerLoGVMamba_1epoch_2iters,
     nnUNetTrainerLoGVMamba_4epochs_25iters, nnUNetTrainer_4epochs_25iters,
-    nnUNetTrainerLoGVMamba_12epochs_25iters, nnUNetTrainer_12epochs_25iters)}
+    nnUNetTrainerLoGVMamba_12epochs_25iters, nnUNetTrainer_12epochs_25iters,
+    nnUNetTrainerLoGVMambaAllStages_12epochs_25iters, nnUNetTrainerLVMamba_12epochs_25iters,
+    nnUNetTrainerGVMamba_12epochs_25iters, nnUNetTrainerLoGVMamba_40epochs_25iters, nnUNetTrainer_40epochs_25iters)}
 __all__ += sorted(TRAINERS)

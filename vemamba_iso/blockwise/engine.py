@@ -119,7 +119,7 @@ def reconstruct_blockwise(source: VolumeSource, output: str, processor: BlockPro
     output = str(output).rstrip("/")
     grid = BlockGrid(source.shape, block, halo, processor.factor, processor.axis)
     level_shapes = _check_pyramid(output, grid.output_shape, pyramid_levels)
-    dtype = np.dtype(output_dtype or source.dtype)
+    dtype = np.dtype(output_dtype if output_dtype is not None else source.dtype)
     params = {"input": os.path.abspath(source.path), "key": source.key, "shape": list(source.shape),
               "block": list(grid.block), "halo": list(grid.halo), "factor": grid.factor, "axis": grid.axis,
               "dtype": dtype.str, "processor": processor.identity()}

@@ -1,4 +1,7 @@
-"""Chunked volume stores read and written block by block: Zarr (plain or OME-Zarr) and HDF5.
+"""Chunked volume stores read and written block by block: Zarr (plain or OME-Zarr), HDF5 and TIFF.
+
+TIFF input is read through tifffile's Zarr view of the file (decoding only the pages a block needs), so a
+stack larger than memory is never loaded whole; a TIFF output is streamed slab by slab from the working store.
 
 Axis order is (Z, Y, X). Voxel sizes are in nanometres, taken from OME-Zarr ``multiscales`` scale
 transforms, or a ``resolution`` / ``voxel_size`` attribute (nm), or ``element_size_um`` (µm).
@@ -16,19 +19,33 @@ import shutil
 
 import numpy as np
 
-from ..data.io import HDF5_SUFFIXES, ZARR_SUFFIXES, VolumeFormatError, file_format
+from ..data.atomic import check_writable
+from ..data.io import HDF5_SUFFIXES, TIFF_SUFFIXES, ZARR_SUFFIXES, VolumeFormatError, file_format
 
 
 def store_format(path: str) -> str:
-    """'zarr' or 'hdf5' from the path, or a ValueError that names the supported formats."""
+    """'zarr', 'hdf5' or 'tiff' from the path, or a ValueError that names the supported formats."""
     try:
         fmt = file_format(path)
     except VolumeFormatError:
         fmt = "zarr" if os.path.isdir(path) and _looks_like_zarr(path) else None
-    if fmt not in ("zarr", "hdf5"):
+    if fmt not in ("zarr", "hdf5", "tiff"):
         raise ValueError(f"{path}: unknown chunked-store format; block-wise reconstruction reads and writes Zarr "
-                         f"({', '.join(ZARR_SUFFIXES)}, OME-Zarr included) and HDF5 ({', '.join(HDF5_SUFFIXES)})")
+                         f"({', '.join(ZARR_SUFFIXES)}, OME-Zarr included), HDF5 ({', '.join(HDF5_SUFFIXES)}) and "
+                         f"TIFF ({', '.join(TIFF_SUFFIXES)})")
     return fmt
+
+
+def tiff_nbytes(path: str) -> int | None:
+    """Uncompressed size in bytes of a TIFF's first image series, read from its header (no pixel data);
+    None when tifffile cannot parse it (reading it will then report the damage)."""
+    import tifffile
+
+    try:
+        with tifffile.TiffFile(path) as tif:
+            return int(tif.series[0].nbytes) if tif.series else None
+    except Exception:  # a corrupt file: the reader that follows names the problem
+        return None
 
 
 OME_ZARR_SUFFIX = ".ome.zarr"
@@ -64,7 +81,8 @@ class VolumeSource:
     """A 3D volume in a chunked store, opened lazily (picklable: each Dask worker opens its own handle).
 
     Args:
-        path: ``.zarr`` directory (array, group with one array, or OME-Zarr: level 0 is used) or HDF5 file.
+        path: ``.zarr`` directory (array, group with one array, or OME-Zarr: level 0 is used), HDF5 file or
+            TIFF stack (its first series; pages are decoded as blocks need them).
         key: dataset / array name inside the store (required when there is more than one).
     """
 
@@ -91,7 +109,9 @@ class VolumeSource:
     def _open(self):
         if self._array is not None:
             return self._array
-        if self.format == "zarr":
+        if self.format == "tiff":
+            self._array = self._open_tiff()
+        elif self.format == "zarr":
             import zarr
 
             node = zarr.open(self.path, mode="r")
@@ -130,9 +150,36 @@ class VolumeSource:
             self.voxel_size = _voxel_size_from_attrs(self._array.attrs) or _voxel_size_from_attrs(self._file.attrs)
         return self._array
 
+    def _open_tiff(self):
+        import tifffile
+        import zarr
+
+        try:
+            with tifffile.TiffFile(self.path) as tif:
+                if not tif.series:
+                    raise VolumeFormatError(f"{self.path} is a TIFF without images; copy or export it again")
+                self.voxel_size = _tiff_voxel_size(tif)
+            self._file = tifffile.imread(self.path, aszarr=True)
+            return zarr.open(self._file, mode="r")
+        except VolumeFormatError:
+            raise
+        except Exception as exc:   # tifffile reports damage as IndexError, ValueError, ...
+            raise VolumeFormatError(f"{self.path} cannot be read as TIFF: it is truncated or corrupt "
+                                    f"({type(exc).__name__}: {exc}); copy or export it again") from exc
+
     def read(self, region: tuple[slice, ...]) -> np.ndarray:
         """The voxels of ``region`` as a numpy array."""
         return np.asarray(self._open()[region])
+
+
+def _tiff_voxel_size(tif) -> tuple[float, float, float] | None:
+    """(z, y, x) from ImageJ metadata (``spacing``) and the first page's resolution tags, as read_volume does."""
+    ij = tif.imagej_metadata or {}
+    page = tif.pages[0]
+    if "spacing" in ij and "XResolution" in page.tags:
+        xr, yr = page.tags["XResolution"].value, page.tags["YResolution"].value
+        return float(ij["spacing"]), yr[1] / yr[0], xr[1] / xr[0]
+    return None
 
 
 def cast_like(values: np.ndarray, dtype: np.dtype) -> np.ndarray:
@@ -147,18 +194,9 @@ def cast_like(values: np.ndarray, dtype: np.dtype) -> np.ndarray:
 def check_output_location(output: str, overwrite: bool) -> None:
     """Refuse an existing output (unless overwrite) or an unwritable location, before anything is written."""
     parent = os.path.dirname(os.path.abspath(output)) or "."
-    if os.path.exists(output) and not overwrite:
-        raise FileExistsError(f"{output} exists; pass --overwrite to replace it")
     if not os.path.isdir(parent):
         raise FileNotFoundError(f"the output folder {parent} does not exist")
-    probe = os.path.join(parent, f".vemamba-write-test-{os.getpid()}")
-    try:   # a real write, not os.access: root passes access checks on read-only mounts too
-        with open(probe, "wb"):
-            pass
-        os.remove(probe)
-    except OSError as exc:
-        raise PermissionError(f"cannot write to {parent} ({exc.strerror}: read-only location?); "
-                              "choose another --output") from exc
+    check_writable(output, overwrite)
 
 
 class WorkingStore:
@@ -222,6 +260,8 @@ class WorkingStore:
         """Move the assembled volume to the output (atomically replacing an old one); returns its path."""
         if self.format == "zarr":
             _replace_path(self.path, self.output)
+        elif self.format == "tiff":
+            self._finish_tiff()
         else:
             import h5py
 
@@ -244,6 +284,24 @@ class WorkingStore:
                 raise
             shutil.rmtree(self.path, ignore_errors=True)
         return self.output
+
+
+    def _finish_tiff(self) -> None:
+        """Stream the working store into a TIFF, one Z slice at a time, through a temporary name."""
+        import tifffile
+
+        from ..data.atomic import atomic_path
+
+        shape, dtype = tuple(self.array.shape), np.dtype(self.array.dtype)
+        big = int(np.prod(shape)) * dtype.itemsize > 2 ** 31   # classic TIFF ends at 4 GB, ImageJ's at 2
+        kwargs = {"photometric": "minisblack", "bigtiff": big}
+        if self.voxel_size is not None and not big:
+            v = self.voxel_size
+            kwargs.update(imagej=True, resolution=(1 / v[2], 1 / v[1]), metadata={"spacing": v[0], "axes": "ZYX"})
+        slices = (np.asarray(self.array[z]) for z in range(shape[0]))
+        with atomic_path(self.output, overwrite=True) as tmp:
+            tifffile.imwrite(tmp, data=slices, shape=shape, dtype=dtype, **kwargs)
+        shutil.rmtree(self.path, ignore_errors=True)
 
 
 def _replace_path(src: str, dst: str) -> None:

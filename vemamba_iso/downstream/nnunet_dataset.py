@@ -7,6 +7,7 @@ give it a proper train/validation split), written as NIfTI with the voxel size a
 """
 from __future__ import annotations
 
+import contextlib
 import os
 import shutil
 from typing import Sequence
@@ -142,6 +143,7 @@ def write_nnunet_dataset(pairs, raw_root: str, dataset_id: int, name: str, *, su
     if existing and not overwrite:
         raise FileExistsError(f"{raw_root} already holds {existing[0]} with id {dataset_id}; "
                               "choose another --dataset-id or pass --overwrite")
+    created = _missing_folders(raw_root)
     os.makedirs(raw_root, exist_ok=True)
     tmp = folder + ".partial"
     shutil.rmtree(tmp, ignore_errors=True)
@@ -176,5 +178,18 @@ def write_nnunet_dataset(pairs, raw_root: str, dataset_id: int, name: str, *, su
         os.replace(tmp, folder)
     except BaseException:
         shutil.rmtree(tmp, ignore_errors=True)
+        for made in created:   # innermost first: a failed run leaves no folder it made behind
+            with contextlib.suppress(OSError):
+                os.rmdir(made)
         raise
     return folder
+
+
+def _missing_folders(path: str) -> list[str]:
+    """``path`` and its ancestors that do not exist yet, innermost first."""
+    missing = []
+    path = os.path.abspath(path)
+    while not os.path.exists(path):
+        missing.append(path)
+        path = os.path.dirname(path)
+    return missing

@@ -49,10 +49,11 @@ class VEMambaBlock(nn.Module):
     """Pre-norm residual block: VDIM -> volume Mamba module, VDIM -> ConvFFN."""
 
     def __init__(self, dim: int, representation_dim: int | None, state_size: int, expand: float,
-                 ffn_ratio: float):
+                 ffn_ratio: float, paths_per_chunk: int = 4, aggregation: str = "restored"):
         super().__init__()
         self.norm_mamba = DegradationInjection(dim, representation_dim)
-        self.mamba = VolumeMambaModule(dim, expand=expand, state_size=state_size)
+        self.mamba = VolumeMambaModule(dim, expand=expand, state_size=state_size, paths_per_chunk=paths_per_chunk,
+                                       aggregation=aggregation)
         self.norm_ffn = DegradationInjection(dim, representation_dim)
         self.ffn = ConvFeedForward(dim, ffn_ratio)
 

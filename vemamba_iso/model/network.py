@@ -10,11 +10,18 @@ from .blocks import ResidualGroup
 from .degradation_encoder import DegradationEncoder
 
 MIN_FACTOR, MAX_FACTOR = 2, 10
+#: The scan form of models saved before ``paths_per_chunk`` / ``aggregation`` were recorded.
+LEGACY_SCAN_FORM = {"paths_per_chunk": 2, "aggregation": "input"}
 
 
 @dataclass
 class NetworkConfig:
     """Architecture hyper-parameters. The paper's configuration is ``groups=4, blocks=4, dim=32``.
+
+    ``paths_per_chunk`` (4: the paper's ALCSSM, both lateral orders per chunk; 2: one) and
+    ``aggregation`` (``restored``: the paper's DWAM; ``input``; ``sum``) choose the scan form of every
+    volume Mamba module (see :mod:`vemamba_iso.model.volume_mamba`). Models saved before these existed
+    used 2 paths and ``input`` weights; :meth:`from_dict` reads them so.
 
     ``sample_offset`` is the high-resolution position of low-resolution sample 0 (see
     :func:`vemamba_iso.degradation.sample_offset`); the network adds a linear interpolation of its input
@@ -31,6 +38,8 @@ class NetworkConfig:
     representation_dim: int = 64
     use_degradation_encoder: bool = True
     sample_offset: float = 0.0
+    paths_per_chunk: int = 4
+    aggregation: str = "restored"
 
     def __post_init__(self):
         if not MIN_FACTOR <= int(self.factor) <= MAX_FACTOR:
@@ -42,6 +51,7 @@ class NetworkConfig:
     @classmethod
     def from_dict(cls, d: dict) -> "NetworkConfig":
         names = {f.name for f in fields(cls)}
+        d = {**LEGACY_SCAN_FORM, **d} if "paths_per_chunk" not in d else d
         return cls(**{k: v for k, v in d.items() if k in names})
 
 
@@ -77,7 +87,8 @@ class VEMambaNetwork(nn.Module):
         self.shallow = nn.Conv3d(1, c.dim, 3, padding=1)
         self.groups = nn.ModuleList(
             ResidualGroup(c.dim, c.blocks, representation_dim=rep, state_size=c.state_size, expand=c.expand,
-                          ffn_ratio=c.ffn_ratio) for _ in range(c.groups))
+                          ffn_ratio=c.ffn_ratio, paths_per_chunk=c.paths_per_chunk, aggregation=c.aggregation)
+            for _ in range(c.groups))
         self.body_conv = nn.Conv3d(c.dim, c.dim, 3, padding=1)
         self.upsample_conv = nn.Conv3d(c.dim, c.dim * c.factor, 3, padding=1)
         self.last_conv = nn.Conv3d(c.dim, 1, 3, padding=1)

@@ -13,11 +13,15 @@ from functools import lru_cache
 import numpy as np
 import torch
 
-#: Traversal (slowest, middle, fastest) axes of each order family, as indices into (D, H, W).
-ORDER_AXES = {
-    "axial_first": (1, 2, 0),    # D varies fastest: columns along the axial axis
-    "lateral_first": (0, 1, 2),  # W then H vary fastest: lateral planes one after another
+#: Traversal (slowest, middle, fastest) axes, as indices into (D, H, W), of the two lateral orders of each
+#: order family. ``axial_first``: D varies fastest (columns along the axial axis), walked plane by plane
+#: with H or W slowest; ``lateral_first``: one lateral plane after another, each in H-W or W-H order.
+FAMILY_ORDERS = {
+    "axial_first": ((1, 2, 0), (2, 1, 0)),
+    "lateral_first": ((0, 1, 2), (0, 2, 1)),
 }
+#: The first (main) order of each family.
+ORDER_AXES = {family: orders[0] for family, orders in FAMILY_ORDERS.items()}
 
 
 def snake_permutation(shape: tuple[int, ...], axes: tuple[int, ...]) -> np.ndarray:
@@ -47,16 +51,32 @@ def snake_permutation(shape: tuple[int, ...], axes: tuple[int, ...]) -> np.ndarr
 
 
 @lru_cache(maxsize=64)
-def _orders(shape: tuple[int, int, int], family: str) -> tuple[np.ndarray, np.ndarray]:
-    forward = snake_permutation(shape, ORDER_AXES[family])
-    return forward, forward[::-1].copy()
+def _orders(shape: tuple[int, int, int], family: str, lateral_orders: int) -> tuple[np.ndarray, ...]:
+    perms = []
+    for axes in FAMILY_ORDERS[family][:lateral_orders]:
+        forward = snake_permutation(shape, axes)
+        perms += [forward, forward[::-1].copy()]
+    return tuple(perms)
 
 
-def scan_permutations(shape: tuple[int, int, int], family: str, device=None) -> list[torch.Tensor]:
-    """Forward and reversed snake permutations of one order family for a (D, H, W) grid."""
-    if family not in ORDER_AXES:
-        raise ValueError(f"unknown scan order family {family!r}; choose one of {sorted(ORDER_AXES)}")
-    return [torch.as_tensor(p, device=device) for p in _orders(tuple(int(s) for s in shape), family)]
+def scan_permutations(shape: tuple[int, int, int], family: str, device=None,
+                      lateral_orders: int = 1) -> list[torch.Tensor]:
+    """Snake permutations of one order family for a (D, H, W) grid.
+
+    Args:
+        shape: the token grid (D, H, W).
+        family: ``axial_first`` or ``lateral_first``.
+        lateral_orders: 1 (the family's main order) or 2 (both lateral orders, as the paper's ALCSSM).
+
+    Returns:
+        ``2 * lateral_orders`` permutations: each order forward, then reversed.
+    """
+    if family not in FAMILY_ORDERS:
+        raise ValueError(f"unknown scan order family {family!r}; choose one of {sorted(FAMILY_ORDERS)}")
+    if lateral_orders not in (1, 2):
+        raise ValueError(f"lateral_orders must be 1 or 2, got {lateral_orders}")
+    return [torch.as_tensor(p, device=device)
+            for p in _orders(tuple(int(s) for s in shape), family, int(lateral_orders))]
 
 
 def inverse_permutation(perm: torch.Tensor) -> torch.Tensor:

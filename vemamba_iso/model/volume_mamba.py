@@ -1,10 +1,18 @@
 """Volume Mamba module: axial-lateral chunked selective scans (ALCSSM) fused by DWAM.
 
-Channels are split in two chunks. The first is scanned in axial-first snake orders, the second in
-lateral-first snake orders; each order runs forward and reversed, every path with its own scan
-parameters. DWAM (direction-weighted aggregation) fuses the paths of a chunk with per-token softmax
-weights from a small MLP. Chunks are concatenated, normalised, gated by ``silu(z)`` and projected.
-All scans go through :func:`nnunet_logmamba.ssm.selective_scan`, in fp32 with autocast disabled.
+After a depthwise 3x3x3 conv, the channels are split in two chunks. The first is scanned in
+axial-first snake orders (the axial axis varies fastest), the second in lateral-first snake orders
+(in-plane first). With ``paths_per_chunk=4`` (the paper's form, the default) each chunk has both
+lateral orders (H then W, W then H), each forward and reversed: 8 paths in all; with 2, only the
+first lateral order (the earlier form, kept for the ablation). Every path has its own scan parameters
+(``x_proj``, ``dt_proj``, ``A_log``, ``D``, ``dt_bias``).
+
+DWAM (dynamic weight aggregation) fuses the restored paths of a chunk with per-token softmax weights:
+``aggregation="restored"`` (the paper's) computes them from the concatenated restored paths
+(Linear(P*C -> P*C/2), ReLU, Linear(-> P)); ``"input"`` from the chunk's input tokens (the earlier
+form); ``"sum"`` adds the paths with equal weights (ablation). Chunks are concatenated, normalised,
+gated by ``silu(z)`` and projected. All scans go through :func:`nnunet_logmamba.ssm.selective_scan`,
+in fp32 with autocast disabled.
 """
 from __future__ import annotations
 
@@ -19,7 +27,8 @@ from nnunet_logmamba.ssm import selective_scan
 from .scan_orders import from_sequence, scan_permutations, to_sequence
 
 CHUNK_FAMILIES = ("axial_first", "lateral_first")
-PATHS_PER_CHUNK = 2  # forward and reversed
+PATHS_PER_CHUNK = (2, 4)   # one lateral order or both, each forward and reversed
+AGGREGATIONS = ("restored", "input", "sum")
 
 
 class PathScanParameters(nn.Module):
@@ -56,28 +65,52 @@ class PathScanParameters(nn.Module):
 
 
 class DirectionWeightedAggregation(nn.Module):
-    """DWAM: per-token softmax weights over the scan paths of a chunk, from a small MLP."""
+    """DWAM: per-token softmax weights over the scan paths of a chunk.
 
-    def __init__(self, channels: int, paths: int, hidden: int | None = None):
+    Args:
+        channels: channels ``C`` of one path.
+        paths: paths ``P`` of the chunk.
+        source: ``restored`` (weights from the P restored paths concatenated, P*C features, as the
+            paper), ``input`` (from the chunk's input tokens, C features) or ``sum`` (equal weights 1/P).
+    """
+
+    def __init__(self, channels: int, paths: int, source: str = "restored"):
         super().__init__()
-        hidden = hidden or max(channels // 2, 4)
-        self.mlp = nn.Sequential(nn.Linear(channels, hidden), nn.GELU(), nn.Linear(hidden, paths))
+        if source not in AGGREGATIONS:
+            raise ValueError(f"unknown aggregation {source!r}; choose one of {AGGREGATIONS}")
+        self.paths, self.source = paths, source
+        if source == "restored":
+            features = paths * channels
+            self.mlp = nn.Sequential(nn.Linear(features, max(features // 2, 4)), nn.ReLU(),
+                                     nn.Linear(max(features // 2, 4), paths))
+        elif source == "input":
+            hidden = max(channels // 2, 4)
+            self.mlp = nn.Sequential(nn.Linear(channels, hidden), nn.GELU(), nn.Linear(hidden, paths))
+        else:
+            self.mlp = None
 
-    def weights(self, tokens: torch.Tensor) -> torch.Tensor:
-        """tokens: (batch, channels, L) -> weights (batch, paths, L), summing to one over paths."""
-        return torch.softmax(self.mlp(tokens.transpose(1, 2)), dim=-1).transpose(1, 2)
+    def weights(self, tokens: torch.Tensor, path_outputs: torch.Tensor) -> torch.Tensor:
+        """tokens: (batch, C, L); path_outputs: (batch, P, C, L) -> weights (batch, P, L), summing to one."""
+        batch, paths, channels, length = path_outputs.shape
+        if self.mlp is None:
+            return path_outputs.new_full((batch, paths, length), 1.0 / paths)
+        features = path_outputs.reshape(batch, paths * channels, length) if self.source == "restored" else tokens
+        return torch.softmax(self.mlp(features.transpose(1, 2)), dim=-1).transpose(1, 2)
 
     def forward(self, tokens: torch.Tensor, path_outputs: torch.Tensor) -> torch.Tensor:
-        """path_outputs: (batch, paths, channels, L) -> (batch, channels, L)."""
-        return (path_outputs * self.weights(tokens).unsqueeze(2)).sum(dim=1)
+        """path_outputs: (batch, P, C, L) restored to grid order -> (batch, C, L)."""
+        return (path_outputs * self.weights(tokens, path_outputs).unsqueeze(2)).sum(dim=1)
 
 
 class VolumeMambaModule(nn.Module):
     """ALCSSM + DWAM on (batch, dim, D, H, W) features, D being the axial axis."""
 
     def __init__(self, dim: int, expand: float = 1.0, state_size: int = 8, dt_rank: int | None = None,
-                 conv_kernel: int = 3):
+                 conv_kernel: int = 3, paths_per_chunk: int = 4, aggregation: str = "restored"):
         super().__init__()
+        if paths_per_chunk not in PATHS_PER_CHUNK:
+            raise ValueError(f"paths_per_chunk must be one of {PATHS_PER_CHUNK}, got {paths_per_chunk}")
+        self.paths_per_chunk = paths_per_chunk
         inner = int(round(dim * expand))
         if inner % 2:
             inner += 1
@@ -85,9 +118,9 @@ class VolumeMambaModule(nn.Module):
         dt_rank = dt_rank or max(1, math.ceil(dim / 16))
         self.in_proj = nn.Linear(dim, 2 * inner)
         self.local_conv = nn.Conv3d(inner, inner, conv_kernel, padding=conv_kernel // 2, groups=inner)
-        self.scans = nn.ModuleList(PathScanParameters(PATHS_PER_CHUNK, self.chunk, state_size, dt_rank)
+        self.scans = nn.ModuleList(PathScanParameters(paths_per_chunk, self.chunk, state_size, dt_rank)
                                    for _ in CHUNK_FAMILIES)
-        self.aggregations = nn.ModuleList(DirectionWeightedAggregation(self.chunk, PATHS_PER_CHUNK)
+        self.aggregations = nn.ModuleList(DirectionWeightedAggregation(self.chunk, paths_per_chunk, aggregation)
                                           for _ in CHUNK_FAMILIES)
         self.out_norm = nn.LayerNorm(inner)
         self.out_proj = nn.Linear(inner, dim)
@@ -102,7 +135,8 @@ class VolumeMambaModule(nn.Module):
         fused = []
         for chunk_tokens, family, scan, aggregate in zip(features.split(self.chunk, dim=1), CHUNK_FAMILIES,
                                                          self.scans, self.aggregations):
-            perms = scan_permutations(tuple(grid), family, device=x.device)
+            perms = scan_permutations(tuple(grid), family, device=x.device,
+                                      lateral_orders=self.paths_per_chunk // 2)
             sequences = torch.stack([to_sequence(chunk_tokens, p) for p in perms], dim=1)
             scanned = scan(sequences)
             back = torch.stack([from_sequence(scanned[:, i], p) for i, p in enumerate(perms)], dim=1)

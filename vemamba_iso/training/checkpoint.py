@@ -19,7 +19,36 @@ from ..model import NetworkConfig, VEMambaNetwork
 
 MODEL_FILE, METADATA_FILE, RESUME_FILE = "model.pt", "metadata.json", "checkpoint_last.pt"
 FORMAT = "vemamba_iso-model-1"
-DEFAULT_MODEL_DIR = Path(__file__).resolve().parent.parent / "weights" / "fib25_x4"
+WEIGHTS_DIR = Path(__file__).resolve().parent.parent / "weights"
+DEFAULT_MODEL_DIR = WEIGHTS_DIR / "fib25_x4"
+
+
+def shipped_factors() -> list[int]:
+    """The factors a model is shipped for (``weights/fib25_x<K>/model.pt``)."""
+    found = []
+    for folder in WEIGHTS_DIR.glob("fib25_x*"):
+        suffix = folder.name[len("fib25_x"):]
+        if suffix.isdigit() and (folder / MODEL_FILE).is_file():
+            found.append(int(suffix))
+    return sorted(found)
+
+
+def default_model_dir(factor: int | None = None) -> Path:
+    """The shipped model for ``factor`` (``None``: the default x4 model).
+
+    Raises:
+        FileNotFoundError: no model is shipped for ``factor``; the message says how to train one.
+    """
+    if factor is None:
+        return DEFAULT_MODEL_DIR
+    folder = WEIGHTS_DIR / f"fib25_x{int(factor)}"
+    if not (folder / MODEL_FILE).is_file():
+        shipped = ", ".join(f"x{k}" for k in shipped_factors()) or "none"
+        raise FileNotFoundError(
+            f"no model is shipped for x{factor} (shipped: {shipped}); train one on your stack with "
+            f"vemamba_iso_train --input STACK --factor {factor} --output my_x{factor}_model, then pass "
+            f"--model my_x{factor}_model")
+    return folder
 
 
 def _atomic(path: Path, write) -> None:

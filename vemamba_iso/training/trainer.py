@@ -123,6 +123,7 @@ class Trainer:
         self.use_amp = self.device.type == "cuda"
         self.scaler = torch.amp.GradScaler("cuda", enabled=self.use_amp)
         self.step, self.moco_done, self.history, self.seconds = 0, False, [], 0.0
+        self.running_loss = None
         self.initialised_from = None
 
     # -- persistence ---------------------------------------------------------------------------------
@@ -135,11 +136,21 @@ class Trainer:
                              "parameters": count_parameters(self.network)}}
 
     def save(self) -> None:
+        """Write the model and the checkpoint to resume from: everything the next steps depend on (weights,
+        optimizer, schedule, loss scaler, both random generators), so that a run killed at any point and
+        resumed ends with the weights of an uninterrupted run (bit for bit on a CPU, same thread count).
+
+        The checkpoint goes first: a kill between the two writes leaves a checkpoint to resume from, never a
+        model without one."""
+        state = {"network": self.network.state_dict(), "optimizer": self.optimizer.state_dict(),
+                 "scheduler": self.scheduler.state_dict(), "scaler": self.scaler.state_dict(), "step": self.step,
+                 "moco_done": self.moco_done, "history": self.history, "seconds": self.seconds,
+                 "factor": self.network.config.factor, "rng": torch.get_rng_state(),
+                 "sampler_rng": self.sampler.rng.bit_generator.state, "running_loss": self.running_loss}
+        if self.device.type == "cuda":
+            state["cuda_rng"] = torch.cuda.get_rng_state(self.device)
+        save_torch_atomic(state, self.output_dir / RESUME_FILE)
         save_model(self.output_dir, self.network, self.metadata())
-        save_torch_atomic({"network": self.network.state_dict(), "optimizer": self.optimizer.state_dict(),
-                           "scheduler": self.scheduler.state_dict(), "step": self.step, "moco_done": self.moco_done,
-                           "history": self.history, "seconds": self.seconds, "factor": self.network.config.factor,
-                           "rng": torch.get_rng_state()}, self.output_dir / RESUME_FILE)
 
     def initialise_from(self, model_dir) -> int:
         """Copy every parameter whose name and shape match from another trained model (e.g. another factor);
@@ -169,7 +180,15 @@ class Trainer:
         self.step, self.moco_done = state["step"], state["moco_done"]
         self.history, self.seconds = state["history"], state["seconds"]
         torch.set_rng_state(state["rng"])
-        self.sampler.rng = np.random.default_rng(self.config.seed + self.step)
+        if "cuda_rng" in state and self.device.type == "cuda":
+            torch.cuda.set_rng_state(state["cuda_rng"], self.device)
+        if "scaler" in state:
+            self.scaler.load_state_dict(state["scaler"])
+        if "sampler_rng" in state:
+            self.sampler.rng.bit_generator.state = state["sampler_rng"]
+        else:   # a checkpoint of an older version: the batches after it differ from an uninterrupted run's
+            self.sampler.rng = np.random.default_rng(self.config.seed + self.step)
+        self.running_loss = state.get("running_loss")
         self.log(f"resuming from {path} at step {self.step}")
         return True
 
@@ -188,6 +207,7 @@ class Trainer:
             loss.backward()
             optimizer.step()
             bar.set_postfix(infonce=f"{loss.item():.3f}")
+        optimizer.zero_grad(set_to_none=True)
         self.moco_done = True
 
     def train_step(self) -> float:
@@ -201,7 +221,10 @@ class Trainer:
         self.optimizer.zero_grad(set_to_none=True)
         self.scaler.scale(loss).backward()
         self.scaler.unscale_(self.optimizer)
-        torch.nn.utils.clip_grad_norm_(self.network.parameters(), self.config.gradient_clip)
+        # the trained parameters only: the frozen encoder's last MoCo gradients must not count (they would
+        # also make a resumed run, which has none, clip differently)
+        torch.nn.utils.clip_grad_norm_([p for g in self.optimizer.param_groups for p in g["params"]],
+                                       self.config.gradient_clip)
         self.scaler.step(self.optimizer)
         self.scaler.update()
         self.scheduler.step()
@@ -232,11 +255,12 @@ class Trainer:
         c = self.config
         bar = tqdm(total=c.steps, initial=self.step, desc=f"training x{self.network.config.factor}",
                    disable=not self.progress)
-        running, started = None, time.time()
+        started = time.time()
         while self.step < c.steps:
             loss = self.train_step()
             self.step += 1
-            running = loss if running is None else 0.95 * running + 0.05 * loss
+            running = loss if self.running_loss is None else 0.95 * self.running_loss + 0.05 * loss
+            self.running_loss = running
             bar.update(1)
             bar.set_postfix(loss=f"{running:.4f}")
             if self.step % c.steps_per_epoch == 0 or self.step == c.steps:

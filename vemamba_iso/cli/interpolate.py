@@ -7,18 +7,19 @@ voxel size and slice alignment of ``vemamba_iso_predict``'s output and can repla
 """
 from __future__ import annotations
 
-import argparse
 import sys
 
 import numpy as np
 
-from ..cli import CommandError, _read, _run
-from ..degradation import PRESETS, preset, sample_offset
-from ..evaluation.baselines import METHODS, interpolate_axial
+from .common import CommandError, CommandParser, numeric_dtype, read_input, run_command
+from .outputs import claim_volume_output, write_output_volume
 
 
-def _interpolate(argv) -> int:
-    parser = argparse.ArgumentParser(
+def build_parser() -> CommandParser:
+    """The command's arguments."""
+    from ..degradation import PRESETS
+    from ..evaluation.baselines import METHODS
+    parser = CommandParser(
         prog="vemamba_iso_interpolate",
         description="Upsample the coarse axis of an anisotropic (Z, Y, X) stack by interpolation (the baseline "
                     "of vemamba_iso_predict; same output shape and slice positions).")
@@ -33,15 +34,21 @@ def _interpolate(argv) -> int:
     parser.add_argument("--axis", type=int, default=0, choices=[0, 1, 2], help="coarse axis in (Z, Y, X)")
     parser.add_argument("--key", default=None, help="dataset key for HDF5/Zarr input")
     parser.add_argument("--output-key", default="data", help="dataset key for HDF5/Zarr output")
-    parser.add_argument("--dtype", default=None, help="output dtype (default: the input's)")
-    args = parser.parse_args(argv)
+    parser.add_argument("--dtype", type=numeric_dtype, default=None, help="output dtype (default: the input's)")
+    return parser
+
+
+def run(args) -> int:
+    """Interpolate ``--input`` into ``--output``; returns 0."""
     from ..data.intensity import denormalize, normalize
-    from ..data.io import file_format, rescaled_voxel_size, write_volume
+    from ..data.io import rescaled_voxel_size
+    from ..degradation import preset, sample_offset
+    from ..evaluation.baselines import interpolate_axial
 
     if args.factor < 2:
         raise CommandError(f"--factor must be at least 2, got {args.factor}")
-    file_format(args.output)
-    volume = _read(args.input, args.key, sample="anisotropic")
+    claim_volume_output(args.output, args.overwrite, args.output_key)
+    volume = read_input(args.input, args.key, sample="anisotropic")
     data = np.moveaxis(volume.data, args.axis, 0)
     if data.shape[0] < 2:
         raise CommandError(f"the coarse axis {args.axis} has {data.shape[0]} voxel(s); nothing to interpolate")
@@ -49,18 +56,19 @@ def _interpolate(argv) -> int:
     # normalise and write back like vemamba_iso_predict, so both outputs share dtype handling and rounding
     normed, record = normalize(data)
     result = interpolate_axial(normed, args.factor, offset, args.method)
-    dtype = np.dtype(args.dtype) if args.dtype else data.dtype
+    dtype = args.dtype if args.dtype is not None else data.dtype
     out = np.ascontiguousarray(np.moveaxis(denormalize(result, record, dtype), 0, args.axis))
     voxel = rescaled_voxel_size(volume.voxel_size, args.axis, 1 / args.factor)
-    write_volume(args.output, out, voxel, key=args.output_key)
+    write_output_volume(args.output, out, voxel, args.output_key, args.overwrite)
     print(f"wrote {args.output}: shape {out.shape} (Z, Y, X), dtype {out.dtype}, x{args.factor} {args.method} "
           f"along axis {args.axis}")
     return 0
 
 
-def interpolate_main() -> int:
-    sys.exit(_run(_interpolate, sys.argv[1:]))
+def main(argv=None) -> int:
+    """Entry point of ``vemamba_iso_interpolate``; returns the exit code."""
+    return run_command(build_parser(), run, argv)
 
 
 if __name__ == "__main__":
-    interpolate_main()
+    sys.exit(main())

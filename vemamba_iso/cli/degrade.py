@@ -8,17 +8,18 @@ it with the ground truth's first ``(n // K) * K`` slices along that axis.
 """
 from __future__ import annotations
 
-import argparse
 import sys
 
 import numpy as np
 
-from ..cli import CommandError, _read, _run
-from .simulate import PRESETS, degrade_axial, preset
+from .common import CommandError, CommandParser, read_input, run_command
+from .outputs import claim_volume_output, write_output_volume
 
 
-def _degrade(argv) -> int:
-    parser = argparse.ArgumentParser(
+def build_parser() -> CommandParser:
+    """The command's arguments."""
+    from ..degradation import PRESETS
+    parser = CommandParser(
         prog="vemamba_iso_degrade",
         description="Degrade an isotropic (Z, Y, X) volume along one axis by a factor (simulated anisotropic "
                     "acquisition), written in the input's dtype. The axis is cropped to a multiple of the factor; "
@@ -34,14 +35,19 @@ def _degrade(argv) -> int:
     parser.add_argument("--seed", type=int, default=0, help="random seed of the noise/jitter (realistic preset)")
     parser.add_argument("--key", default=None, help="dataset key for HDF5/Zarr input")
     parser.add_argument("--output-key", default="data", help="dataset key for HDF5/Zarr output")
-    args = parser.parse_args(argv)
+    return parser
+
+
+def run(args) -> int:
+    """Degrade ``--input`` into ``--output``; returns 0."""
     from ..data.intensity import denormalize, normalize
-    from ..data.io import file_format, rescaled_voxel_size, write_volume
+    from ..data.io import rescaled_voxel_size
+    from ..degradation import degrade_axial, preset
 
     if args.factor < 2:
         raise CommandError(f"--factor must be at least 2 (the anisotropy to simulate), got {args.factor}")
-    file_format(args.output)  # fail on an unknown output format before any work
-    volume = _read(args.input, args.key)
+    claim_volume_output(args.output, args.overwrite, args.output_key)
+    volume = read_input(args.input, args.key)
     data = np.moveaxis(volume.data, args.axis, 0)
     length = data.shape[0]
     kept = (length // args.factor) * args.factor
@@ -56,15 +62,16 @@ def _degrade(argv) -> int:
                              rng=np.random.default_rng(args.seed))
     out = np.ascontiguousarray(np.moveaxis(denormalize(degraded, record, data.dtype), 0, args.axis))
     voxel = rescaled_voxel_size(volume.voxel_size, args.axis, args.factor)
-    write_volume(args.output, out, voxel, key=args.output_key)
+    write_output_volume(args.output, out, voxel, args.output_key, args.overwrite)
     print(f"wrote {args.output}: shape {out.shape} (Z, Y, X), dtype {out.dtype}, x{args.factor} {args.degradation} "
           f"along axis {args.axis}, voxel size {voxel}")
     return 0
 
 
-def degrade_main() -> int:
-    sys.exit(_run(_degrade, sys.argv[1:]))
+def main(argv=None) -> int:
+    """Entry point of ``vemamba_iso_degrade``; returns the exit code."""
+    return run_command(build_parser(), run, argv)
 
 
 if __name__ == "__main__":
-    degrade_main()
+    sys.exit(main())

@@ -1,0 +1,153 @@
+"""The Triton backend against the reference: forward and every gradient, in Triton's CPU interpreter.
+
+The kernels run on CPU tensors under ``TRITON_INTERPRET=1``, which must be set before triton is first
+imported, so the cases run in one fresh interpreter process (module fixture) and each test reads its
+case's errors. The chunk length is cut to 4 there, so that lengths 7 and 130 cross many of the chunk
+boundaries whose saved states the backward pass starts from. On a GPU, ``test_cuda_*`` run the same
+comparison on the device.
+"""
+import json
+import os
+import subprocess
+import sys
+import textwrap
+from types import SimpleNamespace
+
+import pytest
+import torch
+
+from nnunet_logmamba.ssm import dispatch, selective_scan
+
+# (name, batch, dim, length, state, groups, options, dtype)
+ALL = dict(D=True, z=True, bias=True, softplus=True, last=True)
+CASES = [
+    ("length1", 2, 3, 1, 4, 1, ALL, "float32"),
+    ("length7_odd_dim", 2, 5, 7, 3, 1, ALL, "float32"),
+    ("length130_grouped", 2, 4, 130, 5, 2, ALL, "float32"),
+    ("length7_bare_grouped", 1, 6, 7, 4, 2, dict(D=False, z=False, bias=False, softplus=False, last=False),
+     "float32"),
+    ("length130_gate_only", 1, 3, 130, 2, 1, dict(D=False, z=True, bias=False, softplus=True, last=False),
+     "float32"),
+    ("length7_bf16", 2, 4, 7, 4, 2, ALL, "bfloat16"),
+    ("length7_fp16", 1, 3, 7, 4, 1, ALL, "float16"),
+]
+
+CHECKER = textwrap.dedent('''
+    import json, os, sys
+    os.environ["TRITON_INTERPRET"] = "1"
+    import torch
+    import nnunet_logmamba.ssm.triton_kernel as tk
+    from nnunet_logmamba.ssm import selective_scan
+    tk.CHUNK = 4
+    NAMES = ["u", "delta", "A", "B", "C", "D", "z", "delta_bias"]
+
+    def run(case):
+        name, batch, dim, length, state, groups, opt, dtype = case
+        dtype = getattr(torch, dtype)
+        g = torch.Generator().manual_seed(len(name))
+        r = lambda *s, scale=1.0: torch.randn(*s, generator=g) * scale
+        bc = (batch, groups, state, length) if groups > 1 else (batch, state, length)
+        inputs = [r(batch, dim, length).to(dtype), r(batch, dim, length, scale=0.5).to(dtype),
+                  -(torch.rand(dim, state, generator=g) + 0.2), r(*bc).to(dtype), r(*bc).to(dtype),
+                  r(dim) if opt["D"] else None, r(batch, dim, length).to(dtype) if opt["z"] else None,
+                  r(dim, scale=0.3) if opt["bias"] else None]
+        weights = torch.linspace(-1, 1, batch * dim * length).view(batch, dim, length)
+        found = {}
+        for backend in ("triton", "reference"):
+            xs = [None if t is None else t.clone().requires_grad_() for t in inputs]
+            out = selective_scan(*xs[:5], D=xs[5], z=xs[6], delta_bias=xs[7], delta_softplus=opt["softplus"],
+                                 return_last_state=opt["last"], backend=backend)
+            y, last = out if opt["last"] else (out, None)
+            loss = (y.float() * weights).sum() + (0.7 * last.sum() if last is not None else 0)
+            loss.backward()
+            found[backend] = {"y": y.detach().float(), "y_dtype": str(y.dtype),
+                              **({"last": last.detach().float()} if last is not None else {}),
+                              **{"d" + n: x.grad.float() for n, x in zip(NAMES, xs) if x is not None}}
+        tri, ref = found["triton"], found["reference"]
+        errors = {k: float((tri[k] - ref[k]).abs().max() / (ref[k].abs().max() + 1e-6))
+                  for k in ref if k != "y_dtype"}
+        return {"errors": errors, "y_dtype": tri["y_dtype"], "ref_dtype": ref["y_dtype"],
+                "finite": all(bool(torch.isfinite(v).all()) for k, v in tri.items() if k != "y_dtype")}
+
+    print(json.dumps({case[0]: run(case) for case in json.loads(sys.argv[1])}))
+''')
+
+
+@pytest.fixture(scope="module")
+def interpreter_results():
+    pytest.importorskip("triton")
+    env = {**os.environ, "TRITON_INTERPRET": "1", "OMP_NUM_THREADS": "1"}
+    proc = subprocess.run([sys.executable, "-c", CHECKER, json.dumps(CASES)], capture_output=True, text=True,
+                          env=env, timeout=1200)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    return json.loads(proc.stdout.strip().splitlines()[-1])
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("case", CASES, ids=[c[0] for c in CASES])
+def test_triton_kernels_match_the_reference_in_the_interpreter(case, interpreter_results):
+    name, *_, options, dtype = case
+    result = interpreter_results[name]
+    assert result["finite"]
+    assert result["y_dtype"] == result["ref_dtype"] == f"torch.{dtype}"  # output in u's dtype
+    optional = {"last": "last", "D": "dD", "z": "dz", "bias": "ddelta_bias"}
+    expected = {"y", "du", "ddelta", "dA", "dB", "dC"} | {key for opt, key in optional.items() if options[opt]}
+    assert set(result["errors"]) == expected
+    # fp32 state and accumulation: fp32 inputs agree to rounding; half inputs to their own rounding
+    tolerance = 1e-4 if dtype == "float32" else 2e-2
+    assert max(result["errors"].values()) < tolerance, result["errors"]
+
+
+def test_triton_backend_says_clearly_why_it_cannot_run(monkeypatch):
+    import nnunet_logmamba.ssm.triton_kernel as tk
+
+    u = torch.randn(1, 2, 3)
+    args = (u, u.clone(), -torch.ones(2, 4), torch.randn(1, 4, 3), torch.randn(1, 4, 3))
+    monkeypatch.delenv("TRITON_INTERPRET", raising=False)
+    if tk.triton is not None:  # installed: CPU tensors outside the interpreter are refused with the fix
+        with pytest.raises(RuntimeError, match="runs on CUDA tensors.*backend='torch'"):
+            selective_scan(*args, backend="triton")
+        with pytest.raises(RuntimeError, match="fp64"):
+            selective_scan(*[a.double() for a in args], backend="triton")
+    monkeypatch.setattr(tk, "triton", None)
+    monkeypatch.setattr(tk, "_IMPORT_ERROR", "ModuleNotFoundError: No module named 'triton'")
+    with pytest.raises(RuntimeError, match="triton does not import.*No module named 'triton'"):
+        selective_scan(*args, backend="triton")
+    assert "triton" not in dispatch.available_backends("cuda")
+
+
+@pytest.mark.parametrize("mamba, triton, expected", [(True, True, "mamba_ssm"), (False, True, "triton"),
+                                                     (False, False, "torch")])
+def test_auto_prefers_mamba_ssm_then_triton_then_torch_on_cuda(monkeypatch, mamba, triton, expected):
+    monkeypatch.delenv(dispatch.BACKEND_ENV, raising=False)
+    monkeypatch.setattr(dispatch, "kernel_supports", lambda u, A: mamba)
+    monkeypatch.setattr(dispatch, "triton_supports", lambda u: triton)
+    cuda_tensor = SimpleNamespace(is_cuda=True)
+    assert dispatch.resolve_backend("auto", cuda_tensor, torch.zeros(4, 16)) == expected
+    # a state too large for the kernel's register block goes to torch
+    if not mamba:
+        assert dispatch.resolve_backend("auto", cuda_tensor, torch.zeros(4, 512)) == "torch"
+    monkeypatch.setenv(dispatch.BACKEND_ENV, "torch")
+    assert dispatch.resolve_backend("auto", cuda_tensor, torch.zeros(4, 16)) == "torch"
+    assert dispatch.resolve_backend("auto", torch.zeros(1, 4, 2), torch.zeros(4, 16)) == "torch"
+
+
+@pytest.mark.cuda
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU")
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+@pytest.mark.parametrize("length", [1, 7, 130, 4099])
+def test_cuda_triton_matches_the_torch_backend(length, dtype):
+    g = torch.Generator().manual_seed(length)
+    r = lambda *s: torch.randn(*s, generator=g).cuda()  # noqa: E731
+    inputs = [r(2, 6, length).to(dtype), (0.5 * r(2, 6, length)).to(dtype), -(r(6, 16).abs() + 0.2),
+              r(2, 2, 16, length).to(dtype), r(2, 2, 16, length).to(dtype), r(6), r(2, 6, length).to(dtype), r(6)]
+    found = []
+    for backend in ("triton", "torch"):
+        xs = [t.clone().requires_grad_() for t in inputs]
+        y, last = selective_scan(*xs[:5], D=xs[5], z=xs[6], delta_bias=xs[7], delta_softplus=True,
+                                 return_last_state=True, backend=backend)
+        (y.float().square().mean() + last.mean()).backward()
+        found.append([y.float(), last] + [x.grad.float() for x in xs])
+    tolerance = 1e-3 if dtype == torch.float32 else 3e-2
+    for a, b in zip(*found):
+        assert float((a - b).abs().max() / (b.abs().max() + 1e-6)) < tolerance
