@@ -202,100 +202,47 @@ def set_budget(trainer: nnUNetTrainer, epochs: int, iterations: int, val_iterati
         trainer.save_every = 1
 
 
-class nnUNetTrainerLoGVMamba_1epoch_2iters(nnUNetTrainerLoGVMamba):
-    """Smoke-test budget: 1 epoch of 2 training and 1 validation iteration."""
+def budget_variant(base: type, epochs: int, iterations: int, val_iterations: int, doc: str) -> type:
+    """A subclass of ``base`` with a short schedule, named nnU-Net's way (``<base>_<E>epochs_<I>iters``).
 
+    The class keeps nnU-Net's ``__init__`` signature and lives in this module, so the stock finder and
+    checkpoints (which store the class name) see it like any hand-written trainer.
+    """
     def __init__(self, plans: dict, configuration: str, fold: int, dataset_json: dict,
                  device: torch.device = torch.device("cuda")):
-        super().__init__(plans, configuration, fold, dataset_json, device)
-        set_budget(self, epochs=1, iterations=2, val_iterations=1)
+        base.__init__(self, plans, configuration, fold, dataset_json, device)
+        respect_omp_num_threads(device)  # the plain baselines too, so both sides use the same threads
+        set_budget(self, epochs=epochs, iterations=iterations, val_iterations=val_iterations)
+
+    suffix = "_1epoch_2iters" if (epochs, iterations) == (1, 2) else f"_{epochs}epochs_{iterations}iters"
+    name = base.__name__ + suffix
+    return type(name, (base,), {"__init__": __init__, "__doc__": doc, "__module__": __name__,
+                                "__qualname__": name})
 
 
-class nnUNetTrainerLoGVMamba_4epochs_25iters(nnUNetTrainerLoGVMamba):
-    """Short CPU evaluation budget: 4 epochs of 25 iterations (100 steps), 5 validation iterations."""
-
-    def __init__(self, plans: dict, configuration: str, fold: int, dataset_json: dict,
-                 device: torch.device = torch.device("cuda")):
-        super().__init__(plans, configuration, fold, dataset_json, device)
-        set_budget(self, epochs=4, iterations=25, val_iterations=5)
-
-
-class nnUNetTrainer_4epochs_25iters(nnUNetTrainer):
-    """The plain nnU-Net baseline at the same budget as :class:`nnUNetTrainerLoGVMamba_4epochs_25iters`."""
-
-    def __init__(self, plans: dict, configuration: str, fold: int, dataset_json: dict,
-                 device: torch.device = torch.device("cuda")):
-        super().__init__(plans, configuration, fold, dataset_json, device)
-        respect_omp_num_threads(device)
-        set_budget(self, epochs=4, iterations=25, val_iterations=5)
-
-
-class nnUNetTrainerLoGVMamba_12epochs_25iters(nnUNetTrainerLoGVMamba):
-    """Longer CPU evaluation budget: 12 epochs of 25 iterations (300 steps), 5 validation iterations."""
-
-    def __init__(self, plans: dict, configuration: str, fold: int, dataset_json: dict,
-                 device: torch.device = torch.device("cuda")):
-        super().__init__(plans, configuration, fold, dataset_json, device)
-        set_budget(self, epochs=12, iterations=25, val_iterations=5)
+nnUNetTrainerLoGVMamba_1epoch_2iters = budget_variant(
+    nnUNetTrainerLoGVMamba, 1, 2, 1, "Smoke-test budget: 1 epoch of 2 training and 1 validation iteration.")
+nnUNetTrainerLoGVMamba_4epochs_25iters = budget_variant(
+    nnUNetTrainerLoGVMamba, 4, 25, 5, "Short CPU evaluation budget: 4 epochs of 25 iterations (100 steps).")
+nnUNetTrainer_4epochs_25iters = budget_variant(
+    nnUNetTrainer, 4, 25, 5, "The plain nnU-Net baseline at the 100-step budget.")
+nnUNetTrainerLoGVMamba_12epochs_25iters = budget_variant(
+    nnUNetTrainerLoGVMamba, 12, 25, 5, "CPU evaluation budget: 12 epochs of 25 iterations (300 steps).")
+nnUNetTrainerLoGVMambaAllStages_12epochs_25iters = budget_variant(
+    nnUNetTrainerLoGVMambaAllStages, 12, 25, 5, "The all-stages layout at the 300-step budget.")
+nnUNetTrainerLVMamba_12epochs_25iters = budget_variant(
+    nnUNetTrainerLVMamba, 12, 25, 5, "L-VMamba ablation at the 300-step budget.")
+nnUNetTrainerGVMamba_12epochs_25iters = budget_variant(
+    nnUNetTrainerGVMamba, 12, 25, 5, "G-VMamba ablation at the 300-step budget.")
+nnUNetTrainer_12epochs_25iters = budget_variant(
+    nnUNetTrainer, 12, 25, 5, "The plain nnU-Net baseline at the 300-step budget.")
+nnUNetTrainerLoGVMamba_40epochs_25iters = budget_variant(
+    nnUNetTrainerLoGVMamba, 40, 25, 5, "1000-step CPU budget: 40 epochs of 25 iterations.")
+nnUNetTrainer_40epochs_25iters = budget_variant(
+    nnUNetTrainer, 40, 25, 5, "The plain nnU-Net baseline at the 1000-step budget.")
 
 
-class nnUNetTrainerLoGVMambaAllStages_12epochs_25iters(nnUNetTrainerLoGVMambaAllStages):
-    """The all-stages layout at the 300-step CPU budget of :class:`nnUNetTrainerLoGVMamba_12epochs_25iters`."""
-
-    def __init__(self, plans: dict, configuration: str, fold: int, dataset_json: dict,
-                 device: torch.device = torch.device("cuda")):
-        super().__init__(plans, configuration, fold, dataset_json, device)
-        set_budget(self, epochs=12, iterations=25, val_iterations=5)
-
-
-class nnUNetTrainerLVMamba_12epochs_25iters(nnUNetTrainerLVMamba):
-    """L-VMamba ablation at the 300-step CPU budget."""
-
-    def __init__(self, plans: dict, configuration: str, fold: int, dataset_json: dict,
-                 device: torch.device = torch.device("cuda")):
-        super().__init__(plans, configuration, fold, dataset_json, device)
-        set_budget(self, epochs=12, iterations=25, val_iterations=5)
-
-
-class nnUNetTrainerGVMamba_12epochs_25iters(nnUNetTrainerGVMamba):
-    """G-VMamba ablation at the 300-step CPU budget."""
-
-    def __init__(self, plans: dict, configuration: str, fold: int, dataset_json: dict,
-                 device: torch.device = torch.device("cuda")):
-        super().__init__(plans, configuration, fold, dataset_json, device)
-        set_budget(self, epochs=12, iterations=25, val_iterations=5)
-
-
-class nnUNetTrainer_12epochs_25iters(nnUNetTrainer):
-    """The plain nnU-Net baseline at the same budget as :class:`nnUNetTrainerLoGVMamba_12epochs_25iters`."""
-
-    def __init__(self, plans: dict, configuration: str, fold: int, dataset_json: dict,
-                 device: torch.device = torch.device("cuda")):
-        super().__init__(plans, configuration, fold, dataset_json, device)
-        respect_omp_num_threads(device)
-        set_budget(self, epochs=12, iterations=25, val_iterations=5)
-
-
-class nnUNetTrainerLoGVMamba_40epochs_25iters(nnUNetTrainerLoGVMamba):
-    """1000-step CPU budget: 40 epochs of 25 iterations, 5 validation iterations."""
-
-    def __init__(self, plans: dict, configuration: str, fold: int, dataset_json: dict,
-                 device: torch.device = torch.device("cuda")):
-        super().__init__(plans, configuration, fold, dataset_json, device)
-        set_budget(self, epochs=40, iterations=25, val_iterations=5)
-
-
-class nnUNetTrainer_40epochs_25iters(nnUNetTrainer):
-    """The plain baseline at the budget of :class:`nnUNetTrainerLoGVMamba_40epochs_25iters`."""
-
-    def __init__(self, plans: dict, configuration: str, fold: int, dataset_json: dict,
-                 device: torch.device = torch.device("cuda")):
-        super().__init__(plans, configuration, fold, dataset_json, device)
-        respect_omp_num_threads(device)
-        set_budget(self, epochs=40, iterations=25, val_iterations=5)
-
-
-__all__ = ["TRAINERS", "parameter_groups", "network_builder", "set_budget", "respect_omp_num_threads", "disable_autocast_in_forward"]
+__all__ = ["TRAINERS", "parameter_groups", "budget_variant", "network_builder", "set_budget", "respect_omp_num_threads", "disable_autocast_in_forward"]
 
 #: Every trainer this package provides (the names nnU-Net's -tr option accepts).
 TRAINERS = {cls.__name__: cls for cls in (
