@@ -188,3 +188,13 @@ def test_moco_step_updates_queue_and_momentum_encoder():
     assert torch.equal(learner.queue[8:], queue_before[8:])
     assert any(not torch.equal(k, p) for k, p in zip(key_before, learner.key_encoder.parameters()))
     assert all(not p.requires_grad for p in learner.key_encoder.parameters())
+
+
+def test_cached_scan_paths_are_the_permutations_and_their_inverses():
+    from vemamba_iso.model.scan_orders import scan_paths
+
+    shape = (3, 5, 4)
+    paths = scan_paths(shape, "lateral_first", "cpu", lateral_orders=2)
+    assert paths is scan_paths(shape, "lateral_first", torch.device("cpu"), lateral_orders=2)  # built once
+    for (perm, inverse), expected in zip(paths, scan_permutations(shape, "lateral_first", lateral_orders=2)):
+        assert torch.equal(perm, expected) and torch.equal(inverse, inverse_permutation(expected))

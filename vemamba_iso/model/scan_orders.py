@@ -79,6 +79,21 @@ def scan_permutations(shape: tuple[int, int, int], family: str, device=None,
             for p in _orders(tuple(int(s) for s in shape), family, int(lateral_orders))]
 
 
+@lru_cache(maxsize=256)
+def _paths_on(shape: tuple[int, int, int], family: str, device: str, lateral_orders: int):
+    perms = scan_permutations(shape, family, device=device, lateral_orders=lateral_orders)
+    return tuple((p, inverse_permutation(p)) for p in perms)
+
+
+def scan_paths(shape: tuple[int, int, int], family: str, device, lateral_orders: int = 1):
+    """``(permutation, inverse)`` pairs of :func:`scan_permutations`, built once per grid and device.
+
+    A network calls this every forward with the same few grids; caching spares rebuilding the
+    inverses and, on a GPU, copying the index tensors to the device each time. Do not modify them.
+    """
+    return _paths_on(tuple(int(s) for s in shape), family, str(torch.device(device)), int(lateral_orders))
+
+
 def inverse_permutation(perm: torch.Tensor) -> torch.Tensor:
     """The permutation that undoes ``perm``: ``x[..., perm][..., inverse] == x``."""
     inverse = torch.empty_like(perm)
