@@ -148,9 +148,9 @@ def insert_log_vmamba_blocks(network: nn.Module, patch_size: Sequence[int], batc
     encoder_stages = ("none" if ndim == 2 else "all") if config.encoder_stages is None else config.encoder_stages
     if encoder_stages not in ("all", "bottleneck", "none"):
         raise ValueError(f"encoder_stages must be 'all', 'bottleneck' or 'none', got {encoder_stages!r}")
-    placed = []
     if config.placement == "all_stages":
         return _insert_after_every_encoder_stage(encoder, sizes, channels, config)
+    placed = []
     for i, size in enumerate(sizes):
         if encoder_stages == "none" or (encoder_stages == "bottleneck" and i != len(sizes) - 1):
             continue

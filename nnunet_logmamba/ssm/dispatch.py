@@ -30,22 +30,30 @@ def available_backends(device: str | torch.device = "cpu") -> list[str]:
     kind = torch.device(device).type
     if triton_status()[0] and (kind == "cuda" or (kind == "cpu" and interpreter_active())):
         names.append("triton")
-    if torch.device(device).type == "cuda" and mamba_ssm_status()[0]:
+    if kind == "cuda" and mamba_ssm_status()[0]:
         names.append("mamba_ssm")
     return names
 
 
+def _triton_takes(u: torch.Tensor, A: torch.Tensor) -> bool:
+    """Whether ``auto`` may give these tensors to the Triton kernels (CUDA, dtype, state size)."""
+    return u.is_cuda and triton_supports(u) and A.shape[1] <= MAX_TRITON_STATE
+
+
 def auto_backend_reason(u: torch.Tensor, A: torch.Tensor) -> str:
     """Why ``auto`` picks what it picks for these tensors (for ``nnunet_logmamba doctor``)."""
+    override = os.environ.get(BACKEND_ENV, "auto")
+    if override != "auto":
+        return f"{BACKEND_ENV}={override}"
     if not u.is_cuda:
         return "CPU tensors: the chunked torch scan"
-    mamba_ok, mamba_reason = mamba_ssm_status()
     if kernel_supports(u, A):
         return "mamba-ssm's CUDA kernel imports"
-    triton_ok, triton_reason = triton_status()
-    if triton_ok and triton_supports(u) and A.shape[1] <= MAX_TRITON_STATE:
-        return f"mamba-ssm does not import ({mamba_reason.splitlines()[0][:80]}); {triton_reason} does"
-    return f"neither mamba-ssm ({mamba_reason.splitlines()[0][:80]}) nor triton ({triton_reason}) can run here"
+    mamba_reason = mamba_ssm_status()[1].splitlines()[0][:80]
+    triton_reason = triton_status()[1]
+    if _triton_takes(u, A):
+        return f"mamba-ssm does not import ({mamba_reason}); {triton_reason} does"
+    return f"neither mamba-ssm ({mamba_reason}) nor triton ({triton_reason}) can run here"
 
 
 def resolve_backend(backend: str, u: torch.Tensor, A: torch.Tensor) -> str:
@@ -59,7 +67,7 @@ def resolve_backend(backend: str, u: torch.Tensor, A: torch.Tensor) -> str:
     if backend == "auto":
         if kernel_supports(u, A):
             return "mamba_ssm"
-        if u.is_cuda and triton_supports(u) and A.shape[1] <= MAX_TRITON_STATE:
+        if _triton_takes(u, A):
             return "triton"
         return "torch"
     return backend
