@@ -30,6 +30,14 @@ from vemamba_iso.training import load_model
 RESULTS = Path(__file__).resolve().parent / "results"
 
 
+def scan_form(network: dict) -> str:
+    """'4 paths, restored DWAM' style summary of a model's scan configuration (legacy models: 2 paths, input)."""
+    from vemamba_iso.model import NetworkConfig
+
+    config = NetworkConfig.from_dict(network)
+    return f"{config.paths_per_chunk} paths, {config.aggregation}" + ("" if config.use_degradation_encoder else ", no prior")
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--data", default="/work/shared/data/em")
@@ -82,13 +90,15 @@ def main() -> None:
                          f"{m['ssim_3d']:.4f} | {m['ssim_xy']:.4f} | {m['ssim_xz']:.4f} | {m['ssim_yz']:.4f} |")
     lines.append("")
     lines.append("| factor | VEMamba gain over linear (dB) | over cubic (dB) | training steps | batch | "
-                 "patch (axial, lateral) | CPU training time (min) | parameters | lateral flip average |")
-    lines.append("|---|---|---|---|---|---|---|---|---|")
+                 "patch (axial, lateral) | CPU training time (min) | training steps/s | parameters | scan form | "
+                 "lateral flip average |")
+    lines.append("|---|---|---|---|---|---|---|---|---|---|---|")
     for name, report in results.items():
         t = report["training"]
         lines.append(f"| {name} | {report['vemamba']['psnr_gain_over_linear']:+.2f} | "
                      f"{report['vemamba']['psnr_gain_over_cubic']:+.2f} | {t['steps']} | {t['batch_size']} | "
-                     f"{tuple(t['patch_axial_lateral'])} | {t['seconds'] / 60:.1f} | {t['parameters']} | "
+                     f"{tuple(t['patch_axial_lateral'])} | {t['seconds'] / 60:.1f} | "
+                     f"{t['steps'] / max(t['seconds'], 1e-9):.2f} | {t['parameters']} | {scan_form(t['network'])} | "
                      f"{'yes' if report['settings'].get('flip_average') else 'no'} |")
     lines += [""] + args.note
     (out / "fib25_table.md").write_text("\n".join(lines) + "\n")

@@ -33,7 +33,7 @@ DEFAULT_TRAINERS = ["nnUNetTrainer_12epochs_25iters", "nnUNetTrainerLoGVMamba_12
 DATASET = "Dataset004_Hippocampus"
 
 
-def nnunet_env(work: str, training: bool = False, threads: int = 1) -> dict:
+def nnunet_env(work: str, training: bool = False, threads: int = 1, seed: int | None = None) -> dict:
     env = dict(os.environ)
     env.update(nnUNet_raw=os.path.join(work, "nnUNet_raw"), nnUNet_preprocessed=os.path.join(work, "nnUNet_preprocessed"),
                nnUNet_results=os.path.join(work, "nnUNet_results"))
@@ -42,6 +42,8 @@ def nnunet_env(work: str, training: bool = False, threads: int = 1) -> dict:
         # both budget trainers honour OMP_NUM_THREADS (nnU-Net would use every core, which a shared
         # machine oversubscribes); --threads sets it, the same for every trainer
         env["OMP_NUM_THREADS"] = str(threads)
+        if seed is not None:  # paired runs: same conv init and batches for every trainer (budget trainers)
+            env["BIOIMAGE_MAMBA_SEED"] = str(seed)
     return env
 
 
@@ -111,7 +113,7 @@ def training_minutes(work: str, trainer: str, configuration: str, fold: int = 0)
 def train_all(jobs: list[tuple[str, int]], args, log) -> None:
     """Run ``nnUNetv2_train`` for every (trainer, fold) without a summary, ``args.parallel`` at a time."""
     pending = [(t, f) for t, f in jobs if not os.path.isfile(summary_path(args.work, t, args.configuration, f))]
-    env = nnunet_env(args.work, training=True, threads=args.threads)
+    env = nnunet_env(args.work, training=True, threads=args.threads, seed=None if args.seed < 0 else args.seed)
     running: list[tuple[subprocess.Popen, list[str]]] = []
     while pending or running:
         while pending and len(running) < args.parallel:
@@ -179,6 +181,9 @@ def main(argv=None):
     parser.add_argument("--device", default="cpu")
     parser.add_argument("--out", default=os.path.join(HERE, "results", "hippocampus_cpu.md"))
     parser.add_argument("--threads", type=int, default=1, help="torch threads per training (OMP_NUM_THREADS)")
+    parser.add_argument("--seed", type=int, default=0,
+                        help="BIOIMAGE_MAMBA_SEED for every training (same conv init and batches for all trainers: "
+                             "a paired comparison); -1 leaves nnU-Net unseeded")
     parser.add_argument("--folds", type=int, nargs="+", default=[0])
     parser.add_argument("--parallel", type=int, default=1, help="trainings run at the same time")
     parser.add_argument("--prepare-only", action="store_true")

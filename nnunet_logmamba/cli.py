@@ -70,7 +70,8 @@ def doctor() -> int:
     import torch
     from importlib.metadata import PackageNotFoundError, version
 
-    from .ssm import auto_backend_reason, available_backends, mamba_ssm_status, resolve_backend, triton_status
+    from .ssm import (auto_backend_reason, available_backends, cpu_kernel_status, mamba_ssm_status, resolve_backend,
+                      triton_status)
     from .training import TRAINERS
 
     def pkg_version(name):
@@ -104,6 +105,9 @@ def doctor() -> int:
     triton_ok, triton_reason = triton_status()
     print(f"triton kernels: {'importable' if triton_ok else 'not importable'} ({triton_reason}; used on CUDA "
           "when mamba-ssm is not)")
+    cpu_ok, cpu_reason = cpu_kernel_status()
+    print(f"CPU scan kernel: {'available' if cpu_ok else 'not available'} ({cpu_reason}; used on CPU, else the "
+          "chunked torch scan)")
     devices = ["cpu"] + (["cuda"] if cuda else [])
     for device in devices:
         u = torch.zeros(1, 1, 1, device=device)

@@ -23,17 +23,23 @@ def test_doctor_passes_when_everything_works(healthy, capsys):
     assert "parity with reference: ok" in out and out.strip().endswith("status: ok")
 
 
+def cpu_auto_backend() -> str:
+    """What ``auto`` runs on CPU here (the compiled kernel where a C compiler exists, else torch)."""
+    return dispatch.resolve_backend("auto", torch.zeros(1, 1, 1), torch.zeros(1, 1))
+
+
 def test_doctor_fails_when_the_backend_a_device_uses_is_wrong(healthy, monkeypatch, capsys):
-    correct = dispatch._IMPLEMENTATIONS["torch"]
+    backend = cpu_auto_backend()
+    correct = dispatch._IMPLEMENTATIONS[backend]
 
     def slightly_wrong(*args, **kwargs):
         return correct(*args, **kwargs) * 1.01
 
-    monkeypatch.setitem(dispatch._IMPLEMENTATIONS, "torch", slightly_wrong)
+    monkeypatch.setitem(dispatch._IMPLEMENTATIONS, backend, slightly_wrong)
     monkeypatch.setattr(torch.cuda, "is_available", lambda: False)   # the CPU path is the one patched
     assert cli.doctor() == 1
     out = capsys.readouterr().out
-    assert "scan backend on cpu: auto -> torch" in out and "parity with reference: FAILED" in out
+    assert f"scan backend on cpu: auto -> {backend}" in out and "parity with reference: FAILED" in out
     assert "BIOIMAGE_MAMBA_SCAN_BACKEND" in out and "1 problem(s)" in out
 
 
@@ -41,7 +47,7 @@ def test_doctor_fails_when_a_backend_cannot_run(healthy, monkeypatch, capsys):
     def broken(*args, **kwargs):
         raise RuntimeError("kernel image is not available")
 
-    monkeypatch.setitem(dispatch._IMPLEMENTATIONS, "torch", broken)
+    monkeypatch.setitem(dispatch._IMPLEMENTATIONS, cpu_auto_backend(), broken)
     monkeypatch.setattr(torch.cuda, "is_available", lambda: False)
     assert cli.main(["doctor"]) == 1
     assert "FAILED (RuntimeError: kernel image is not available)" in capsys.readouterr().out

@@ -181,8 +181,12 @@ def test_bad_shapes_name_the_argument(bad, message):
 
 
 def test_backend_choice(monkeypatch):
+    from nnunet_logmamba.ssm import cpu_kernel_status
+
     u, A = torch.zeros(1, 2, 3), torch.zeros(2, 4)
-    assert resolve_backend("auto", u, A) == "torch"
+    # on CPU: the compiled kernel where it builds, else the torch scan
+    assert resolve_backend("auto", u, A) == ("cpu_kernel" if cpu_kernel_status()[0] else "torch")
+    assert resolve_backend("auto", u.double(), A.double()) == "torch"
     assert "torch" in available_backends("cpu") and "mamba_ssm" not in available_backends("cpu")
     with pytest.raises(ValueError, match="unknown selective-scan backend"):
         resolve_backend("cuda", u, A)
@@ -208,7 +212,7 @@ def test_packages_import_when_mamba_ssm_is_broken(tmp_path):
         ok, reason = mamba_ssm_status()
         assert not ok and "selective_scan_cuda" in reason, reason
         u = torch.randn(1, 2, 5)
-        assert resolve_backend("auto", u, torch.zeros(2, 3)) == "torch"
+        assert resolve_backend("auto", u, torch.zeros(2, 3)) in ("torch", "cpu_kernel")
         y = selective_scan(u, u.abs(), -torch.ones(2, 3), torch.randn(1, 3, 5), torch.randn(1, 3, 5))
         print("OK", tuple(y.shape))
     """)

@@ -212,3 +212,65 @@ def test_cpu_threads_follow_omp_num_threads(monkeypatch):
         assert torch.get_num_threads() == 2
     finally:
         torch.set_num_threads(before)
+
+
+def test_seeded_budget_trainers_share_conv_init_and_data_stream(monkeypatch):
+    """BIOIMAGE_MAMBA_SEED: a plain and a LoG-VMamba budget run start from the same conv weights and draw the same
+    batches, although building the LoG-VMamba network draws more random numbers (its blocks)."""
+    import random
+
+    import numpy as np
+
+    from nnunet_logmamba.training.trainers import SEED_ENV, budget_variant
+
+    class FakePlain:
+        was_initialized = False
+
+        def initialize(self):  # stands for nnU-Net building the planned network
+            self.conv = torch.randn(4)
+            self.was_initialized = True
+
+        def print_to_log_file(self, *args):
+            pass
+
+    class FakeLoG(FakePlain):
+        def initialize(self):
+            super().initialize()
+            self.blocks = torch.randn(7)    # the blocks' own initialisation, after the convs
+
+    def run(base):
+        trainer_class = budget_variant(base, 12, 25, 5, "test budget")
+        trainer = object.__new__(trainer_class)
+        trainer_class.initialize(trainer)
+        return trainer.conv, (torch.rand(3), np.random.rand(3), random.random())   # the first "batches"
+
+    monkeypatch.setenv(SEED_ENV, "7")
+    conv_plain, stream_plain = run(FakePlain)
+    conv_log, stream_log = run(FakeLoG)
+    assert torch.equal(conv_plain, conv_log)
+    assert torch.equal(stream_plain[0], stream_log[0]) and np.array_equal(stream_plain[1], stream_log[1])
+    assert stream_plain[2] == stream_log[2]
+    monkeypatch.setenv(SEED_ENV, "8")
+    assert not torch.equal(run(FakePlain)[0], conv_plain)
+    monkeypatch.setenv(SEED_ENV, "seven")
+    with pytest.raises(ValueError, match="not an integer seed"):
+        run(FakePlain)
+
+
+def test_fast_readout_trains_the_output_projections_at_a_scaled_learning_rate():
+    from nnunet_logmamba.training import nnUNetTrainerLoGVMamba_FastReadout
+
+    net = nnUNetTrainerLoGVMamba.build_network_architecture(None, _configuration(), 1, 2, True)
+    trainer = object.__new__(nnUNetTrainerLoGVMamba_FastReadout)
+    trainer.network, trainer.initial_lr, trainer.weight_decay, trainer.num_epochs = net, 1e-2, 3e-5, 10
+    optimizer, scheduler = trainer.configure_optimizers()
+    blocks = [m for m in net.modules() if isinstance(m, LoGVSSBlock)]
+    readout = {id(b.out_proj.weight) for b in blocks}
+    assert {id(p) for p in optimizer.param_groups[2]["params"]} == readout
+    assert sum(len(g["params"]) for g in optimizer.param_groups) == len(list(net.parameters()))
+    for epoch in (0, 5):
+        scheduler.step(epoch)
+        lrs = [g["lr"] for g in optimizer.param_groups]
+        assert lrs[0] == lrs[1] and lrs[2] == pytest.approx(10 * lrs[0]) and lrs[0] < 1e-2 + 1e-12
+    # every block still starts as the identity
+    assert all(float(b.out_proj.weight.abs().max()) == 0 for b in blocks)

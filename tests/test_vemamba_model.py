@@ -198,3 +198,28 @@ def test_cached_scan_paths_are_the_permutations_and_their_inverses():
     assert paths is scan_paths(shape, "lateral_first", torch.device("cpu"), lateral_orders=2)  # built once
     for (perm, inverse), expected in zip(paths, scan_permutations(shape, "lateral_first", lateral_orders=2)):
         assert torch.equal(perm, expected) and torch.equal(inverse, inverse_permutation(expected))
+
+
+def test_permute_tokens_gathers_and_its_gradient_is_the_inverse_gather():
+    from vemamba_iso.model.scan_orders import permute_tokens
+
+    perm = scan_permutations((3, 5, 4), "axial_first", lateral_orders=2)[1]
+    inverse = inverse_permutation(perm)
+    tokens = torch.randn(2, 3, 60, dtype=torch.float64)[:, 1:]   # a non-contiguous slice, as a chunk is
+    torch.testing.assert_close(permute_tokens(tokens, perm, inverse), tokens[..., perm], rtol=0, atol=0)
+    torch.testing.assert_close(permute_tokens(permute_tokens(tokens, perm, inverse), inverse, perm), tokens,
+                               rtol=0, atol=0)
+    leaf = tokens.clone().requires_grad_()
+    assert torch.autograd.gradcheck(lambda t: permute_tokens(t, perm, inverse), (leaf,))
+
+
+def test_network_output_does_not_depend_on_the_memory_format_inside():
+    """The body runs channels-last (faster convolutions on CPU); the result is the same network function."""
+    torch.manual_seed(0)
+    net = VEMambaNetwork(NetworkConfig(factor=3, **TINY)).double()
+    torch.nn.init.normal_(net.last_conv.weight, std=0.1)
+    x = torch.randn(2, 1, 4, 8, 8, dtype=torch.float64)
+    y = net(x)
+    assert y.is_contiguous() or y.is_contiguous(memory_format=torch.channels_last_3d)
+    single = torch.cat([net(x[i:i + 1]) for i in range(2)])
+    torch.testing.assert_close(y, single, rtol=1e-10, atol=1e-10)

@@ -5,10 +5,12 @@
                        delta_softplus=False, return_last_state=False, backend="auto")
 
 Backends: ``reference`` (sequential ground truth), ``torch`` (fast, chunked, pure PyTorch),
+``cpu_kernel`` (fused C kernel built on first use by the machine's compiler, CPU),
 ``triton`` (fused Triton kernels, GPU, no compiler needed), ``mamba_ssm`` (CUDA kernel, optional extra),
 ``auto`` (fastest available for the tensors' device).
 """
 from .chunked import selective_scan_chunked
+from .cpu_kernel import cpu_kernel_status, selective_scan_cpu_kernel
 from .cuda_kernel import mamba_ssm_status
 from .dispatch import BACKENDS, auto_backend_reason, available_backends, resolve_backend, selective_scan
 from .reference import selective_scan_reference
@@ -16,4 +18,4 @@ from .triton_kernel import selective_scan_triton, triton_status
 
 __all__ = ["selective_scan", "selective_scan_reference", "selective_scan_chunked", "resolve_backend",
            "available_backends", "mamba_ssm_status", "BACKENDS", "selective_scan_triton", "triton_status",
-           "auto_backend_reason"]
+           "auto_backend_reason", "cpu_kernel_status", "selective_scan_cpu_kernel"]

@@ -6,14 +6,16 @@ import os
 import torch
 
 from .chunked import selective_scan_chunked
+from .cpu_kernel import cpu_kernel_status, cpu_kernel_supports, selective_scan_cpu_kernel
 from .cuda_kernel import kernel_supports, mamba_ssm_status, selective_scan_cuda_kernel
 from .reference import selective_scan_reference
 from .triton_kernel import interpreter_active, selective_scan_triton, triton_status, triton_supports
 
-BACKENDS = ("auto", "reference", "torch", "triton", "mamba_ssm")
+BACKENDS = ("auto", "reference", "torch", "cpu_kernel", "triton", "mamba_ssm")
 _IMPLEMENTATIONS = {
     "reference": selective_scan_reference,
     "torch": selective_scan_chunked,
+    "cpu_kernel": selective_scan_cpu_kernel,
     "triton": selective_scan_triton,
     "mamba_ssm": selective_scan_cuda_kernel,
 }
@@ -24,10 +26,13 @@ MAX_TRITON_STATE = 256
 
 
 def available_backends(device: str | torch.device = "cpu") -> list[str]:
-    """Backends that can run on ``device`` here: ``triton`` on CUDA when triton imports (on CPU only in
-    Triton's interpreter), ``mamba_ssm`` only on CUDA with the extra installed."""
+    """Backends that can run on ``device`` here: ``cpu_kernel`` on CPU when it builds or loads, ``triton``
+    on CUDA when triton imports (on CPU only in Triton's interpreter), ``mamba_ssm`` only on CUDA with the
+    extra installed."""
     names = ["reference", "torch"]
     kind = torch.device(device).type
+    if kind == "cpu" and cpu_kernel_status()[0]:
+        names.append("cpu_kernel")
     if triton_status()[0] and (kind == "cuda" or (kind == "cpu" and interpreter_active())):
         names.append("triton")
     if kind == "cuda" and mamba_ssm_status()[0]:
@@ -46,7 +51,12 @@ def auto_backend_reason(u: torch.Tensor, A: torch.Tensor) -> str:
     if override != "auto":
         return f"{BACKEND_ENV}={override}"
     if not u.is_cuda:
-        return "CPU tensors: the chunked torch scan"
+        available, how = cpu_kernel_status()
+        if cpu_kernel_supports(u):
+            return f"CPU tensors: the compiled C kernel ({how})"
+        if not available:
+            return f"CPU tensors: the chunked torch scan (the C kernel is unavailable: {how})"
+        return f"CPU tensors of dtype {u.dtype}: the chunked torch scan (the C kernel computes in fp32)"
     if kernel_supports(u, A):
         return "mamba-ssm's CUDA kernel imports"
     mamba_reason = mamba_ssm_status()[1].splitlines()[0][:80]
@@ -69,6 +79,8 @@ def resolve_backend(backend: str, u: torch.Tensor, A: torch.Tensor) -> str:
             return "mamba_ssm"
         if _triton_takes(u, A):
             return "triton"
+        if not u.is_cuda and cpu_kernel_supports(u):
+            return "cpu_kernel"
         return "torch"
     return backend
 
@@ -85,8 +97,9 @@ def selective_scan(u, delta, A, B, C, D=None, z=None, delta_bias=None, delta_sof
         D, delta_bias: (dim,) or None. z: (batch, dim, length) or None (output gate ``silu(z)``).
         delta_softplus: apply softplus to ``delta + delta_bias``.
         return_last_state: also return the state after the last step, (batch, dim, state).
-        backend: ``auto``, ``reference``, ``torch``, ``triton`` or ``mamba_ssm``. ``auto``: on CUDA
-            tensors mamba_ssm when it imports, else triton, else torch; on CPU torch.
+        backend: ``auto``, ``reference``, ``torch``, ``cpu_kernel``, ``triton`` or ``mamba_ssm``.
+            ``auto``: on CUDA tensors mamba_ssm when it imports, else triton, else torch; on CPU the
+            compiled C kernel when it builds here (fp32/fp16/bf16), else torch.
 
     The recurrence runs in fp32 (fp64 for fp64 inputs) whatever the input dtype and an outer
     autocast; ``y`` comes back in ``u``'s dtype, the last state in the compute dtype.

@@ -11,7 +11,9 @@ Class names are stored in checkpoints: renaming one breaks prediction from old c
 """
 
 import os
+import random
 
+import numpy as np
 import torch
 from nnunetv2.training.lr_scheduler.polylr import PolyLRScheduler
 from nnunetv2.training.nnUNetTrainer.nnUNetTrainer import nnUNetTrainer
@@ -34,22 +36,40 @@ def respect_omp_num_threads(device: torch.device) -> None:
         torch.set_num_threads(int(value))
 
 
-def parameter_groups(network: torch.nn.Module, weight_decay: float) -> list[dict]:
+def parameter_groups(network: torch.nn.Module, weight_decay: float, readout_lr_scale: float = 1.0) -> list[dict]:
     """Optimiser groups: the SSM parameters Mamba keeps out of weight decay, and everything else.
 
     ``A_log``, ``D`` and ``dt_bias`` of every :class:`LoGVSSBlock` (``LoGVSSBlock.no_weight_decay``)
-    get ``weight_decay=0``; all other parameters keep nnU-Net's ``weight_decay``.
+    get ``weight_decay=0``; all other parameters keep nnU-Net's ``weight_decay``. With
+    ``readout_lr_scale != 1`` the blocks' output projections (``out_proj``, zero at the start) form a
+    third group whose learning rate is ``readout_lr_scale`` times nnU-Net's (``lr_scale`` in the group,
+    applied by :class:`ScaledPolyLRScheduler`).
     """
-    exempt = set()
+    exempt, readout = set(), set()
     for module in network.modules():
         if isinstance(module, LoGVSSBlock):
             exempt.update(id(getattr(module, name)) for name in module.no_weight_decay)
-    decayed = [p for p in network.parameters() if id(p) not in exempt]
+            if readout_lr_scale != 1.0:
+                readout.update(id(p) for p in module.out_proj.parameters())
+    decayed = [p for p in network.parameters() if id(p) not in exempt and id(p) not in readout]
     undecayed = [p for p in network.parameters() if id(p) in exempt]
     groups = [{"params": decayed, "weight_decay": weight_decay}]
     if undecayed:
         groups.append({"params": undecayed, "weight_decay": 0.0})
+    if readout:
+        groups.append({"params": [p for p in network.parameters() if id(p) in readout], "weight_decay": weight_decay,
+                       "lr_scale": float(readout_lr_scale)})
     return groups
+
+
+class ScaledPolyLRScheduler(PolyLRScheduler):
+    """nnU-Net's poly schedule, times each group's ``lr_scale`` (1 when absent)."""
+
+    def step(self, current_step=None):
+        super().step(current_step)
+        for group in self.optimizer.param_groups:
+            group["lr"] *= group.get("lr_scale", 1.0)
+        self._last_lr = [group["lr"] for group in self.optimizer.param_groups]
 
 
 def network_builder(config: LoGVMambaConfig) -> staticmethod:
@@ -73,6 +93,8 @@ class nnUNetTrainerLoGVMamba(nnUNetTrainer):
 
     log_vmamba_config = LoGVMambaConfig()
     build_network_architecture = network_builder(log_vmamba_config)
+    #: learning-rate factor of the blocks' output projections (see ``parameter_groups``)
+    readout_lr_scale = 1.0
 
     def __init__(self, plans: dict, configuration: str, fold: int, dataset_json: dict,
                  device: torch.device = torch.device("cuda")):
@@ -88,9 +110,9 @@ class nnUNetTrainerLoGVMamba(nnUNetTrainer):
     def configure_optimizers(self):
         # nnU-Net's SGD schedule (same lr, momentum, nesterov, poly decay), without decaying the SSM's
         # A_log / D / dt_bias. The poly scheduler sets the lr of every group.
-        optimizer = torch.optim.SGD(parameter_groups(self.network, self.weight_decay), self.initial_lr,
-                                    momentum=0.99, nesterov=True)
-        return optimizer, PolyLRScheduler(optimizer, self.initial_lr, self.num_epochs)
+        optimizer = torch.optim.SGD(parameter_groups(self.network, self.weight_decay, self.readout_lr_scale),
+                                    self.initial_lr, momentum=0.99, nesterov=True)
+        return optimizer, ScaledPolyLRScheduler(optimizer, self.initial_lr, self.num_epochs)
 
     def initialize(self):
         super().initialize()
@@ -111,6 +133,12 @@ class nnUNetTrainerLoGVMambaAllStages(nnUNetTrainerLoGVMamba):
 
     log_vmamba_config = LoGVMambaConfig(placement="all_stages", global_max_edge=8, last_global_max_edge=4)
     build_network_architecture = network_builder(log_vmamba_config)
+
+
+class nnUNetTrainerLoGVMamba_FastReadout(nnUNetTrainerLoGVMamba):
+    """The blocks' output projections (zero at the start) learn at 10x nnU-Net's learning rate."""
+
+    readout_lr_scale = 10.0
 
 
 class nnUNetTrainerLVMamba(nnUNetTrainerLoGVMamba):
@@ -202,11 +230,39 @@ def set_budget(trainer: nnUNetTrainer, epochs: int, iterations: int, val_iterati
         trainer.save_every = 1
 
 
+#: Environment variable with an integer seed for the budget trainers (paired comparisons, see below).
+SEED_ENV = "BIOIMAGE_MAMBA_SEED"
+
+
+def seed_everything(seed: int) -> None:
+    """Seed Python's, NumPy's and torch's global generators (nnU-Net's sampling and augmentation use them)."""
+    random.seed(seed)
+    np.random.seed(seed % 2 ** 32)
+    torch.manual_seed(seed)
+
+
+def comparison_seed() -> int | None:
+    """The seed in ``$BIOIMAGE_MAMBA_SEED``, or None when unset; a clear error when it is not an integer."""
+    value = os.environ.get(SEED_ENV, "").strip()
+    if not value:
+        return None
+    try:
+        return int(value)
+    except ValueError:
+        raise ValueError(f"{SEED_ENV}={value!r} is not an integer seed; unset it or give e.g. {SEED_ENV}=0") from None
+
+
 def budget_variant(base: type, epochs: int, iterations: int, val_iterations: int, doc: str) -> type:
     """A subclass of ``base`` with a short schedule, named nnU-Net's way (``<base>_<E>epochs_<I>iters``).
 
     The class keeps nnU-Net's ``__init__`` signature and lives in this module, so the stock finder and
     checkpoints (which store the class name) see it like any hand-written trainer.
+
+    With ``$BIOIMAGE_MAMBA_SEED`` set, a budget trainer seeds the global generators before building its
+    network and again right after: a plain and a LoG-VMamba run with the same seed then start from the
+    same convolution weights (the blocks draw their own initialisation after those) and see the same
+    sequence of training batches and augmentations (common random numbers), so a short comparison
+    measures the blocks rather than the luck of the draw. Unset, nnU-Net's usual unseeded behaviour.
     """
     def __init__(self, plans: dict, configuration: str, fold: int, dataset_json: dict,
                  device: torch.device = torch.device("cuda")):
@@ -214,9 +270,19 @@ def budget_variant(base: type, epochs: int, iterations: int, val_iterations: int
         respect_omp_num_threads(device)  # the plain baselines too, so both sides use the same threads
         set_budget(self, epochs=epochs, iterations=iterations, val_iterations=val_iterations)
 
+    def initialize(self):
+        seed = comparison_seed()
+        if seed is not None and not self.was_initialized:
+            seed_everything(seed)
+            base.initialize(self)
+            seed_everything(seed + 1)  # the same data stream whatever the network drew for its blocks
+            self.print_to_log_file(f"{SEED_ENV}={seed}: seeded before and after building the network")
+        else:
+            base.initialize(self)
+
     suffix = "_1epoch_2iters" if (epochs, iterations) == (1, 2) else f"_{epochs}epochs_{iterations}iters"
     name = base.__name__ + suffix
-    return type(name, (base,), {"__init__": __init__, "__doc__": doc, "__module__": __name__,
+    return type(name, (base,), {"__init__": __init__, "initialize": initialize, "__doc__": doc, "__module__": __name__,
                                 "__qualname__": name})
 
 
@@ -228,6 +294,8 @@ nnUNetTrainer_4epochs_25iters = budget_variant(
     nnUNetTrainer, 4, 25, 5, "The plain nnU-Net baseline at the 100-step budget.")
 nnUNetTrainerLoGVMamba_12epochs_25iters = budget_variant(
     nnUNetTrainerLoGVMamba, 12, 25, 5, "CPU evaluation budget: 12 epochs of 25 iterations (300 steps).")
+nnUNetTrainerLoGVMamba_FastReadout_12epochs_25iters = budget_variant(
+    nnUNetTrainerLoGVMamba_FastReadout, 12, 25, 5, "Fast block read-out at the 300-step budget.")
 nnUNetTrainerLoGVMambaAllStages_12epochs_25iters = budget_variant(
     nnUNetTrainerLoGVMambaAllStages, 12, 25, 5, "The all-stages layout at the 300-step budget.")
 nnUNetTrainerLVMamba_12epochs_25iters = budget_variant(
@@ -242,7 +310,7 @@ nnUNetTrainer_40epochs_25iters = budget_variant(
     nnUNetTrainer, 40, 25, 5, "The plain nnU-Net baseline at the 1000-step budget.")
 
 
-__all__ = ["TRAINERS", "parameter_groups", "budget_variant", "network_builder", "set_budget", "respect_omp_num_threads", "disable_autocast_in_forward"]
+__all__ = ["TRAINERS", "SEED_ENV", "seed_everything", "comparison_seed", "parameter_groups", "budget_variant", "network_builder", "set_budget", "respect_omp_num_threads", "disable_autocast_in_forward"]
 
 #: Every trainer this package provides (the names nnU-Net's -tr option accepts).
 TRAINERS = {cls.__name__: cls for cls in (
@@ -253,5 +321,6 @@ TRAINERS = {cls.__name__: cls for cls in (
     nnUNetTrainerLoGVMamba_4epochs_25iters, nnUNetTrainer_4epochs_25iters,
     nnUNetTrainerLoGVMamba_12epochs_25iters, nnUNetTrainer_12epochs_25iters,
     nnUNetTrainerLoGVMambaAllStages_12epochs_25iters, nnUNetTrainerLVMamba_12epochs_25iters,
+    nnUNetTrainerLoGVMamba_FastReadout, nnUNetTrainerLoGVMamba_FastReadout_12epochs_25iters,
     nnUNetTrainerGVMamba_12epochs_25iters, nnUNetTrainerLoGVMamba_40epochs_25iters, nnUNetTrainer_40epochs_25iters)}
 __all__ += sorted(TRAINERS)

@@ -114,7 +114,7 @@ class VEMambaNetwork(nn.Module):
         if x.ndim != 5 or x.shape[1] != 1:
             raise ValueError(f"expected (batch, 1, d, H, W), got {tuple(x.shape)}")
         rep = self.degradation_encoder(x) if self.degradation_encoder is not None else None
-        shallow = self.shallow(x)
+        shallow = self.shallow(x).contiguous(memory_format=torch.channels_last_3d)
         y = shallow
         for group in self.groups:
             y = group(y, rep)

@@ -101,6 +101,36 @@ def inverse_permutation(perm: torch.Tensor) -> torch.Tensor:
     return inverse
 
 
+class _PermuteTokens(torch.autograd.Function):
+    """``tokens[..., perm]`` whose backward is the gather with the inverse permutation (a permutation's
+    adjoint), instead of index_select's scatter-add."""
+
+    @staticmethod
+    def forward(ctx, tokens, perm, inverse):
+        ctx.save_for_backward(inverse, perm)
+        return _gather_last(tokens, perm)
+
+    @staticmethod
+    def backward(ctx, grad):
+        inverse, perm = ctx.saved_tensors
+        return _gather_last(grad, inverse), None, None
+
+
+def _gather_last(tokens: torch.Tensor, index: torch.Tensor) -> torch.Tensor:
+    # index_select along the last axis of a 2D view: on CPU about 10x faster than on the 3D tensor
+    flat = tokens.reshape(-1, tokens.shape[-1])
+    return flat.index_select(1, index).view(*tokens.shape[:-1], index.numel())
+
+
+def permute_tokens(tokens: torch.Tensor, perm: torch.Tensor, inverse: torch.Tensor) -> torch.Tensor:
+    """``tokens[..., perm]`` for a permutation ``perm`` of the last axis with its ``inverse`` (differentiable).
+
+    tokens: (..., L) -> (..., L). Used to put tokens into scan order (``perm``) and back (``inverse``,
+    with ``perm`` as its own inverse).
+    """
+    return _PermuteTokens.apply(tokens, perm, inverse)
+
+
 def to_sequence(tokens: torch.Tensor, perm: torch.Tensor) -> torch.Tensor:
     """(batch, channels, L) grid-ordered tokens -> the same tokens in scan order."""
     return tokens.index_select(-1, perm)

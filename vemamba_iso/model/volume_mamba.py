@@ -24,7 +24,7 @@ from torch import nn
 
 from nnunet_logmamba.ssm import selective_scan
 
-from .scan_orders import scan_paths
+from .scan_orders import permute_tokens, scan_paths
 
 CHUNK_FAMILIES = ("axial_first", "lateral_first")
 PATHS_PER_CHUNK = (2, 4)   # one lateral order or both, each forward and reversed
@@ -136,9 +136,9 @@ class VolumeMambaModule(nn.Module):
         for chunk_tokens, family, scan, aggregate in zip(features.split(self.chunk, dim=1), CHUNK_FAMILIES,
                                                          self.scans, self.aggregations):
             paths = scan_paths(tuple(grid), family, x.device, lateral_orders=self.paths_per_chunk // 2)
-            sequences = torch.stack([chunk_tokens.index_select(-1, perm) for perm, _ in paths], dim=1)
+            sequences = torch.stack([permute_tokens(chunk_tokens, perm, inverse) for perm, inverse in paths], dim=1)
             scanned = scan(sequences)
-            back = torch.stack([scanned[:, i].index_select(-1, inverse) for i, (_, inverse) in enumerate(paths)],
+            back = torch.stack([permute_tokens(scanned[:, i], inverse, perm) for i, (perm, inverse) in enumerate(paths)],
                                dim=1)
             fused.append(aggregate(chunk_tokens, back.to(chunk_tokens.dtype)))
         y = self.out_norm(torch.cat(fused, dim=1).transpose(1, 2)) * F.silu(gate)
