@@ -31,11 +31,17 @@ def test_installed_wheel_registers_trainers_for_nnunet(tmp_path):
             "from nnunetv2.utilities.find_objects import recursive_find_trainer_class_by_name\n"
             "cls = recursive_find_trainer_class_by_name('nnUNetTrainerLoGVMamba')\n"
             "print('FOLDER', os.environ['nnUNet_extTrainer'])\n"
-            "print('CLASS', cls.__name__, inspect.getfile(cls))\n")
+            "print('CLASS', cls.__name__, inspect.getfile(cls))\n"
+            "from nnunet_logmamba.ssm import cpu_kernel_status\n"
+            "print('KERNEL', *cpu_kernel_status())\n")
     result = subprocess.run([str(python), "-c", code], cwd=tmp_path, env=env, capture_output=True, text=True,
                             timeout=600)
     assert result.returncode == 0, result.stdout + result.stderr
-    lines = dict(line.split(" ", 1) for line in result.stdout.splitlines() if line.startswith(("FOLDER", "CLASS")))
+    lines = dict(line.split(" ", 1) for line in result.stdout.splitlines() if line.startswith(("FOLDER", "CLASS", "KERNEL")))
     assert lines["FOLDER"].startswith(str(site)), lines
     name, path = lines["CLASS"].split(" ", 1)
     assert name == "nnUNetTrainerLoGVMamba" and path.startswith(str(site)), lines
+    # the C scan's source ships in the wheel, so the CPU kernel builds (or loads) where a compiler exists
+    from nnunet_logmamba.ssm.cpu_kernel import find_compiler
+    if find_compiler() is not None:
+        assert lines["KERNEL"].startswith("True"), lines["KERNEL"]
