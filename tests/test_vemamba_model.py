@@ -223,3 +223,11 @@ def test_network_output_does_not_depend_on_the_memory_format_inside():
     assert y.is_contiguous() or y.is_contiguous(memory_format=torch.channels_last_3d)
     single = torch.cat([net(x[i:i + 1]) for i in range(2)])
     torch.testing.assert_close(y, single, rtol=1e-10, atol=1e-10)
+
+
+@pytest.mark.parametrize("factor", [2, 4, 7])
+def test_axial_pixel_shuffle_is_the_same_in_channels_last(factor):
+    x = torch.randn(2, 3 * factor, 3, 4, 5)
+    cl = axial_pixel_shuffle(x.contiguous(memory_format=torch.channels_last_3d), factor)
+    assert torch.equal(cl, axial_pixel_shuffle(x, factor))
+    assert cl.is_contiguous(memory_format=torch.channels_last_3d)

@@ -56,9 +56,17 @@ class NetworkConfig:
 
 
 def axial_pixel_shuffle(x: torch.Tensor, factor: int) -> torch.Tensor:
-    """(batch, C*factor, D, H, W) -> (batch, C, D*factor, H, W): channels become axial sub-positions."""
+    """(batch, C*factor, D, H, W) -> (batch, C, D*factor, H, W): channels become axial sub-positions.
+
+    Channel ``c * factor + j`` goes to axial position ``d * factor + j`` of output channel ``c``. A
+    channels-last input gives a channels-last output (the layout the next convolution is fastest in on CPU).
+    """
     b, cf, d, *lateral = x.shape
     c = cf // factor
+    if c > 1 and x.is_contiguous(memory_format=torch.channels_last_3d) and not x.is_contiguous():
+        last = x.movedim(1, -1).reshape(b, d, *lateral, c, factor)           # a view: channels are innermost
+        last = last.permute(0, 1, 5, 2, 3, 4).reshape(b, d * factor, *lateral, c)
+        return last.movedim(-1, 1)
     return x.view(b, c, factor, d, *lateral).permute(0, 1, 3, 2, *range(4, x.ndim + 1)) \
         .reshape(b, c, d * factor, *lateral)
 
