@@ -80,16 +80,21 @@ def assert_close_rel(actual, expected, tol, what):
                            list(OPTION_SETS))),
 )
 def test_torch_backend_matches_reference(length, groups, dtype, option_name):
+    check_against_reference("torch", length, groups, dtype, option_name)
+
+
+def check_against_reference(backend, length, groups, dtype, option_name, last_dtype=None):
+    """``backend`` against the fp64 reference on the same (already rounded) inputs: output, last state, every
+    gradient (in its input's dtype). ``last_dtype``: the last state's dtype when it is not the output's."""
     options = OPTION_SETS[option_name]
     inputs = make_inputs(2, 4, 3, length, groups, dtype, options, seed=length)
-    y, last, grads = run("torch", inputs, options)
-    # ground truth: the reference in fp64 on the same (already rounded) inputs
+    y, last, grads = run(backend, inputs, options)
     y_ref, last_ref, grads_ref = run("reference", inputs, options, upcast=True)
     assert y.dtype == dtype and y.shape == inputs["u"].shape
     rtol, atol = FORWARD_TOL[dtype]
     torch.testing.assert_close(y.double(), y_ref.to(dtype).double(), rtol=rtol, atol=atol)
     if options["last"]:
-        assert last.shape == (2, 4, 3)
+        assert last.shape == (2, 4, 3) and (last_dtype is None or last.dtype == last_dtype)
         torch.testing.assert_close(last.double(), last_ref, rtol=rtol, atol=atol)
     assert set(grads) == set(grads_ref)
     for name in grads:

@@ -5,7 +5,7 @@ import pytest
 import torch
 
 from nnunet_logmamba.ssm import cpu_kernel, dispatch, resolve_backend, selective_scan
-from test_selective_scan import FORWARD_TOL, GRAD_TOL, OPTION_SETS, assert_close_rel, make_inputs, run
+from test_selective_scan import OPTION_SETS, assert_close_rel, check_against_reference, make_inputs, run
 
 # A machine with a C compiler must build the kernel (CI has one): only its absence skips.
 needs_kernel = pytest.mark.skipif(cpu_kernel.find_compiler() is None, reason="no C compiler on this machine")
@@ -24,20 +24,7 @@ def test_kernel_builds_where_a_compiler_exists():
     list(itertools.product([1, 7, 130, 1031], [None, 2], [torch.float32, torch.bfloat16], list(OPTION_SETS))),
 )
 def test_cpu_kernel_matches_reference(length, groups, dtype, option_name):
-    options = OPTION_SETS[option_name]
-    inputs = make_inputs(2, 4, 3, length, groups, dtype, options, seed=length)
-    y, last, grads = run("cpu_kernel", inputs, options)
-    y_ref, last_ref, grads_ref = run("reference", inputs, options, upcast=True)
-    assert y.dtype == dtype and y.shape == inputs["u"].shape
-    rtol, atol = FORWARD_TOL[dtype]
-    torch.testing.assert_close(y.double(), y_ref.to(dtype).double(), rtol=rtol, atol=atol)
-    if options["last"]:
-        assert last.dtype == torch.float32 and last.shape == (2, 4, 3)
-        torch.testing.assert_close(last.double(), last_ref, rtol=rtol, atol=atol)
-    assert set(grads) == set(grads_ref)
-    for name in grads:
-        assert grads[name].dtype == inputs[name].dtype, name
-        assert_close_rel(grads[name], grads_ref[name], GRAD_TOL[dtype], f"d{name}")
+    check_against_reference("cpu_kernel", length, groups, dtype, option_name, last_dtype=torch.float32)
 
 
 @needs_kernel
