@@ -30,6 +30,7 @@ from pathlib import Path
 
 import torch
 import torch.nn.functional as F
+from torch.autograd.function import once_differentiable
 
 from ._checks import as_grouped, check_scan_inputs
 
@@ -181,6 +182,7 @@ class _CpuScan(torch.autograd.Function):
         return y, last
 
     @staticmethod
+    @once_differentiable
     def backward(ctx, dy, dlast):
         lib = _load()[0]
         u, delta, A, Bt, Ct, D, bias, states = ctx.saved_tensors
