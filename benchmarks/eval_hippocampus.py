@@ -135,6 +135,11 @@ def train_all(jobs: list[tuple[str, int]], args, log) -> None:
         time.sleep(5)
 
 
+def is_plain(trainer: str) -> bool:
+    """nnU-Net's own trainer (or one of our budget variants of it), the baseline of a comparison."""
+    return trainer == "nnUNetTrainer" or trainer.startswith("nnUNetTrainer_")
+
+
 def write_table(rows: list[dict], labels: dict, out: str, command: str, configuration: str) -> None:
     classes = [name for name, value in labels.items() if value != 0]
     folds = sorted({r["fold"] for r in rows})
@@ -143,12 +148,15 @@ def write_table(rows: list[dict], labels: dict, out: str, command: str, configur
              "Same plans, same budget, same folds; trained and validated with the stock nnU-Net commands "
              "(`nnUNetv2_train 4 " + configuration + " FOLD -tr TRAINER -device cpu`, `OMP_NUM_THREADS` torch "
              "threads, data augmentation in the main process).", "",
-             "| fold | trainer | " + " | ".join(f"Dice {c}" for c in classes) + " | mean Dice | training wall (min) |",
-             "|---|---|" + "---|" * (len(classes) + 2)]
+             "| fold | trainer | " + " | ".join(f"Dice {c}" for c in classes) +
+             " | mean Dice | vs plain, same fold and seed | training wall (min) |",
+             "|---|---|" + "---|" * (len(classes) + 3)]
+    plain = {r["fold"]: r["mean"] for r in rows if is_plain(r["trainer"])}
     for r in rows:
         dice = [r["dice"].get(str(labels[c]), float("nan")) for c in classes]
+        delta = "" if is_plain(r["trainer"]) or r["fold"] not in plain else f"{r['mean'] - plain[r['fold']]:+.4f}"
         lines.append(f"| {r['fold']} | {r['trainer']} | " + " | ".join(f"{d:.4f}" for d in dice) +
-                     f" | {r['mean']:.4f} | {r['minutes']:.1f} |")
+                     f" | {r['mean']:.4f} | {delta} | {r['minutes']:.1f} |")
     lines += ["", "Budget: the trainers' names say it (epochs x iterations per epoch, batch and patch from the plans); "
               "nnU-Net's default is 1000 x 250, so these numbers compare early training only, not final accuracy. "
               "Training wall time: the sum of the epoch times nnU-Net logged (a shared 2-core machine: compare "
