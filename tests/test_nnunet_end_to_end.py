@@ -96,6 +96,11 @@ def test_train_and_predict_with_stock_commands(planned, configuration):
     assert checkpoint["trainer_name"] == TRAINER
     assert any(".mamba." in k for k in checkpoint["network_weights"])
     assert json.loads((fold / "validation" / "summary.json").read_text())["foreground_mean"]["Dice"] >= 0
+    if configuration == "3d_fullres":  # --c goes through the trainer's load_checkpoint (optimiser regrouping)
+        (fold / "validation" / "summary.json").unlink()
+        out = _run(["nnUNetv2_train", str(DATASET_ID), configuration, "0", "-tr", TRAINER, "-device", "cpu", "--c"],
+                   _env(root, training=True), root)
+        assert (fold / "validation" / "summary.json").is_file()
 
     prediction = root / f"pred_{configuration}"
     _run(["nnUNetv2_predict", "-i", str(root / "raw" / DATASET / "imagesTs"), "-o", str(prediction),

@@ -98,7 +98,8 @@ def test_ssm_parameters_are_kept_out_of_weight_decay():
     assert {id(p) for p in groups[1]["params"]} == expected
     assert len(groups[0]["params"]) + len(groups[1]["params"]) == len(list(net.parameters()))
     # the trainer's optimiser uses these groups with nnU-Net's schedule
-    trainer = object.__new__(nnUNetTrainerLoGVMamba)
+    from nnunet_logmamba.training import nnUNetTrainerLoGVMamba_UniformLR
+    trainer = object.__new__(nnUNetTrainerLoGVMamba_UniformLR)
     trainer.network, trainer.initial_lr, trainer.weight_decay, trainer.num_epochs = net, 1e-2, 3e-5, 10
     optimizer, scheduler = trainer.configure_optimizers()
     assert [g["weight_decay"] for g in optimizer.param_groups] == [3e-5, 0.0]
@@ -257,11 +258,13 @@ def test_seeded_budget_trainers_share_conv_init_and_data_stream(monkeypatch):
         run(FakePlain)
 
 
-def test_fast_readout_trains_the_output_projections_at_a_scaled_learning_rate():
-    from nnunet_logmamba.training import nnUNetTrainerLoGVMamba_FastReadout
+@pytest.mark.parametrize("name", ["nnUNetTrainerLoGVMamba", "nnUNetTrainerLoGVMamba_FastReadout",
+                                  "nnUNetTrainerLoGVMambaAllStages"])
+def test_fast_readout_trains_the_output_projections_at_a_scaled_learning_rate(name):
+    from nnunet_logmamba.training import TRAINERS
 
     net = nnUNetTrainerLoGVMamba.build_network_architecture(None, _configuration(), 1, 2, True)
-    trainer = object.__new__(nnUNetTrainerLoGVMamba_FastReadout)
+    trainer = object.__new__(TRAINERS[name])
     trainer.network, trainer.initial_lr, trainer.weight_decay, trainer.num_epochs = net, 1e-2, 3e-5, 10
     optimizer, scheduler = trainer.configure_optimizers()
     blocks = [m for m in net.modules() if isinstance(m, LoGVSSBlock)]
@@ -273,4 +276,45 @@ def test_fast_readout_trains_the_output_projections_at_a_scaled_learning_rate():
         lrs = [g["lr"] for g in optimizer.param_groups]
         assert lrs[0] == lrs[1] and lrs[2] == pytest.approx(10 * lrs[0]) and lrs[0] < 1e-2 + 1e-12
     # every block still starts as the identity
-    assert all(float(b.out_proj.weight.abs().max()) == 0 for b in blocks)
+    assert all(float(b.out_proj.weight.detach().abs().max()) == 0 for b in blocks)
+
+
+def _sgd_state(net, groups):
+    """An SGD optimiser over ``groups`` after two steps on ``net`` (so every parameter has a momentum buffer)."""
+    optimizer = torch.optim.SGD(groups, 1e-2, momentum=0.99, nesterov=True)
+    x = torch.randn(2, 1, 16, 24, 16)
+    for _ in range(2):
+        optimizer.zero_grad()
+        sum(o.float().pow(2).mean() for o in net(x)).backward()
+        optimizer.step()
+    return optimizer
+
+
+@pytest.mark.parametrize("old_scale", [None, 1.0])
+def test_continuing_a_checkpoint_of_fewer_optimiser_groups_keeps_each_parameters_momentum(old_scale):
+    from nnunet_logmamba.training.trainers import regroup_optimizer_state
+
+    torch.manual_seed(0)
+    net = nnUNetTrainerLoGVMamba.build_network_architecture(None, _configuration(), 1, 2, True)
+    # an earlier release: one group (nnU-Net's) or two (SSM parameters without weight decay)
+    old_groups = [{"params": list(net.parameters())}] if old_scale is None else parameter_groups(net, 3e-5, old_scale)
+    old = _sgd_state(net, old_groups)
+    momentum = {id(p): old.state[p]["momentum_buffer"].clone() for p in net.parameters()}
+    saved = old.state_dict()
+
+    trainer = object.__new__(nnUNetTrainerLoGVMamba)
+    trainer.network, trainer.initial_lr, trainer.weight_decay, trainer.num_epochs = net, 1e-2, 3e-5, 10
+    optimizer, _ = trainer.configure_optimizers()
+    assert len(optimizer.param_groups) == 3 != len(saved["param_groups"])
+    with pytest.raises(ValueError):  # torch refuses the old groups as they are
+        optimizer.load_state_dict(saved)
+    optimizer.load_state_dict(regroup_optimizer_state(saved, optimizer, net, 3e-5))
+    assert [g["lr_scale"] for g in optimizer.param_groups if "lr_scale" in g] == [10.0]
+    for p in net.parameters():
+        assert torch.equal(optimizer.state[p]["momentum_buffer"], momentum[id(p)])
+    # a state of the current grouping passes unchanged; one of another network is refused clearly
+    current = optimizer.state_dict()
+    assert regroup_optimizer_state(current, optimizer, net, 3e-5) is current
+    other = torch.optim.SGD([torch.nn.Parameter(torch.zeros(1))], 1e-2).state_dict()
+    with pytest.raises(ValueError, match="another network"):
+        regroup_optimizer_state(other, optimizer, net, 3e-5)
