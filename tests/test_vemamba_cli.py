@@ -143,6 +143,11 @@ def test_factor_without_model_picks_the_shipped_model_or_says_how_to_train_one(t
     from vemamba_iso.training.checkpoint import DEFAULT_MODEL_DIR, default_model_dir, shipped_factors
 
     assert 4 in shipped_factors() and default_model_dir(4) == DEFAULT_MODEL_DIR == default_model_dir(None)
+    from vemamba_iso.training import load_model
+    assert {4, 8, 10} <= set(shipped_factors())
+    for factor in shipped_factors():  # each shipped model loads and is the model of its factor
+        network, metadata = load_model(default_model_dir(factor))
+        assert metadata["factor"] == factor == network.config.factor
     out = tmp_path / "out.tif"
     for command, argv in ((predict, ["--input", "sample", "--output", str(out)]),
                           (evaluate, ["--gt", "sample", "--report", str(tmp_path / "r.json")])):
