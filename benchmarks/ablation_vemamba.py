@@ -63,6 +63,7 @@ def main(argv=None) -> None:
     work = Path(args.work)
     work.mkdir(parents=True, exist_ok=True)
     env = dict(os.environ, OMP_NUM_THREADS=str(args.threads))
+    gt = central_crop(read_volume(Path(args.data) / "fib25_cube2_10nm_iso.tif").data, args.crop)
     results = {}
     with open(work / "ablation.log", "a") as log:
         for name in args.variants:
@@ -75,7 +76,6 @@ def main(argv=None) -> None:
                      "--steps-per-epoch", str(max(50, args.steps // 4)), "--threads", str(args.threads),
                      *VARIANTS[name], *args.train_args], env, log)
             network, metadata = load_model(model_dir)
-            gt = central_crop(read_volume(Path(args.data) / "fib25_cube2_10nm_iso.tif").data, args.crop)
             started = time.time()
             report, _ = evaluate_reconstruction(network, metadata, gt, progress=False)
             train = metadata["training"]

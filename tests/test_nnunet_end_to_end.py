@@ -98,8 +98,8 @@ def test_train_and_predict_with_stock_commands(planned, configuration):
     assert json.loads((fold / "validation" / "summary.json").read_text())["foreground_mean"]["Dice"] >= 0
     if configuration == "3d_fullres":  # --c goes through the trainer's load_checkpoint (optimiser regrouping)
         (fold / "validation" / "summary.json").unlink()
-        out = _run(["nnUNetv2_train", str(DATASET_ID), configuration, "0", "-tr", TRAINER, "-device", "cpu", "--c"],
-                   _env(root, training=True), root)
+        _run(["nnUNetv2_train", str(DATASET_ID), configuration, "0", "-tr", TRAINER, "-device", "cpu", "--c"],
+             _env(root, training=True), root)
         assert (fold / "validation" / "summary.json").is_file()
 
     prediction = root / f"pred_{configuration}"

@@ -10,6 +10,7 @@ from nnunetv2.training.lr_scheduler.polylr import PolyLRScheduler
 
 from ..blocks import LoGVSSBlock
 
+
 def parameter_groups(network: torch.nn.Module, weight_decay: float, readout_lr_scale: float = 1.0) -> list[dict]:
     """Optimiser groups: the SSM parameters Mamba keeps out of weight decay, and everything else.
 
