@@ -50,12 +50,19 @@ def build(kind: str, plans: dict, dataset_json: dict, configuration: str, traine
     return net, cm.batch_size, tuple(cm.patch_size), n_in
 
 
+#: mixed precision as nnU-Net trains on CUDA (fp16 autocast); set by --amp
+AMP = os.environ.get("BENCH_NETWORK_AMP", "") == "1"
+
+
 def step(net, x):
-    out = net(x)
-    outs = out if isinstance(out, (list, tuple)) else [out]
-    loss = sum(o.float().square().mean() for o in outs)
+    """One forward + deep-supervision loss + backward; returns whether the loss was finite."""
+    with torch.autocast(x.device.type, dtype=torch.float16, enabled=AMP and x.device.type == "cuda"):
+        out = net(x)
+        outs = out if isinstance(out, (list, tuple)) else [out]
+        loss = sum(o.float().square().mean() for o in outs)
     loss.backward()
     net.zero_grad(set_to_none=True)
+    return bool(torch.isfinite(loss))
 
 
 def _memory_child(kind, plans, dataset_json, configuration, trainer_name, device, batch_size, queue):
@@ -108,12 +115,13 @@ def bench_configuration(plans, dataset_json, configuration, trainer_name, device
         sample = torch.randn(batch, n_in, *patch, device=device)
     params = {k: sum(p.numel() for p in n.parameters()) for k, n in nets.items()}
     times = {"plain": [], "ours": []}
+    finite = {"plain": True, "ours": True}
     for i in range(steps + 1):
         for kind in ("plain", "ours"):
             if device == "cuda":
                 torch.cuda.synchronize()
             t0 = time.perf_counter()
-            step(nets[kind], sample)
+            finite[kind] &= step(nets[kind], sample)
             if device == "cuda":
                 torch.cuda.synchronize()
             if i > 0:  # the first step warms up allocators and kernels
@@ -123,7 +131,7 @@ def bench_configuration(plans, dataset_json, configuration, trainer_name, device
     placed = getattr(nets["ours"], "log_vmamba_blocks", [])
     return {"configuration": configuration, "batch": tuple(sample.shape[:1])[0], "patch": tuple(sample.shape[2:]),
             "blocks": [f"{p['where'][:3]}{p['stage']}:{p['mode']}@{'x'.join(map(str, p['size']))}" for p in placed],
-            "params": params, "step_s": med, "peak_mib": mem,
+            "params": params, "step_s": med, "peak_mib": mem, "amp": AMP, "loss_finite": finite,
             "ratios": {"params": params["ours"] / params["plain"], "step_time": med["ours"] / med["plain"],
                        "peak_memory": mem["ours"] / max(mem["plain"], 1e-9)}}
 
@@ -140,7 +148,12 @@ def main(argv=None):
     parser.add_argument("--threads", type=int, default=None,
                         help="torch CPU threads (default: torch's; use 1 on a loaded shared machine)")
     parser.add_argument("--json", default=None, help="also write the results here")
+    parser.add_argument("--amp", action="store_true", help="fp16 autocast, as nnU-Net trains on CUDA")
     args = parser.parse_args(argv)
+    if args.amp:
+        global AMP
+        AMP = True
+        os.environ["BENCH_NETWORK_AMP"] = "1"  # inherited by the memory subprocesses
     for path in (args.plans, args.dataset_json):
         if not os.path.isfile(path):
             sys.exit(f"{path} not found: plan the dataset first, e.g. python benchmarks/eval_hippocampus.py "
@@ -153,7 +166,7 @@ def main(argv=None):
         torch.set_num_threads(args.threads)
         os.environ["OMP_NUM_THREADS"] = str(args.threads)  # inherited by the memory subprocesses
     results = []
-    print(f"device={args.device} threads={torch.get_num_threads()} trainer={args.trainer}")
+    print(f"device={args.device} threads={torch.get_num_threads()} trainer={args.trainer} amp={AMP}")
     for configuration in args.configurations:
         r = bench_configuration(plans, dataset_json, configuration, args.trainer, args.device, args.steps,
                                 args.batch_size)
@@ -165,6 +178,7 @@ def main(argv=None):
               f"   ratio {r['ratios']['step_time']:.3f}  (target <= 1.5)")
         print(f"  peak memory plain {r['peak_mib']['plain']:8.0f} MiB ours {r['peak_mib']['ours']:8.0f} MiB"
               f" ratio {r['ratios']['peak_memory']:.3f}")
+        print(f"  loss finite plain {r['loss_finite']['plain']}   ours {r['loss_finite']['ours']}")
     if args.json:
         tmp = args.json + ".tmp"
         with open(tmp, "w") as f:

@@ -27,9 +27,15 @@ def _rss_mb() -> float:
         return int(f.read().split()[1]) * os.sysconf("SC_PAGE_SIZE") / 2**20
 
 
-def worker(backend: str, length: int, device: str, repeats: int) -> dict:
+def worker(backend: str, length: int, device: str, repeats: int, tiles: str | None = None) -> dict:
     import torch
     from nnunet_logmamba.ssm import selective_scan
+
+    if tiles:  # "CHUNKxTILE[xWARPS]": the Triton kernel's chunk length, register tile and warps
+        import nnunet_logmamba.ssm.triton_kernel as tk
+        sizes = [int(v) for v in tiles.split("x")]
+        tk.CHUNK, tk.TILE = sizes[0], sizes[1]
+        tk.WARPS = sizes[2] if len(sizes) > 2 else None
 
     g = torch.Generator().manual_seed(0)
     dev = torch.device(device)
@@ -65,14 +71,18 @@ def worker(backend: str, length: int, device: str, repeats: int) -> dict:
     else:
         peak = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024 - base
     times.sort()
-    return {"backend": backend, "length": length, "device": device, "seconds": times[len(times) // 2],
+    return {"backend": backend + (f"[{tiles}]" if tiles else ""), "length": length, "device": device,
+            "seconds": times[len(times) // 2],
             "peak_mb": peak, "threads": torch.get_num_threads()}
 
 
-def measure(backend: str, length: int, device: str, repeats: int) -> dict:
+def measure(backend: str, length: int, device: str, repeats: int, tiles: str | None = None) -> dict:
     cmd = [sys.executable, __file__, "--worker", backend, "--length", str(length), "--device", device,
-           "--repeats", str(repeats)]
-    out = subprocess.run(cmd, capture_output=True, text=True, check=True)
+           "--repeats", str(repeats)] + (["--tiles", tiles] if tiles else [])
+    out = subprocess.run(cmd, capture_output=True, text=True)
+    if out.returncode != 0:  # one backend failing (e.g. a kernel that does not build) must not hide the others
+        print(f"# {backend} {tiles or ''} at length {length} failed:\n{out.stderr[-2000:]}", flush=True)
+        return None
     return json.loads(out.stdout.strip().splitlines()[-1])
 
 
@@ -83,11 +93,16 @@ def main() -> None:
     parser.add_argument("--lengths", type=int, nargs="+", default=[4096, 32768],
                         help="on CUDA the issue's comparison is --lengths 4096 16384 32768 (+ --long 65536)")
     parser.add_argument("--long", type=int, default=65536, help="length measured for the fast backends only")
+    parser.add_argument("--backends", nargs="+", default=None,
+                        help="only these backends (default: every one available on the device)")
+    parser.add_argument("--triton-tiles", nargs="+", default=[],
+                        help="also time the triton backend with these CHUNKxTILE[xWARPS] sizes (tuning)")
+    parser.add_argument("--tiles", help=argparse.SUPPRESS)
     parser.add_argument("--worker", help=argparse.SUPPRESS)
     parser.add_argument("--length", type=int, help=argparse.SUPPRESS)
     args = parser.parse_args()
     if args.worker:
-        print(json.dumps(worker(args.worker, args.length, args.device, args.repeats)))
+        print(json.dumps(worker(args.worker, args.length, args.device, args.repeats, args.tiles)))
         return
 
     import torch
@@ -97,10 +112,10 @@ def main() -> None:
     devices = [d for d in devices if d == "cpu" or torch.cuda.is_available()]
     print(f"selective scan, forward+backward, batch {BATCH}, dim {DIM}, state {STATE}; "
           f"torch {torch.__version__}, {torch.get_num_threads()} CPU threads")
-    print(f"{'device':6} {'length':>7} {'backend':10} {'time (ms)':>10} {'peak (MB)':>10} "
+    print(f"{'device':6} {'length':>7} {'backend':18} {'time (ms)':>10} {'peak (MB)':>10} "
           f"{'speed-up vs ref':>16} {'speed-up vs torch':>18} {'time / mamba_ssm':>17}")
     for device in devices:
-        backends = available_backends(device)
+        backends = [b for b in available_backends(device) if args.backends is None or b in args.backends]
         for length in args.lengths + [args.long]:
             rows = {}
             for backend in backends:
@@ -108,12 +123,16 @@ def main() -> None:
                     continue
                 slow = backend == "reference" and length > 8192
                 rows[backend] = measure(backend, length, device, 1 if slow else args.repeats)
+                if backend == "triton":
+                    for tiles in args.triton_tiles:
+                        rows[f"triton[{tiles}]"] = measure(backend, length, device, args.repeats, tiles)
+            rows = {k: v for k, v in rows.items() if v is not None}
             ref, chunked, kernel = rows.get("reference"), rows.get("torch"), rows.get("mamba_ssm")
             for backend, r in rows.items():
                 speedup = f"{ref['seconds'] / r['seconds']:.1f}x" if ref else "-"
                 vs_torch = f"{chunked['seconds'] / r['seconds']:.2f}x" if chunked else "-"
                 vs_kernel = f"{r['seconds'] / kernel['seconds']:.2f}x" if kernel else "-"
-                print(f"{device:6} {length:7d} {backend:10} {r['seconds'] * 1e3:10.1f} {r['peak_mb']:10.0f} "
+                print(f"{device:6} {length:7d} {backend:18} {r['seconds'] * 1e3:10.1f} {r['peak_mb']:10.0f} "
                       f"{speedup:>16} {vs_torch:>18} {vs_kernel:>17}", flush=True)
 
 

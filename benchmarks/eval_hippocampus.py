@@ -33,12 +33,16 @@ DEFAULT_TRAINERS = ["nnUNetTrainer_12epochs_25iters", "nnUNetTrainerLoGVMamba_12
 DATASET = "Dataset004_Hippocampus"
 
 
-def nnunet_env(work: str, training: bool = False, threads: int = 1, seed: int | None = None) -> dict:
+def nnunet_env(work: str, training: bool = False, threads: int = 1, seed: int | None = None,
+               da_processes: int = 0) -> dict:
     env = dict(os.environ)
     env.update(nnUNet_raw=os.path.join(work, "nnUNet_raw"), nnUNet_preprocessed=os.path.join(work, "nnUNet_preprocessed"),
                nnUNet_results=os.path.join(work, "nnUNet_results"))
     if training:
-        env["nnUNet_n_proc_DA"] = "0"  # data augmentation in the main process: 2-core machine, fewer processes
+        # data augmentation in the main process on a 2-core machine (fewer processes); a GPU needs workers
+        env["nnUNet_n_proc_DA"] = str(da_processes)
+        # the stock trainer compiles on CUDA and ours does not: compare the same eager networks
+        env["nnUNet_compile"] = "f"
         # both budget trainers honour OMP_NUM_THREADS (nnU-Net would use every core, which a shared
         # machine oversubscribes); --threads sets it, the same for every trainer
         env["OMP_NUM_THREADS"] = str(threads)
@@ -113,7 +117,9 @@ def training_minutes(work: str, trainer: str, configuration: str, fold: int = 0)
 def train_all(jobs: list[tuple[str, int]], args, log) -> None:
     """Run ``nnUNetv2_train`` for every (trainer, fold) without a summary, ``args.parallel`` at a time."""
     pending = [(t, f) for t, f in jobs if not os.path.isfile(summary_path(args.work, t, args.configuration, f))]
-    env = nnunet_env(args.work, training=True, threads=args.threads, seed=None if args.seed < 0 else args.seed)
+    env = nnunet_env(args.work, training=True, threads=args.threads, seed=None if args.seed < 0 else args.seed,
+                     da_processes=args.da_processes)
+    splits = os.path.join(args.work, "nnUNet_preprocessed", DATASET, "splits_final.json")
     running: list[tuple[subprocess.Popen, list[str]]] = []
     while pending or running:
         while pending and len(running) < args.parallel:
@@ -126,7 +132,8 @@ def train_all(jobs: list[tuple[str, int]], args, log) -> None:
             log.write("+ " + " ".join(cmd) + "\n")
             log.flush()
             running.append((subprocess.Popen(cmd, env=env, stdout=log, stderr=subprocess.STDOUT), cmd))
-            time.sleep(20)  # staggered: the first run writes splits_final.json
+            if not os.path.isfile(splits):
+                time.sleep(20)  # staggered: the first run writes splits_final.json
         for proc, cmd in list(running):
             if proc.poll() is not None:
                 running.remove((proc, cmd))
@@ -140,14 +147,16 @@ def is_plain(trainer: str) -> bool:
     return trainer == "nnUNetTrainer" or trainer.startswith("nnUNetTrainer_")
 
 
-def write_table(rows: list[dict], labels: dict, out: str, command: str, configuration: str) -> None:
+def write_table(rows: list[dict], labels: dict, out: str, command: str, configuration: str,
+                device: str = "cpu") -> None:
     classes = [name for name, value in labels.items() if value != 0]
     folds = sorted({r["fold"] for r in rows})
-    lines = [f"# Hippocampus (MSD Task04), {configuration}, validation of fold(s) {', '.join(map(str, folds))}, CPU, "
-             "short budget", "",
+    how = ("`OMP_NUM_THREADS` torch threads, data augmentation in the main process" if device == "cpu" else
+           "nnU-Net's mixed precision (AMP) on the GPU, no torch.compile for either, data augmentation workers")
+    lines = [f"# Hippocampus (MSD Task04), {configuration}, validation of fold(s) {', '.join(map(str, folds))}, "
+             f"{device.upper()}, short budget", "",
              "Same plans, same budget, same folds; trained and validated with the stock nnU-Net commands "
-             "(`nnUNetv2_train 4 " + configuration + " FOLD -tr TRAINER -device cpu`, `OMP_NUM_THREADS` torch "
-             "threads, data augmentation in the main process).", "",
+             "(`nnUNetv2_train 4 " + configuration + f" FOLD -tr TRAINER -device {device}`, {how}).", "",
              "| fold | trainer | " + " | ".join(f"Dice {c}" for c in classes) +
              " | mean Dice | vs plain, same fold and seed | training wall (min) |",
              "|---|---|" + "---|" * (len(classes) + 3)]
@@ -159,8 +168,10 @@ def write_table(rows: list[dict], labels: dict, out: str, command: str, configur
                      f" | {r['mean']:.4f} | {delta} | {r['minutes']:.1f} |")
     lines += ["", "Budget: the trainers' names say it (epochs x iterations per epoch, batch and patch from the plans); "
               "nnU-Net's default is 1000 x 250, so these numbers compare early training only, not final accuracy. "
-              "Training wall time: the sum of the epoch times nnU-Net logged (a shared 2-core machine: compare "
-              "`benchmarks/bench_network.py` for clean step-time ratios).", "",
+              "Training wall time: the sum of the epoch times nnU-Net logged " +
+              ("(a shared 2-core machine: compare `benchmarks/bench_network.py` for clean step-time ratios)."
+               if device == "cpu" else "(all trainings of the table side by side on one GPU and its CPU cores)."),
+              "",
               "## Learning curves", "",
               "Per epoch: training / validation loss (nnU-Net's CE + (-soft Dice), lower is better) and nnU-Net's "
               "pseudo Dice per class on its validation batches.", ""]
@@ -194,6 +205,8 @@ def main(argv=None):
                              "a paired comparison); -1 leaves nnU-Net unseeded")
     parser.add_argument("--folds", type=int, nargs="+", default=[0])
     parser.add_argument("--parallel", type=int, default=1, help="trainings run at the same time")
+    parser.add_argument("--da-processes", type=int, default=0,
+                        help="nnU-Net data augmentation workers per training (0: in the main process, for CPU runs)")
     parser.add_argument("--prepare-only", action="store_true")
     args = parser.parse_args(argv)
     os.makedirs(args.work, exist_ok=True)
@@ -215,7 +228,7 @@ def main(argv=None):
     with open(os.path.join(args.work, "nnUNet_raw", DATASET, "dataset.json")) as f:
         labels = json.load(f)["labels"]
     command = "python benchmarks/eval_hippocampus.py " + " ".join(argv if argv is not None else sys.argv[1:])
-    write_table(rows, labels, args.out, command.strip(), args.configuration)
+    write_table(rows, labels, args.out, command.strip(), args.configuration, args.device)
 
 
 if __name__ == "__main__":

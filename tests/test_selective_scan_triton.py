@@ -39,6 +39,7 @@ CHECKER = textwrap.dedent('''
     import nnunet_logmamba.ssm.triton_kernel as tk
     from nnunet_logmamba.ssm import selective_scan
     tk.CHUNK = 4
+    tk.CARRY_BLOCK = 2
     NAMES = ["u", "delta", "A", "B", "C", "D", "z", "delta_bias"]
 
     def run(case):
@@ -148,6 +149,9 @@ def test_cuda_triton_matches_the_torch_backend(length, dtype):
                                  return_last_state=True, backend=backend)
         (y.float().square().mean() + last.mean()).backward()
         found.append([y.float(), last] + [x.grad.float() for x in xs])
-    tolerance = 1e-3 if dtype == torch.float32 else 3e-2
+    # relative to each tensor's scale, with an absolute floor: at length 1 dA is exactly 0 in the torch backend
+    # and ~1e-11 here (GPU FMA contraction), which a purely relative error would call 100 % wrong
+    tolerance, floor = (1e-3, 1e-6) if dtype == torch.float32 else (3e-2, 1e-4)
     for a, b in zip(*found):
-        assert float((a - b).abs().max() / (b.abs().max() + 1e-6)) < tolerance
+        a, b = a.detach(), b.detach()
+        assert float((a - b).abs().max()) <= tolerance * float(b.abs().max()) + floor

@@ -1,23 +1,30 @@
 """Selective scan as Triton kernels (the ``triton`` backend): a fused GPU scan that needs no compiler.
 
 PyTorch's CUDA wheels bring Triton, so this backend works right after ``pip install``, where the
-``mamba-ssm`` kernel needs nvcc matching torch. The algorithm is mamba-ssm's: one program per
-(batch, group, block of channels) walks the sequence once, the state ``(BLOCK_D, state)`` in registers,
-in fp32 whatever the input dtype.
+``mamba-ssm`` kernel needs nvcc matching torch.
 
-* Forward writes ``out`` and, every ``CHUNK`` steps, the state at the start of that chunk (the only
-  state that reaches global memory; ``state / CHUNK`` of a full state tensor) and the last state.
-* Backward walks the chunks from the last to the first: it recomputes a chunk's states from its saved
-  start state into a per-program scratch of ``CHUNK + 1`` states (reused chunk after chunk, so it stays
-  in cache), then runs the adjoint recurrence backwards through the chunk. Reductions over channels
-  (``dB``, ``dC``) are written per channel block and summed in torch, the ones over the batch (``dA``,
-  ``dD``, ``d delta_bias``) per batch element: deterministic, no atomics.
+The recurrence ``h_t = exp(dt_t A) h_{t-1} + dt_t u_t B_t`` is a first-order linear one, so it is
+computed as an associative scan over pairs ``(decay, input)`` and split into chunks of ``CHUNK``
+steps that run in parallel (a GPU has far more cores than a (batch, channel) grid fills):
+
+* forward: (1) every chunk scans itself from a zero state and writes its end state and total decay;
+  (2) one short scan over the chunk summaries gives each chunk's start state (and the last state);
+  (3) every chunk scans again from its start state and writes ``out``. The state lives in registers;
+  only the per-chunk start states reach global memory (``state / CHUNK`` of a full state tensor) and
+  are kept for backward.
+* backward: the adjoint ``lambda_t = exp(dt_{t+1} A) lambda_{t+1} + C_t dy_t`` is the same kind of
+  recurrence run backwards; it is scanned over reversed loads, with the same three stages (chunk
+  summaries, carries between chunks, then per chunk the states recomputed from the saved start
+  state and every gradient). Reductions over channels (``dB``, ``dC``) are summed per channel block
+  in registers and over blocks in torch, the ones over batch and time (``dA``, ``dD``,
+  ``d delta_bias``) per chunk in torch: deterministic, no atomics.
 
 Semantics, shapes and dtypes are those of :func:`nnunet_logmamba.ssm.selective_scan` (grouped and
 ungrouped ``B``/``C``, ``D``, ``z`` gating, ``delta_bias``, softplus, ``return_last_state`` with its
-gradient); fp64 is not supported here (the ``torch`` backend has it). On CPU tensors it runs only in
-Triton's interpreter (``TRITON_INTERPRET=1`` set before ``import triton``): that is how the tests check
-it against the ``reference`` backend on machines without a GPU.
+gradient; fp32 state and accumulation, output in ``u``'s dtype); fp64 is not supported here (the
+``torch`` backend has it). On CPU tensors it runs only in Triton's interpreter (``TRITON_INTERPRET=1``
+set before ``import triton``): that is how the tests check it against the ``reference`` backend on
+machines without a GPU.
 """
 from __future__ import annotations
 
@@ -27,8 +34,14 @@ import torch
 
 from ._checks import as_grouped, check_scan_inputs
 
-#: steps between saved states (forward) = steps recomputed per chunk (backward)
+#: time steps per chunk (a power of two); chunks are scanned in parallel
 CHUNK = 64
+#: chunk summaries scanned per iteration of the between-chunk stage (a power of two)
+CARRY_BLOCK = 128
+#: register tile budget (channels x state x steps) of one program
+TILE = 4096
+#: warps per program (None: 4 up to 2048 tile elements, else 8)
+WARPS = None
 
 try:  # triton ships with torch's CUDA wheels; without it this backend reports why
     import triton
@@ -60,155 +73,263 @@ def triton_supports(u: torch.Tensor) -> bool:
 
 if triton is not None:
     @triton.jit
-    def _scan_forward_kernel(u_ptr, delta_ptr, a_ptr, b_ptr, c_ptr, d_ptr, z_ptr, bias_ptr,
-                             out_ptr, states_ptr, last_ptr,
-                             dim, length, groups, heads, state, n_chunks,
-                             HAS_D: tl.constexpr, HAS_Z: tl.constexpr, HAS_BIAS: tl.constexpr,
-                             SOFTPLUS: tl.constexpr, CHUNK_LEN: tl.constexpr,
-                             BLOCK_D: tl.constexpr, BLOCK_N: tl.constexpr):
-        pid_b, pid_g, pid_h = tl.program_id(0), tl.program_id(1), tl.program_id(2)
-        offs_h = pid_h * BLOCK_D + tl.arange(0, BLOCK_D)
-        mask_d = offs_h < heads
-        d = pid_g * heads + offs_h
-        offs_n = tl.arange(0, BLOCK_N)
-        mask_n = offs_n < state
-        mask_dn = mask_d[:, None] & mask_n[None, :]
-        a = tl.load(a_ptr + d[:, None] * state + offs_n[None, :], mask=mask_dn, other=0.0).to(tl.float32)
-        if HAS_D:
-            d_skip = tl.load(d_ptr + d, mask=mask_d, other=0.0).to(tl.float32)
-        if HAS_BIAS:
-            bias = tl.load(bias_ptr + d, mask=mask_d, other=0.0).to(tl.float32)
-        row = (pid_b * dim + d) * length
-        bc = (pid_b * groups + pid_g) * state * length + offs_n * length
-        saved = ((pid_b * dim + d) * n_chunks)[:, None] * state + offs_n[None, :]
-        h = tl.zeros([BLOCK_D, BLOCK_N], dtype=tl.float32)
-        for t in range(0, length):
-            if t % CHUNK_LEN == 0:
-                tl.store(states_ptr + saved + (t // CHUNK_LEN) * state, h, mask=mask_dn)
-            u_t = tl.load(u_ptr + row + t, mask=mask_d, other=0.0).to(tl.float32)
-            dt = tl.load(delta_ptr + row + t, mask=mask_d, other=0.0).to(tl.float32)
-            if HAS_BIAS:
-                dt = dt + bias
-            if SOFTPLUS:
-                dt = tl.where(dt <= 20.0, tl.log(1.0 + tl.exp(dt)), dt)
-            b_t = tl.load(b_ptr + bc + t, mask=mask_n, other=0.0).to(tl.float32)
-            c_t = tl.load(c_ptr + bc + t, mask=mask_n, other=0.0).to(tl.float32)
-            h = tl.exp(dt[:, None] * a) * h + (dt * u_t)[:, None] * b_t[None, :]
-            y = tl.sum(h * c_t[None, :], axis=1)
-            if HAS_D:
-                y = y + d_skip * u_t
-            if HAS_Z:
-                z_t = tl.load(z_ptr + row + t, mask=mask_d, other=0.0).to(tl.float32)
-                y = y * z_t * tl.sigmoid(z_t)
-            tl.store(out_ptr + row + t, y.to(out_ptr.dtype.element_ty), mask=mask_d)
-        tl.store(last_ptr + ((pid_b * dim + d) * state)[:, None] + offs_n[None, :], h, mask=mask_dn)
+    def _linear_combine(a_left, b_left, a_right, b_right):
+        # (a, b) is the map h -> a h + b; applying left then right composes to (a_r a_l, a_r b_l + b_r)
+        return a_right * a_left, a_right * b_left + b_right
 
     @triton.jit
-    def _scan_backward_kernel(u_ptr, delta_ptr, a_ptr, b_ptr, c_ptr, d_ptr, z_ptr, bias_ptr,
-                              dout_ptr, states_ptr, dlast_ptr, scratch_ptr,
-                              du_ptr, ddelta_ptr, dz_ptr, da_part_ptr, db_part_ptr, dc_part_ptr,
-                              dd_part_ptr, dbias_part_ptr,
-                              dim, length, groups, heads, state, n_chunks, n_blocks,
-                              HAS_D: tl.constexpr, HAS_Z: tl.constexpr, HAS_BIAS: tl.constexpr,
-                              SOFTPLUS: tl.constexpr, HAS_DLAST: tl.constexpr, CHUNK_LEN: tl.constexpr,
-                              BLOCK_D: tl.constexpr, BLOCK_N: tl.constexpr):
-        pid_b, pid_g, pid_h = tl.program_id(0), tl.program_id(1), tl.program_id(2)
+    def _last_along_time(x, T: tl.constexpr):
+        # x[..., T - 1] of a (channels, state, T) tile
+        is_last = tl.arange(0, T) == T - 1
+        return tl.sum(tl.where(is_last[None, None, :], x, 0.0), axis=2)
+
+    @triton.jit
+    def _chunk_program(dim, length, groups, heads, state, n_chunks,
+                       T: tl.constexpr, BLOCK_D: tl.constexpr, BLOCK_N: tl.constexpr):
+        # This program's (batch x group, channel block, chunk) and its offsets: channels (BLOCK_D,), states
+        # (BLOCK_N,), time steps (T,), rows of u/delta/z, rows of B/C, and its (channel, state) chunk summaries.
+        pid_bg, pid_h, pid_c = tl.program_id(0), tl.program_id(1), tl.program_id(2)
+        batch, grp = pid_bg // groups, pid_bg % groups
         offs_h = pid_h * BLOCK_D + tl.arange(0, BLOCK_D)
         mask_d = offs_h < heads
-        d = pid_g * heads + offs_h
+        chans = grp * heads + offs_h
         offs_n = tl.arange(0, BLOCK_N)
         mask_n = offs_n < state
-        mask_dn = mask_d[:, None] & mask_n[None, :]
-        a = tl.load(a_ptr + d[:, None] * state + offs_n[None, :], mask=mask_dn, other=0.0).to(tl.float32)
-        if HAS_D:
-            d_skip = tl.load(d_ptr + d, mask=mask_d, other=0.0).to(tl.float32)
+        t = pid_c * T + tl.arange(0, T)
+        rows = (batch * dim + chans) * length
+        bc_rows = (pid_bg * state + offs_n) * length
+        summary = ((batch * dim + chans) * n_chunks + pid_c)[:, None] * state + offs_n[None, :]
+        return pid_bg, pid_h, pid_c, batch, chans, mask_d, offs_n, mask_n, t, rows, bc_rows, summary
+
+    @triton.jit
+    def _tile_inputs(u_ptr, delta_ptr, a_ptr, b_ptr, bias_ptr, rows, chans, bc_rows, t, mask_d, mask_n,
+                     offs_n, length, state,
+                     HAS_BIAS: tl.constexpr, SOFTPLUS: tl.constexpr):
+        # the scan pairs (decay, input) of one chunk as (channels, state, T) tiles, plus dt, u, B, A
+        valid = mask_d[:, None] & (t[None, :] < length)
+        dt = tl.load(delta_ptr + rows[:, None] + t[None, :], mask=valid, other=0.0).to(tl.float32)
         if HAS_BIAS:
-            bias = tl.load(bias_ptr + d, mask=mask_d, other=0.0).to(tl.float32)
-        row = (pid_b * dim + d) * length
-        bc = (pid_b * groups + pid_g) * state * length + offs_n * length
-        # partial sums over this program's channels: (batch, groups, n_blocks, state, length)
-        part = ((pid_b * groups + pid_g) * n_blocks + pid_h) * state * length + offs_n * length
-        dn = ((pid_b * dim + d) * state)[:, None] + offs_n[None, :]
-        saved = ((pid_b * dim + d) * n_chunks)[:, None] * state + offs_n[None, :]
-        scratch = ((pid_b * dim + d) * (CHUNK_LEN + 1))[:, None] * state + offs_n[None, :]
-        if HAS_DLAST:
-            carry = tl.load(dlast_ptr + dn, mask=mask_dn, other=0.0).to(tl.float32)
+            dt = dt + tl.load(bias_ptr + chans, mask=mask_d, other=0.0).to(tl.float32)[:, None]
+        if SOFTPLUS:
+            dt = tl.where(dt <= 20.0, tl.log(1.0 + tl.exp(dt)), dt)
+        dt = tl.where(valid, dt, 0.0)
+        u = tl.load(u_ptr + rows[:, None] + t[None, :], mask=valid, other=0.0).to(tl.float32)
+        b = tl.load(b_ptr + bc_rows[:, None] + t[None, :], mask=mask_n[:, None] & (t[None, :] < length),
+                    other=0.0).to(tl.float32)
+        a = tl.load(a_ptr + chans[:, None] * state + offs_n[None, :], mask=mask_d[:, None] & mask_n[None, :],
+                    other=0.0).to(tl.float32)
+        decay = tl.exp(dt[:, None, :] * a[:, :, None])
+        drive = (dt * u)[:, None, :] * b[None, :, :]
+        return decay, drive, dt, u, b, a
+
+    @triton.jit
+    def _forward_chunk_summary_kernel(u_ptr, delta_ptr, a_ptr, b_ptr, bias_ptr, end_ptr, decay_ptr,
+                                      dim, length, groups, heads, state, n_chunks,
+                                      HAS_BIAS: tl.constexpr, SOFTPLUS: tl.constexpr,
+                                      T: tl.constexpr, BLOCK_D: tl.constexpr, BLOCK_N: tl.constexpr):
+        pid_bg, pid_h, pid_c, batch, chans, mask_d, offs_n, mask_n, t, rows, bc_rows, summary = _chunk_program(
+            dim, length, groups, heads, state, n_chunks, T, BLOCK_D, BLOCK_N)
+        decay, drive, dt, u, b, a = _tile_inputs(u_ptr, delta_ptr, a_ptr, b_ptr, bias_ptr, rows, chans, bc_rows,
+                                                 t, mask_d, mask_n, offs_n, length, state, HAS_BIAS, SOFTPLUS)
+        total_decay, end = tl.associative_scan((decay, drive), 2, _linear_combine)
+        mask_dn = mask_d[:, None] & mask_n[None, :]
+        tl.store(end_ptr + summary, _last_along_time(end, T), mask=mask_dn)
+        tl.store(decay_ptr + summary, _last_along_time(total_decay, T), mask=mask_dn)
+
+    @triton.jit
+    def _chunk_carry_kernel(decay_ptr, value_ptr, init_ptr, carry_ptr, last_ptr, n_chunks, state,
+                            REVERSE: tl.constexpr, HAS_INIT: tl.constexpr,
+                            CB: tl.constexpr, BLOCK_N: tl.constexpr):
+        # One (batch, channel) per program: carry_c = the state entering chunk c (forward: from the left,
+        # REVERSE: from the right), from carry_{c+1} = decay_c carry_c + value_c, scanned CB chunks at a time.
+        pid = tl.program_id(0)
+        offs_n = tl.arange(0, BLOCK_N)
+        mask_n = offs_n < state
+        base = pid * n_chunks * state
+        if HAS_INIT:
+            carry = tl.load(init_ptr + pid * state + offs_n, mask=mask_n, other=0.0).to(tl.float32)
         else:
-            carry = tl.zeros([BLOCK_D, BLOCK_N], dtype=tl.float32)
-        da_acc = tl.zeros([BLOCK_D, BLOCK_N], dtype=tl.float32)
-        dd_acc = tl.zeros([BLOCK_D], dtype=tl.float32)
-        dbias_acc = tl.zeros([BLOCK_D], dtype=tl.float32)
-        for cc in range(0, n_chunks):
-            chunk = n_chunks - 1 - cc
-            start = chunk * CHUNK_LEN
-            # slot 0: the state before the chunk; slot i + 1: the state after step start + i
-            h = tl.load(states_ptr + saved + chunk * state, mask=mask_dn, other=0.0)
-            tl.store(scratch_ptr + scratch, h, mask=mask_dn)
-            for i in range(0, CHUNK_LEN):
-                t = start + i
-                if t < length:
-                    u_t = tl.load(u_ptr + row + t, mask=mask_d, other=0.0).to(tl.float32)
-                    dt = tl.load(delta_ptr + row + t, mask=mask_d, other=0.0).to(tl.float32)
-                    if HAS_BIAS:
-                        dt = dt + bias
-                    if SOFTPLUS:
-                        dt = tl.where(dt <= 20.0, tl.log(1.0 + tl.exp(dt)), dt)
-                    b_t = tl.load(b_ptr + bc + t, mask=mask_n, other=0.0).to(tl.float32)
-                    h = tl.exp(dt[:, None] * a) * h + (dt * u_t)[:, None] * b_t[None, :]
-                    tl.store(scratch_ptr + scratch + (i + 1) * state, h, mask=mask_dn)
-            for j in range(0, CHUNK_LEN):
-                i = CHUNK_LEN - 1 - j
-                t = start + i
-                if t < length:
-                    h_t = tl.load(scratch_ptr + scratch + (i + 1) * state, mask=mask_dn, other=0.0)
-                    h_prev = tl.load(scratch_ptr + scratch + i * state, mask=mask_dn, other=0.0)
-                    u_t = tl.load(u_ptr + row + t, mask=mask_d, other=0.0).to(tl.float32)
-                    pre = tl.load(delta_ptr + row + t, mask=mask_d, other=0.0).to(tl.float32)
-                    if HAS_BIAS:
-                        pre = pre + bias
-                    dt = pre
-                    if SOFTPLUS:
-                        dt = tl.where(pre <= 20.0, tl.log(1.0 + tl.exp(pre)), pre)
-                    b_t = tl.load(b_ptr + bc + t, mask=mask_n, other=0.0).to(tl.float32)
-                    c_t = tl.load(c_ptr + bc + t, mask=mask_n, other=0.0).to(tl.float32)
-                    g_out = tl.load(dout_ptr + row + t, mask=mask_d, other=0.0).to(tl.float32)
-                    if HAS_Z:
-                        z_t = tl.load(z_ptr + row + t, mask=mask_d, other=0.0).to(tl.float32)
-                        sig = tl.sigmoid(z_t)
-                        y = tl.sum(h_t * c_t[None, :], axis=1)
-                        if HAS_D:
-                            y = y + d_skip * u_t
-                        tl.store(dz_ptr + row + t, g_out * y * sig * (1.0 + z_t * (1.0 - sig)), mask=mask_d)
-                        g_y = g_out * z_t * sig
-                    else:
-                        g_y = g_out
-                    decay = tl.exp(dt[:, None] * a)
-                    g_h = g_y[:, None] * c_t[None, :] + carry       # dL/dh_t
-                    tl.store(dc_part_ptr + part + t, tl.sum(g_y[:, None] * h_t, axis=0), mask=mask_n)
-                    tl.store(db_part_ptr + part + t, tl.sum(g_h * (dt * u_t)[:, None], axis=0), mask=mask_n)
-                    g_u = tl.sum(g_h * b_t[None, :], axis=1) * dt
-                    g_decay = g_h * h_prev * decay                  # dL/d(dt * A)
-                    g_dt = tl.sum(g_h * b_t[None, :], axis=1) * u_t + tl.sum(g_decay * a, axis=1)
-                    da_acc += g_decay * dt[:, None]
-                    if HAS_D:
-                        g_u += g_y * d_skip
-                        dd_acc += g_y * u_t
-                    if SOFTPLUS:
-                        g_dt = g_dt * tl.sigmoid(pre)
-                    dbias_acc += g_dt
-                    tl.store(du_ptr + row + t, g_u, mask=mask_d)
-                    tl.store(ddelta_ptr + row + t, g_dt, mask=mask_d)
-                    carry = g_h * decay
-        tl.store(da_part_ptr + dn, da_acc, mask=mask_dn)
-        tl.store(dd_part_ptr + pid_b * dim + d, dd_acc, mask=mask_d)
-        tl.store(dbias_part_ptr + pid_b * dim + d, dbias_acc, mask=mask_d)
+            carry = tl.zeros([BLOCK_N], dtype=tl.float32)
+        first = n_chunks - 1 if REVERSE else 0
+        tl.store(carry_ptr + base + first * state + offs_n, carry, mask=mask_n)
+        is_last = tl.arange(0, CB) == CB - 1
+        for start in range(0, n_chunks, CB):
+            j = start + tl.arange(0, CB)
+            c = n_chunks - 1 - j if REVERSE else j
+            inside = j < n_chunks
+            m = mask_n[:, None] & inside[None, :]
+            where = base + c[None, :] * state + offs_n[:, None]
+            a = tl.load(decay_ptr + where, mask=m, other=1.0)
+            v = tl.load(value_ptr + where, mask=m, other=0.0)
+            pa, pv = tl.associative_scan((a, v), 1, _linear_combine)
+            h = pv + pa * carry[:, None]                      # the carry leaving chunk c
+            nxt = c - 1 if REVERSE else c + 1
+            ok = m & (j + 1 < n_chunks)
+            tl.store(carry_ptr + base + nxt[None, :] * state + offs_n[:, None], h, mask=ok)
+            carry = tl.sum(tl.where(is_last[None, :], h, 0.0), axis=1)
+        if not REVERSE:
+            tl.store(last_ptr + pid * state + offs_n, carry, mask=mask_n)
+
+    @triton.jit
+    def _forward_output_kernel(u_ptr, delta_ptr, a_ptr, b_ptr, c_ptr, d_ptr, z_ptr, bias_ptr, start_ptr, out_ptr,
+                               dim, length, groups, heads, state, n_chunks,
+                               HAS_D: tl.constexpr, HAS_Z: tl.constexpr, HAS_BIAS: tl.constexpr,
+                               SOFTPLUS: tl.constexpr,
+                               T: tl.constexpr, BLOCK_D: tl.constexpr, BLOCK_N: tl.constexpr):
+        pid_bg, pid_h, pid_c, batch, chans, mask_d, offs_n, mask_n, t, rows, bc_rows, summary = _chunk_program(
+            dim, length, groups, heads, state, n_chunks, T, BLOCK_D, BLOCK_N)
+        decay, drive, dt, u, b, a = _tile_inputs(u_ptr, delta_ptr, a_ptr, b_ptr, bias_ptr, rows, chans, bc_rows,
+                                                 t, mask_d, mask_n, offs_n, length, state, HAS_BIAS, SOFTPLUS)
+        mask_dn = mask_d[:, None] & mask_n[None, :]
+        h0 = tl.load(start_ptr + summary, mask=mask_dn, other=0.0)
+        cum_decay, h = tl.associative_scan((decay, drive), 2, _linear_combine)
+        h = h + cum_decay * h0[:, :, None]
+        valid_t = t < length
+        c = tl.load(c_ptr + bc_rows[:, None] + t[None, :], mask=mask_n[:, None] & valid_t[None, :],
+                    other=0.0).to(tl.float32)
+        y = tl.sum(h * c[None, :, :], axis=1)
+        if HAS_D:
+            y = y + tl.load(d_ptr + chans, mask=mask_d, other=0.0).to(tl.float32)[:, None] * u
+        valid = mask_d[:, None] & valid_t[None, :]
+        if HAS_Z:
+            z = tl.load(z_ptr + rows[:, None] + t[None, :], mask=valid, other=0.0).to(tl.float32)
+            y = y * z * tl.sigmoid(z)
+        tl.store(out_ptr + rows[:, None] + t[None, :], y.to(out_ptr.dtype.element_ty), mask=valid)
+
+    @triton.jit
+    def _adjoint_inputs(delta_ptr, a_ptr, c_ptr, z_ptr, bias_ptr, dout_ptr, rows, chans, bc_rows, t, mask_d,
+                        mask_n, offs_n, length, state,
+                        HAS_Z: tl.constexpr, HAS_BIAS: tl.constexpr, SOFTPLUS: tl.constexpr):
+        # The adjoint pairs at time indices t (any order): (exp(dt_{t+1} A), C_t dy_t), with decay 1 at the
+        # last step (lambda_{L-1} = C dy + d last) and identity pairs outside [0, length).
+        valid_t = t < length
+        valid = mask_d[:, None] & valid_t[None, :]
+        nxt = t + 1
+        has_next = mask_d[:, None] & (nxt[None, :] < length)
+        dt_next = tl.load(delta_ptr + rows[:, None] + nxt[None, :], mask=has_next, other=0.0).to(tl.float32)
+        if HAS_BIAS:
+            dt_next = dt_next + tl.load(bias_ptr + chans, mask=mask_d, other=0.0).to(tl.float32)[:, None]
+        if SOFTPLUS:
+            dt_next = tl.where(dt_next <= 20.0, tl.log(1.0 + tl.exp(dt_next)), dt_next)
+        dt_next = tl.where(has_next, dt_next, 0.0)
+        a = tl.load(a_ptr + chans[:, None] * state + offs_n[None, :], mask=mask_d[:, None] & mask_n[None, :],
+                    other=0.0).to(tl.float32)
+        decay = tl.exp(dt_next[:, None, :] * a[:, :, None])
+        dy = tl.load(dout_ptr + rows[:, None] + t[None, :], mask=valid, other=0.0).to(tl.float32)
+        if HAS_Z:
+            z = tl.load(z_ptr + rows[:, None] + t[None, :], mask=valid, other=0.0).to(tl.float32)
+            dy = dy * z * tl.sigmoid(z)
+        c = tl.load(c_ptr + bc_rows[:, None] + t[None, :], mask=mask_n[:, None] & valid_t[None, :],
+                    other=0.0).to(tl.float32)
+        return decay, dy[:, None, :] * c[None, :, :]
+
+    @triton.jit
+    def _backward_chunk_summary_kernel(delta_ptr, a_ptr, c_ptr, z_ptr, bias_ptr, dout_ptr, end_ptr, decay_ptr,
+                                       dim, length, groups, heads, state, n_chunks,
+                                       HAS_Z: tl.constexpr, HAS_BIAS: tl.constexpr, SOFTPLUS: tl.constexpr,
+                                       T: tl.constexpr, BLOCK_D: tl.constexpr, BLOCK_N: tl.constexpr):
+        pid_bg, pid_h, pid_c, batch, chans, mask_d, offs_n, mask_n, t, rows, bc_rows, summary = _chunk_program(
+            dim, length, groups, heads, state, n_chunks, T, BLOCK_D, BLOCK_N)
+        t_rev = pid_c * T + (T - 1 - tl.arange(0, T))          # the chunk from its end to its start
+        decay, drive = _adjoint_inputs(delta_ptr, a_ptr, c_ptr, z_ptr, bias_ptr, dout_ptr, rows, chans, bc_rows,
+                                       t_rev, mask_d, mask_n, offs_n, length, state, HAS_Z, HAS_BIAS, SOFTPLUS)
+        total_decay, lam = tl.associative_scan((decay, drive), 2, _linear_combine)
+        mask_dn = mask_d[:, None] & mask_n[None, :]
+        tl.store(end_ptr + summary, _last_along_time(lam, T), mask=mask_dn)
+        tl.store(decay_ptr + summary, _last_along_time(total_decay, T), mask=mask_dn)
+
+    @triton.jit
+    def _backward_gradient_kernel(u_ptr, delta_ptr, a_ptr, b_ptr, c_ptr, d_ptr, z_ptr, bias_ptr, dout_ptr,
+                                  start_ptr, lam_ptr,
+                                  du_ptr, ddelta_ptr, dz_ptr, da_part_ptr, db_part_ptr, dc_part_ptr,
+                                  dd_part_ptr, dbias_part_ptr,
+                                  dim, length, groups, heads, state, n_chunks, n_blocks,
+                                  HAS_D: tl.constexpr, HAS_Z: tl.constexpr, HAS_BIAS: tl.constexpr,
+                                  SOFTPLUS: tl.constexpr,
+                                  T: tl.constexpr, BLOCK_D: tl.constexpr, BLOCK_N: tl.constexpr):
+        pid_bg, pid_h, pid_c, batch, chans, mask_d, offs_n, mask_n, t, rows, bc_rows, summary = _chunk_program(
+            dim, length, groups, heads, state, n_chunks, T, BLOCK_D, BLOCK_N)
+        mask_dn = mask_d[:, None] & mask_n[None, :]
+        valid_t = t < length
+        valid = mask_d[:, None] & valid_t[None, :]
+        # states of the chunk, recomputed from its saved start state
+        decay, drive, dt, u, b, a = _tile_inputs(u_ptr, delta_ptr, a_ptr, b_ptr, bias_ptr, rows, chans, bc_rows,
+                                                 t, mask_d, mask_n, offs_n, length, state, HAS_BIAS, SOFTPLUS)
+        h0 = tl.load(start_ptr + summary, mask=mask_dn, other=0.0)
+        cum_decay, h = tl.associative_scan((decay, drive), 2, _linear_combine)
+        h = h + cum_decay * h0[:, :, None]
+        # adjoint states lambda_t = dL/dh_t, scanned from the chunk's end (reversed loads), then flipped back
+        t_rev = pid_c * T + (T - 1 - tl.arange(0, T))
+        adj_decay, adj_drive = _adjoint_inputs(delta_ptr, a_ptr, c_ptr, z_ptr, bias_ptr, dout_ptr, rows, chans,
+                                               bc_rows, t_rev, mask_d, mask_n, offs_n, length, state,
+                                               HAS_Z, HAS_BIAS, SOFTPLUS)
+        lam_end = tl.load(lam_ptr + summary, mask=mask_dn, other=0.0)
+        cum_adj, lam_rev = tl.associative_scan((adj_decay, adj_drive), 2, _linear_combine)
+        lam = tl.flip(lam_rev + cum_adj * lam_end[:, :, None], 2)
+        lam = tl.where(valid_t[None, None, :], lam, 0.0)
+        c = tl.load(c_ptr + bc_rows[:, None] + t[None, :], mask=mask_n[:, None] & valid_t[None, :],
+                    other=0.0).to(tl.float32)
+        dout = tl.load(dout_ptr + rows[:, None] + t[None, :], mask=valid, other=0.0).to(tl.float32)
+        if HAS_D:
+            d_skip = tl.load(d_ptr + chans, mask=mask_d, other=0.0).to(tl.float32)
+        if HAS_Z:
+            z = tl.load(z_ptr + rows[:, None] + t[None, :], mask=valid, other=0.0).to(tl.float32)
+            sig = tl.sigmoid(z)
+            y = tl.sum(h * c[None, :, :], axis=1)
+            if HAS_D:
+                y = y + d_skip[:, None] * u
+            tl.store(dz_ptr + rows[:, None] + t[None, :], dout * y * sig * (1.0 + z * (1.0 - sig)), mask=valid)
+            dy = dout * z * sig
+        else:
+            dy = dout
+        # exp(dt A) h_{t-1} = h_t - dt u B: the gradient of the decay's exponent needs no shifted state
+        g_exponent = lam * (h - drive)                        # dL/d(dt_t A)
+        lam_b = tl.sum(lam * b[None, :, :], axis=1)           # sum_n lambda B
+        g_u = lam_b * dt
+        g_dt = lam_b * u + tl.sum(g_exponent * a[:, :, None], axis=1)
+        if HAS_D:
+            g_u = g_u + dy * d_skip[:, None]
+            tl.store(dd_part_ptr + (batch * n_chunks + pid_c) * dim + chans, tl.sum(dy * u, axis=1), mask=mask_d)
+        if SOFTPLUS:
+            pre = tl.load(delta_ptr + rows[:, None] + t[None, :], mask=valid, other=0.0).to(tl.float32)
+            if HAS_BIAS:
+                pre = pre + tl.load(bias_ptr + chans, mask=mask_d, other=0.0).to(tl.float32)[:, None]
+            g_dt = g_dt * tl.sigmoid(pre)
+        g_dt = tl.where(valid, g_dt, 0.0)
+        if HAS_BIAS:
+            tl.store(dbias_part_ptr + (batch * n_chunks + pid_c) * dim + chans, tl.sum(g_dt, axis=1), mask=mask_d)
+        tl.store(du_ptr + rows[:, None] + t[None, :], g_u, mask=valid)
+        tl.store(ddelta_ptr + rows[:, None] + t[None, :], g_dt, mask=valid)
+        tl.store(da_part_ptr + ((batch * n_chunks + pid_c) * dim + chans)[:, None] * state + offs_n[None, :],
+                 tl.sum(g_exponent * dt[:, None, :], axis=2), mask=mask_dn)
+        # channel-block partial sums of dB_t = sum_d lambda dt u and dC_t = sum_d dy h, (batch, groups, blocks, N, L)
+        part = ((pid_bg * n_blocks + pid_h) * state + offs_n)[:, None] * length + t[None, :]
+        mask_nt = mask_n[:, None] & valid_t[None, :]
+        tl.store(db_part_ptr + part, tl.sum(lam * (dt * u)[:, None, :], axis=0), mask=mask_nt)
+        tl.store(dc_part_ptr + part, tl.sum(h * dy[:, None, :], axis=0), mask=mask_nt)
 
 
-def _launch_shape(dim: int, groups: int, state: int) -> tuple[int, int, int]:
+def _launch_shape(dim: int, groups: int, state: int, length: int) -> dict:
+    """Tile sizes: channels per program, padded state, chunk length (powers of two within ``TILE``)."""
     heads = dim // groups
-    block_d = min(32, triton.next_power_of_2(heads))
     block_n = triton.next_power_of_2(state)
-    return heads, block_d, block_n
+    chunk = max(2, min(CHUNK, TILE // block_n, triton.next_power_of_2(length)))
+    block_d = max(1, min(triton.next_power_of_2(heads), TILE // (block_n * chunk)))
+    warps = WARPS or (4 if block_d * block_n * chunk <= 2048 else 8)
+    return dict(heads=heads, block_d=block_d, block_n=block_n, chunk=chunk, warps=warps,
+                n_blocks=triton.cdiv(heads, block_d), n_chunks=triton.cdiv(length, chunk))
+
+
+def _carry(decay, value, init, reverse: bool, block_n: int):
+    """Carries between chunks: (batch, dim, n_chunks, state) in fp32, and the last state (forward)."""
+    batch, dim, n_chunks, state = decay.shape
+    carry = torch.empty_like(decay)
+    last = decay.new_empty(batch, dim, state)
+    cb = max(2, min(CARRY_BLOCK, triton.next_power_of_2(n_chunks)))
+    _chunk_carry_kernel[(batch * dim,)](decay, value, init if init is not None else decay, carry, last,
+                                        n_chunks, state, REVERSE=reverse, HAS_INIT=init is not None,
+                                        CB=cb, BLOCK_N=block_n)
+    return carry, last
 
 
 class _TritonSelectiveScan(torch.autograd.Function):
@@ -217,65 +338,73 @@ class _TritonSelectiveScan(torch.autograd.Function):
         batch, dim, length = u.shape
         B4, C4 = as_grouped(B).contiguous(), as_grouped(C).contiguous()
         groups, state = B4.shape[1], B4.shape[2]
-        heads, block_d, block_n = _launch_shape(dim, groups, state)
-        n_blocks = triton.cdiv(heads, block_d)
-        n_chunks = triton.cdiv(length, CHUNK)
+        s = _launch_shape(dim, groups, state, length)
         u, delta = u.contiguous(), delta.contiguous()
         z = z.contiguous() if z is not None else None
         A32 = A.float().contiguous()
         D32 = D.float().contiguous() if D is not None else None
         bias32 = delta_bias.float().contiguous() if delta_bias is not None else None
-        out = torch.empty_like(u)
-        states = u.new_empty(batch, dim, n_chunks, state, dtype=torch.float32)
-        last = u.new_empty(batch, dim, state, dtype=torch.float32)
         dummy = A32  # never read: the HAS_* flags switch its loads off
-        _scan_forward_kernel[(batch, groups, n_blocks)](
-            u, delta, A32, B4, C4, D32 if D32 is not None else dummy, z if z is not None else dummy,
-            bias32 if bias32 is not None else dummy, out, states, last,
-            dim, length, groups, heads, state, n_chunks,
-            HAS_D=D is not None, HAS_Z=z is not None, HAS_BIAS=delta_bias is not None,
-            SOFTPLUS=bool(delta_softplus), CHUNK_LEN=CHUNK, BLOCK_D=block_d, BLOCK_N=block_n)
-        ctx.save_for_backward(u, delta, A32, B4, C4, D32, z, bias32, states)
+        grid = (batch * groups, s["n_blocks"], s["n_chunks"])
+        common = dict(HAS_BIAS=bias32 is not None, SOFTPLUS=bool(delta_softplus), T=s["chunk"],
+                      BLOCK_D=s["block_d"], BLOCK_N=s["block_n"], num_warps=s["warps"])
+        f32 = dict(dtype=torch.float32, device=u.device)
+        ends = torch.empty(batch, dim, s["n_chunks"], state, **f32)
+        decays = torch.empty_like(ends)
+        bias_arg = bias32 if bias32 is not None else dummy
+        _forward_chunk_summary_kernel[grid](u, delta, A32, B4, bias_arg, ends, decays,
+                                            dim, length, groups, s["heads"], state, s["n_chunks"], **common)
+        starts, last = _carry(decays, ends, None, False, s["block_n"])
+        out = torch.empty_like(u)
+        _forward_output_kernel[grid](u, delta, A32, B4, C4, D32 if D32 is not None else dummy,
+                                     z if z is not None else dummy, bias_arg, starts, out,
+                                     dim, length, groups, s["heads"], state, s["n_chunks"],
+                                     HAS_D=D32 is not None, HAS_Z=z is not None, **common)
+        ctx.save_for_backward(u, delta, A32, B4, C4, D32, z, bias32, starts)
         ctx.meta = (B.dim(), A.dtype, B.dtype, C.dtype, None if D is None else D.dtype,
                     None if delta_bias is None else delta_bias.dtype, bool(delta_softplus))
         return out, last
 
     @staticmethod
     def backward(ctx, dout, dlast):
-        u, delta, A32, B4, C4, D32, z, bias32, states = ctx.saved_tensors
+        u, delta, A32, B4, C4, D32, z, bias32, starts = ctx.saved_tensors
         b_ndim, a_dtype, b_dtype, c_dtype, d_dtype, bias_dtype, softplus = ctx.meta
         batch, dim, length = u.shape
         groups, state = B4.shape[1], B4.shape[2]
-        heads, block_d, block_n = _launch_shape(dim, groups, state)
-        n_blocks = triton.cdiv(heads, block_d)
-        n_chunks = states.shape[2]
+        s = _launch_shape(dim, groups, state, length)
+        n_chunks, n_blocks = s["n_chunks"], s["n_blocks"]
         dout = dout.contiguous()
+        dummy = A32
         f32 = dict(dtype=torch.float32, device=u.device)
+        grid = (batch * groups, n_blocks, n_chunks)
+        flags = dict(HAS_Z=z is not None, HAS_BIAS=bias32 is not None, SOFTPLUS=softplus, T=s["chunk"],
+                     BLOCK_D=s["block_d"], BLOCK_N=s["block_n"], num_warps=s["warps"])
+        z_arg, bias_arg = (z if z is not None else dummy), (bias32 if bias32 is not None else dummy)
+        ends = torch.empty(batch, dim, n_chunks, state, **f32)
+        decays = torch.empty_like(ends)
+        _backward_chunk_summary_kernel[grid](delta, A32, C4, z_arg, bias_arg, dout, ends, decays,
+                                             dim, length, groups, s["heads"], state, n_chunks, **flags)
+        init = dlast.float().contiguous() if dlast is not None else None
+        lam_ends, _ = _carry(decays, ends, init, True, s["block_n"])
         du = torch.empty(batch, dim, length, **f32)
         ddelta = torch.empty(batch, dim, length, **f32)
         dz = torch.empty(batch, dim, length, **f32) if z is not None else None
-        da_part = torch.empty(batch, dim, state, **f32)
+        da_part = torch.empty(batch, n_chunks, dim, state, **f32)
         db_part = torch.empty(batch, groups, n_blocks, state, length, **f32)
         dc_part = torch.empty(batch, groups, n_blocks, state, length, **f32)
-        dd_part = torch.empty(batch, dim, **f32)
-        dbias_part = torch.empty(batch, dim, **f32)
-        scratch = torch.empty(batch, dim, CHUNK + 1, state, **f32)
-        dummy = A32
-        _scan_backward_kernel[(batch, groups, n_blocks)](
-            u, delta, A32, B4, C4, D32 if D32 is not None else dummy, z if z is not None else dummy,
-            bias32 if bias32 is not None else dummy, dout, states,
-            dlast.contiguous() if dlast is not None else dummy, scratch,
+        dd_part = torch.empty(batch, n_chunks, dim, **f32)
+        dbias_part = torch.empty(batch, n_chunks, dim, **f32)
+        _backward_gradient_kernel[grid](
+            u, delta, A32, B4, C4, D32 if D32 is not None else dummy, z_arg, bias_arg, dout, starts, lam_ends,
             du, ddelta, dz if dz is not None else dummy, da_part, db_part, dc_part, dd_part, dbias_part,
-            dim, length, groups, heads, state, n_chunks, n_blocks,
-            HAS_D=D32 is not None, HAS_Z=z is not None, HAS_BIAS=bias32 is not None, SOFTPLUS=softplus,
-            HAS_DLAST=dlast is not None, CHUNK_LEN=CHUNK, BLOCK_D=block_d, BLOCK_N=block_n)
+            dim, length, groups, s["heads"], state, n_chunks, n_blocks, HAS_D=D32 is not None, **flags)
         dB, dC = db_part.sum(2), dc_part.sum(2)
         if b_ndim == 3:
             dB, dC = dB.squeeze(1), dC.squeeze(1)
-        return (du.to(u.dtype), ddelta.to(delta.dtype), da_part.sum(0).to(a_dtype), dB.to(b_dtype),
-                dC.to(c_dtype), None if D32 is None else dd_part.sum(0).to(d_dtype),
+        return (du.to(u.dtype), ddelta.to(delta.dtype), da_part.sum((0, 1)).to(a_dtype), dB.to(b_dtype),
+                dC.to(c_dtype), None if D32 is None else dd_part.sum((0, 1)).to(d_dtype),
                 None if z is None else dz.to(z.dtype),
-                None if bias32 is None else dbias_part.sum(0).to(bias_dtype), None)
+                None if bias32 is None else dbias_part.sum((0, 1)).to(bias_dtype), None)
 
 
 def selective_scan_triton(u, delta, A, B, C, D=None, z=None, delta_bias=None, delta_softplus=False,
