@@ -50,13 +50,12 @@ def build(kind: str, plans: dict, dataset_json: dict, configuration: str, traine
     return net, cm.batch_size, tuple(cm.patch_size), n_in
 
 
-#: mixed precision as nnU-Net trains on CUDA (fp16 autocast); set by --amp
-AMP = os.environ.get("BENCH_NETWORK_AMP", "") == "1"
+def step(net, x, amp: bool = False):
+    """One forward + deep-supervision loss + backward; returns whether the loss was finite.
 
-
-def step(net, x):
-    """One forward + deep-supervision loss + backward; returns whether the loss was finite."""
-    with torch.autocast(x.device.type, dtype=torch.float16, enabled=AMP and x.device.type == "cuda"):
+    ``amp``: fp16 autocast as nnU-Net trains on CUDA (ignored on CPU).
+    """
+    with torch.autocast(x.device.type, dtype=torch.float16, enabled=amp and x.device.type == "cuda"):
         out = net(x)
         outs = out if isinstance(out, (list, tuple)) else [out]
         loss = sum(o.float().square().mean() for o in outs)
@@ -65,7 +64,7 @@ def step(net, x):
     return bool(torch.isfinite(loss))
 
 
-def _memory_child(kind, plans, dataset_json, configuration, trainer_name, device, batch_size, queue):
+def _memory_child(kind, plans, dataset_json, configuration, trainer_name, device, batch_size, amp, queue):
     if os.environ.get("OMP_NUM_THREADS", "").isdigit():
         torch.set_num_threads(int(os.environ["OMP_NUM_THREADS"]))
     net, batch, patch, n_in = build(kind, plans, dataset_json, configuration, trainer_name)
@@ -75,7 +74,7 @@ def _memory_child(kind, plans, dataset_json, configuration, trainer_name, device
     if device == "cuda":
         torch.cuda.reset_peak_memory_stats()
         base = torch.cuda.memory_allocated()
-        step(net, x)
+        step(net, x, amp)
         torch.cuda.synchronize()
         queue.put((torch.cuda.max_memory_allocated() - base) / 2 ** 20)
     else:
@@ -83,7 +82,7 @@ def _memory_child(kind, plans, dataset_json, configuration, trainer_name, device
         with open("/proc/self/clear_refs", "w") as f:
             f.write("5")
         base = _status_kib("VmRSS")
-        step(net, x)
+        step(net, x, amp)
         queue.put((_status_kib("VmHWM") - base) / 1024)
 
 
@@ -95,18 +94,20 @@ def _status_kib(field: str) -> int:
     raise RuntimeError(f"{field} not in /proc/self/status (peak memory on CPU needs Linux)")
 
 
-def peak_memory_mib(kind, plans, dataset_json, configuration, trainer_name, device, batch_size=None) -> float:
+def peak_memory_mib(kind, plans, dataset_json, configuration, trainer_name, device, batch_size=None,
+                    amp=False) -> float:
     ctx = mp.get_context("spawn")
     queue = ctx.Queue()
     proc = ctx.Process(target=_memory_child, args=(kind, plans, dataset_json, configuration, trainer_name, device,
-                                                       batch_size, queue))
+                                                       batch_size, amp, queue))
     proc.start()
     value = queue.get()
     proc.join()
     return value
 
 
-def bench_configuration(plans, dataset_json, configuration, trainer_name, device, steps, batch_size=None):
+def bench_configuration(plans, dataset_json, configuration, trainer_name, device, steps, batch_size=None,
+                        amp=False):
     nets, sample = {}, None
     for kind in ("plain", "ours"):
         net, batch, patch, n_in = build(kind, plans, dataset_json, configuration, trainer_name)
@@ -121,17 +122,18 @@ def bench_configuration(plans, dataset_json, configuration, trainer_name, device
             if device == "cuda":
                 torch.cuda.synchronize()
             t0 = time.perf_counter()
-            finite[kind] &= step(nets[kind], sample)
+            finite[kind] &= step(nets[kind], sample, amp)
             if device == "cuda":
                 torch.cuda.synchronize()
             if i > 0:  # the first step warms up allocators and kernels
                 times[kind].append(time.perf_counter() - t0)
     med = {k: statistics.median(v) for k, v in times.items()}
-    mem = {k: peak_memory_mib(k, plans, dataset_json, configuration, trainer_name, device, batch_size) for k in nets}
+    mem = {k: peak_memory_mib(k, plans, dataset_json, configuration, trainer_name, device, batch_size, amp)
+           for k in nets}
     placed = getattr(nets["ours"], "log_vmamba_blocks", [])
     return {"configuration": configuration, "batch": tuple(sample.shape[:1])[0], "patch": tuple(sample.shape[2:]),
             "blocks": [f"{p['where'][:3]}{p['stage']}:{p['mode']}@{'x'.join(map(str, p['size']))}" for p in placed],
-            "params": params, "step_s": med, "peak_mib": mem, "amp": AMP, "loss_finite": finite,
+            "params": params, "step_s": med, "peak_mib": mem, "amp": amp, "loss_finite": finite,
             "ratios": {"params": params["ours"] / params["plain"], "step_time": med["ours"] / med["plain"],
                        "peak_memory": mem["ours"] / max(mem["plain"], 1e-9)}}
 
@@ -150,10 +152,6 @@ def main(argv=None):
     parser.add_argument("--json", default=None, help="also write the results here")
     parser.add_argument("--amp", action="store_true", help="fp16 autocast, as nnU-Net trains on CUDA")
     args = parser.parse_args(argv)
-    if args.amp:
-        global AMP
-        AMP = True
-        os.environ["BENCH_NETWORK_AMP"] = "1"  # inherited by the memory subprocesses
     for path in (args.plans, args.dataset_json):
         if not os.path.isfile(path):
             sys.exit(f"{path} not found: plan the dataset first, e.g. python benchmarks/eval_hippocampus.py "
@@ -166,10 +164,10 @@ def main(argv=None):
         torch.set_num_threads(args.threads)
         os.environ["OMP_NUM_THREADS"] = str(args.threads)  # inherited by the memory subprocesses
     results = []
-    print(f"device={args.device} threads={torch.get_num_threads()} trainer={args.trainer} amp={AMP}")
+    print(f"device={args.device} threads={torch.get_num_threads()} trainer={args.trainer} amp={args.amp}")
     for configuration in args.configurations:
         r = bench_configuration(plans, dataset_json, configuration, args.trainer, args.device, args.steps,
-                                args.batch_size)
+                                args.batch_size, args.amp)
         results.append(r)
         print(f"\n{configuration}: batch {r['batch']} patch {r['patch']} blocks {', '.join(r['blocks'])}")
         print(f"  params      plain {r['params']['plain'] / 1e6:8.2f} M   ours {r['params']['ours'] / 1e6:8.2f} M"

@@ -194,7 +194,9 @@ def write_table(rows: list[dict], labels: dict, out: str, command: str, configur
 def main(argv=None):
     parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     parser.add_argument("--source", default=DEFAULT_SOURCE)
-    parser.add_argument("--work", default=DEFAULT_WORK)
+    parser.add_argument("--work", default=None,
+                        help=f"work folder (default {DEFAULT_WORK}, with _DEVICE appended off the CPU, so that "
+                             "--c never continues a training of another device)")
     parser.add_argument("-c", "--configuration", default="3d_fullres")
     parser.add_argument("--trainers", nargs="+", default=DEFAULT_TRAINERS)
     parser.add_argument("--device", default="cpu")
@@ -209,6 +211,8 @@ def main(argv=None):
                         help="nnU-Net data augmentation workers per training (0: in the main process, for CPU runs)")
     parser.add_argument("--prepare-only", action="store_true")
     args = parser.parse_args(argv)
+    if args.work is None:
+        args.work = DEFAULT_WORK if args.device == "cpu" else f"{DEFAULT_WORK}_{args.device}"
     os.makedirs(args.work, exist_ok=True)
     with open(os.path.join(args.work, "eval.log"), "a") as log:
         prepare(args.source, args.work, log)

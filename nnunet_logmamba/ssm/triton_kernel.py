@@ -78,6 +78,11 @@ if triton is not None:
         return a_right * a_left, a_right * b_left + b_right
 
     @triton.jit
+    def _softplus(x):
+        # torch's softplus with its default threshold: linear above 20
+        return tl.where(x <= 20.0, tl.log(1.0 + tl.exp(x)), x)
+
+    @triton.jit
     def _last_along_time(x, T: tl.constexpr):
         # x[..., T - 1] of a (channels, state, T) tile
         is_last = tl.arange(0, T) == T - 1
@@ -111,7 +116,7 @@ if triton is not None:
         if HAS_BIAS:
             dt = dt + tl.load(bias_ptr + chans, mask=mask_d, other=0.0).to(tl.float32)[:, None]
         if SOFTPLUS:
-            dt = tl.where(dt <= 20.0, tl.log(1.0 + tl.exp(dt)), dt)
+            dt = _softplus(dt)
         dt = tl.where(valid, dt, 0.0)
         u = tl.load(u_ptr + rows[:, None] + t[None, :], mask=valid, other=0.0).to(tl.float32)
         b = tl.load(b_ptr + bc_rows[:, None] + t[None, :], mask=mask_n[:, None] & (t[None, :] < length),
@@ -210,7 +215,7 @@ if triton is not None:
         if HAS_BIAS:
             dt_next = dt_next + tl.load(bias_ptr + chans, mask=mask_d, other=0.0).to(tl.float32)[:, None]
         if SOFTPLUS:
-            dt_next = tl.where(dt_next <= 20.0, tl.log(1.0 + tl.exp(dt_next)), dt_next)
+            dt_next = _softplus(dt_next)
         dt_next = tl.where(has_next, dt_next, 0.0)
         a = tl.load(a_ptr + chans[:, None] * state + offs_n[None, :], mask=mask_d[:, None] & mask_n[None, :],
                     other=0.0).to(tl.float32)
