@@ -81,6 +81,18 @@ def main() -> None:
         print(name, json.dumps({m: report[m] for m in ("linear", "cubic", "vemamba")}))
     results = dict(sorted(results.items(), key=lambda item: item[1]["settings"]["factor"]))
     (out / "fib25_results.json").write_text(json.dumps(results, indent=2))
+    write_table(results, out, args.note)
+
+
+def tiling(settings: dict) -> str:
+    """'8x32x32 / 2x8x8' for a report's inference tile and overlap (reports before they were recorded used
+    the old fixed 24x96x96 / 6x24x24)."""
+    tile, overlap = settings.get("tile", [24, 96, 96]), settings.get("overlap", [6, 24, 24])
+    return "x".join(map(str, tile)) + " / " + "x".join(map(str, overlap))
+
+
+def write_table(results: dict, out: Path, notes: list[str]) -> None:
+    """``fib25_table.md`` from the results (also printed)."""
     lines = ["| factor | method | PSNR (dB) | PSNR unobserved slices (dB) | SSIM 3D | SSIM XY | SSIM XZ | SSIM YZ |",
              "|---|---|---|---|---|---|---|---|"]
     for name, report in results.items():
@@ -91,16 +103,17 @@ def main() -> None:
     lines.append("")
     lines.append("| factor | VEMamba gain over linear (dB) | over cubic (dB) | training steps | batch | "
                  "patch (axial, lateral) | CPU training time (min) | training steps/s | parameters | scan form | "
-                 "lateral flip average |")
-    lines.append("|---|---|---|---|---|---|---|---|---|---|---|")
+                 "lateral flip average | kept slices returned as measured | inference tile / overlap |")
+    lines.append("|---|---|---|---|---|---|---|---|---|---|---|---|---|")
     for name, report in results.items():
         t = report["training"]
         lines.append(f"| {name} | {report['vemamba']['psnr_gain_over_linear']:+.2f} | "
                      f"{report['vemamba']['psnr_gain_over_cubic']:+.2f} | {t['steps']} | {t['batch_size']} | "
                      f"{tuple(t['patch_axial_lateral'])} | {t['seconds'] / 60:.1f} | "
                      f"{t['steps'] / max(t['seconds'], 1e-9):.2f} | {t['parameters']} | {scan_form(t['network'])} | "
-                     f"{'yes' if report['settings'].get('flip_average') else 'no'} |")
-    lines += [""] + args.note
+                     f"{'yes' if report['settings'].get('flip_average') else 'no'} | "
+                     f"{'yes' if report['settings'].get('keep_observed') else 'no'} | {tiling(report['settings'])} |")
+    lines += [""] + notes
     (out / "fib25_table.md").write_text("\n".join(lines) + "\n")
     print("\n".join(lines))
 

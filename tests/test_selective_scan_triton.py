@@ -30,6 +30,8 @@ CASES = [
      "float32"),
     ("length7_bf16", 2, 4, 7, 4, 2, ALL, "bfloat16"),
     ("length7_fp16", 1, 3, 7, 4, 1, ALL, "float16"),
+    # only the last state reaches the loss: backward gets no output gradient at all
+    ("length7_last_only", 1, 3, 7, 4, 1, {**ALL, "y_in_loss": False}, "float32"),
 ]
 
 CHECKER = textwrap.dedent('''
@@ -59,11 +61,13 @@ CHECKER = textwrap.dedent('''
             out = selective_scan(*xs[:5], D=xs[5], z=xs[6], delta_bias=xs[7], delta_softplus=opt["softplus"],
                                  return_last_state=opt["last"], backend=backend)
             y, last = out if opt["last"] else (out, None)
-            loss = (y.float() * weights).sum() + (0.7 * last.sum() if last is not None else 0)
+            loss = (y.float() * weights).sum() if opt.get("y_in_loss", True) else 0
+            loss = loss + (0.7 * last.sum() if last is not None else 0)
             loss.backward()
             found[backend] = {"y": y.detach().float(), "y_dtype": str(y.dtype),
                               **({"last": last.detach().float()} if last is not None else {}),
-                              **{"d" + n: x.grad.float() for n, x in zip(NAMES, xs) if x is not None}}
+                              **{"d" + n: (x.grad if x.grad is not None else torch.zeros_like(x)).float()
+                                 for n, x in zip(NAMES, xs) if x is not None}}
         tri, ref = found["triton"], found["reference"]
         errors = {k: float((tri[k] - ref[k]).abs().max() / (ref[k].abs().max() + 1e-6))
                   for k in ref if k != "y_dtype"}

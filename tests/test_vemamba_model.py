@@ -160,6 +160,34 @@ def test_untrained_network_returns_linear_interpolation_and_learns_a_residual():
     assert torch.allclose(net(x), interpolate_axial_linear(x, 3, 0.0), atol=1e-6)
 
 
+@pytest.mark.parametrize("factor", [2, 5, 8])
+def test_keep_observed_returns_the_kept_slices_and_learns_only_between_them(factor):
+    torch.manual_seed(factor)
+    kept = VEMambaNetwork(NetworkConfig(factor=factor, keep_observed=True, **TINY))
+    free = VEMambaNetwork(NetworkConfig(factor=factor, **TINY))
+    for net in (kept, free):  # a trained-looking output layer: the residual is not zero anywhere
+        torch.nn.init.normal_(net.last_conv.weight, std=0.1)
+    free.load_state_dict(kept.state_dict())
+    x = torch.rand(2, 1, 3, 5, 6, requires_grad=True)
+    y, y_free = kept(x), free(x)
+    assert torch.equal(y[:, :, ::factor], x.detach())                       # the kept slices, exactly
+    between = torch.ones(3 * factor, dtype=torch.bool)
+    between[::factor] = False
+    assert torch.allclose(y[:, :, between], y_free[:, :, between])       # the rest as without the constraint
+    assert not torch.equal(y_free[:, :, ::factor], x.detach())
+    y[:, :, ::factor].sum().backward()                                     # no residual gradient from kept slices
+    assert kept.last_conv.weight.grad is None or kept.last_conv.weight.grad.abs().max() == 0
+
+
+def test_keep_observed_needs_samples_on_the_grid():
+    with pytest.raises(ValueError, match="integer sample_offset"):
+        NetworkConfig(factor=4, sample_offset=1.5, keep_observed=True)
+    assert NetworkConfig(factor=5, sample_offset=2.0, keep_observed=True).keep_observed
+    with pytest.raises(ValueError, match="training_patch"):
+        NetworkConfig(factor=4, training_patch=(8,))
+    assert NetworkConfig.from_dict(NetworkConfig(factor=4, training_patch=[8, 32]).to_dict()).training_patch == (8, 32)
+
+
 def test_degradation_encoder_switch_and_freeze():
     off = VEMambaNetwork(NetworkConfig(factor=2, use_degradation_encoder=False, **TINY))
     on = VEMambaNetwork(NetworkConfig(factor=2, **TINY))

@@ -136,6 +136,28 @@ def test_checkpoint_metadata_and_resume_after_interruption(tmp_path):
         Trainer([tiny_volume()], 2, out, tiny_config(), progress=False).try_resume()
 
 
+def test_kept_slices_follow_the_degradation_and_older_models_read_it_from_their_preset(tmp_path):
+    from vemamba_iso.training.checkpoint import network_settings
+
+    trainer = Trainer([tiny_volume()], 3, tmp_path / "a", tiny_config(steps=2), progress=False)
+    assert trainer.network.config.keep_observed                       # subsample: sections are kept slices
+    pooled = Trainer([tiny_volume()], 3, tmp_path / "b", tiny_config(steps=2, degradation="average_pool"),
+                     progress=False)
+    assert not pooled.network.config.keep_observed
+    older = {"network": {"factor": 4, "dim": 8}, "degradation": {"preset": "subsample"}}
+    assert network_settings(older)["keep_observed"] is True
+    assert network_settings({**older, "degradation": {"preset": "realistic"}})["keep_observed"] is False
+    saved = {**older, "network": {**older["network"], "keep_observed": False}}
+    assert network_settings(saved)["keep_observed"] is False           # a recorded choice is kept
+    shipped, metadata = load_model(None)
+    assert metadata["degradation"]["preset"] == "subsample" and shipped.config.keep_observed
+    # the training patch: recorded by new trainings, read from the training record of older models
+    assert trainer.network.config.training_patch == (4, 16)
+    assert network_settings({**older, "training": {"low_res_length": 8, "lateral": 32}})["training_patch"] == (8, 32)
+    assert "training_patch" not in network_settings(older)
+    assert shipped.config.training_patch == (metadata["training"]["low_res_length"], metadata["training"]["lateral"])
+
+
 class NearestUpsampler(torch.nn.Module):
     """A strictly local stand-in network, so tiled and whole-volume results must agree exactly."""
 
@@ -159,6 +181,23 @@ def test_tiled_reconstruction_blends_to_the_whole_volume_result_with_bounded_til
     assert tile_starts(10, 4, 2) == [0, 2, 4, 6] and tile_starts(3, 8, 2) == [0]
     ramp = blend_ramp(8, 3, at_start=False, at_end=True)
     assert ramp[0] < ramp[2] < ramp[-1] == 1
+
+
+def test_default_tiles_are_the_training_patch_with_a_quarter_overlap():
+    from vemamba_iso.inference import default_tiling
+    from vemamba_iso.inference.tiling import FALLBACK_OVERLAP, FALLBACK_TILE
+
+    volume = np.random.default_rng(1).random((11, 37, 29)).astype(np.float32)
+    model = NearestUpsampler(2)
+    assert default_tiling(model) == (FALLBACK_TILE, FALLBACK_OVERLAP)   # no recorded patch
+    model.config.training_patch = (4, 12)
+    assert default_tiling(model) == ((4, 12, 12), (1, 3, 3))
+    out = reconstruct_volume(model, volume, progress=False)
+    assert model.largest_tile == (4, 12, 12)
+    assert np.allclose(out, np.repeat(volume, 2, axis=0) * 2, atol=1e-5)
+    model.largest_tile = (0, 0, 0)
+    reconstruct_volume(model, volume, tile=(6, 20, 20), progress=False)   # explicit tile, quarter overlap
+    assert model.largest_tile == (6, 20, 20)
 
 
 def test_tiled_reconstruction_with_the_network_is_close_to_untiled():

@@ -246,8 +246,7 @@ if triton is not None:
     @triton.jit
     def _backward_gradient_kernel(u_ptr, delta_ptr, a_ptr, b_ptr, c_ptr, d_ptr, z_ptr, bias_ptr, dout_ptr,
                                   start_ptr, lam_ptr,
-                                  du_ptr, ddelta_ptr, dz_ptr, da_part_ptr, db_part_ptr, dc_part_ptr,
-                                  dd_part_ptr, dbias_part_ptr,
+                                  du_ptr, ddelta_ptr, dz_ptr, chunk_part_ptr, db_part_ptr, dc_part_ptr,
                                   dim, length, groups, heads, state, n_chunks, n_blocks,
                                   HAS_D: tl.constexpr, HAS_Z: tl.constexpr, HAS_BIAS: tl.constexpr,
                                   SOFTPLUS: tl.constexpr,
@@ -292,9 +291,11 @@ if triton is not None:
         lam_b = tl.sum(lam * b[None, :, :], axis=1)           # sum_n lambda B
         g_u = lam_b * dt
         g_dt = lam_b * u + tl.sum(g_exponent * a[:, :, None], axis=1)
+        # this chunk's row of the (batch, chunk) partial sums: dA (dim x state), then dD (dim), then d delta_bias (dim)
+        chunk_part = chunk_part_ptr + (batch * n_chunks + pid_c) * dim * (state + 2)
         if HAS_D:
             g_u = g_u + dy * d_skip[:, None]
-            tl.store(dd_part_ptr + (batch * n_chunks + pid_c) * dim + chans, tl.sum(dy * u, axis=1), mask=mask_d)
+            tl.store(chunk_part + dim * state + chans, tl.sum(dy * u, axis=1), mask=mask_d)
         if SOFTPLUS:
             pre = tl.load(delta_ptr + rows[:, None] + t[None, :], mask=valid, other=0.0).to(tl.float32)
             if HAS_BIAS:
@@ -302,11 +303,11 @@ if triton is not None:
             g_dt = g_dt * tl.sigmoid(pre)
         g_dt = tl.where(valid, g_dt, 0.0)
         if HAS_BIAS:
-            tl.store(dbias_part_ptr + (batch * n_chunks + pid_c) * dim + chans, tl.sum(g_dt, axis=1), mask=mask_d)
+            tl.store(chunk_part + dim * (state + 1) + chans, tl.sum(g_dt, axis=1), mask=mask_d)
         tl.store(du_ptr + rows[:, None] + t[None, :], g_u, mask=valid)
         tl.store(ddelta_ptr + rows[:, None] + t[None, :], g_dt, mask=valid)
-        tl.store(da_part_ptr + ((batch * n_chunks + pid_c) * dim + chans)[:, None] * state + offs_n[None, :],
-                 tl.sum(g_exponent * dt[:, None, :], axis=2), mask=mask_dn)
+        tl.store(chunk_part + chans[:, None] * state + offs_n[None, :], tl.sum(g_exponent * dt[:, None, :], axis=2),
+                 mask=mask_dn)
         # channel-block partial sums of dB_t = sum_d lambda dt u and dC_t = sum_d dy h, (batch, groups, blocks, N, L)
         part = ((pid_bg * n_blocks + pid_h) * state + offs_n)[:, None] * length + t[None, :]
         mask_nt = mask_n[:, None] & valid_t[None, :]
@@ -326,15 +327,16 @@ def _launch_shape(dim: int, groups: int, state: int, length: int) -> dict:
 
 
 def _carry(decay, value, init, reverse: bool, block_n: int):
-    """Carries between chunks: (batch, dim, n_chunks, state) in fp32, and the last state (forward)."""
+    """Carries between chunks: (batch, dim, n_chunks, state) in fp32, and the last state (forward; None
+    in reverse)."""
     batch, dim, n_chunks, state = decay.shape
     carry = torch.empty_like(decay)
-    last = decay.new_empty(batch, dim, state)
+    last = carry if reverse else decay.new_empty(batch, dim, state)  # reverse never writes it
     cb = max(2, min(CARRY_BLOCK, triton.next_power_of_2(n_chunks)))
     _chunk_carry_kernel[(batch * dim,)](decay, value, init if init is not None else decay, carry, last,
                                         n_chunks, state, REVERSE=reverse, HAS_INIT=init is not None,
                                         CB=cb, BLOCK_N=block_n)
-    return carry, last
+    return carry, (None if reverse else last)
 
 
 class _TritonSelectiveScan(torch.autograd.Function):
@@ -354,8 +356,7 @@ class _TritonSelectiveScan(torch.autograd.Function):
         common = dict(HAS_BIAS=bias32 is not None, SOFTPLUS=bool(delta_softplus), T=s["chunk"],
                       BLOCK_D=s["block_d"], BLOCK_N=s["block_n"], num_warps=s["warps"])
         f32 = dict(dtype=torch.float32, device=u.device)
-        ends = torch.empty(batch, dim, s["n_chunks"], state, **f32)
-        decays = torch.empty_like(ends)
+        ends, decays = torch.empty(2, batch, dim, s["n_chunks"], state, **f32)  # one allocation, two views
         bias_arg = bias32 if bias32 is not None else dummy
         _forward_chunk_summary_kernel[grid](u, delta, A32, B4, bias_arg, ends, decays,
                                             dim, length, groups, s["heads"], state, s["n_chunks"], **common)
@@ -366,6 +367,7 @@ class _TritonSelectiveScan(torch.autograd.Function):
                                      dim, length, groups, s["heads"], state, s["n_chunks"],
                                      HAS_D=D32 is not None, HAS_Z=z is not None, **common)
         ctx.save_for_backward(u, delta, A32, B4, C4, D32, z, bias32, starts)
+        ctx.set_materialize_grads(False)  # an unused last state then costs no zero tensor in backward
         ctx.meta = (B.dim(), A.dtype, B.dtype, C.dtype, None if D is None else D.dtype,
                     None if delta_bias is None else delta_bias.dtype, bool(delta_softplus))
         return out, last
@@ -378,38 +380,39 @@ class _TritonSelectiveScan(torch.autograd.Function):
         groups, state = B4.shape[1], B4.shape[2]
         s = _launch_shape(dim, groups, state, length)
         n_chunks, n_blocks = s["n_chunks"], s["n_blocks"]
-        dout = dout.contiguous()
+        dout = dout.contiguous() if dout is not None else torch.zeros_like(u)
         dummy = A32
         f32 = dict(dtype=torch.float32, device=u.device)
         grid = (batch * groups, n_blocks, n_chunks)
         flags = dict(HAS_Z=z is not None, HAS_BIAS=bias32 is not None, SOFTPLUS=softplus, T=s["chunk"],
                      BLOCK_D=s["block_d"], BLOCK_N=s["block_n"], num_warps=s["warps"])
         z_arg, bias_arg = (z if z is not None else dummy), (bias32 if bias32 is not None else dummy)
-        ends = torch.empty(batch, dim, n_chunks, state, **f32)
-        decays = torch.empty_like(ends)
+        ends, decays = torch.empty(2, batch, dim, n_chunks, state, **f32)
         _backward_chunk_summary_kernel[grid](delta, A32, C4, z_arg, bias_arg, dout, ends, decays,
                                              dim, length, groups, s["heads"], state, n_chunks, **flags)
         init = dlast.float().contiguous() if dlast is not None else None
         lam_ends, _ = _carry(decays, ends, init, True, s["block_n"])
-        du = torch.empty(batch, dim, length, **f32)
-        ddelta = torch.empty(batch, dim, length, **f32)
-        dz = torch.empty(batch, dim, length, **f32) if z is not None else None
-        da_part = torch.empty(batch, n_chunks, dim, state, **f32)
-        db_part = torch.empty(batch, groups, n_blocks, state, length, **f32)
-        dc_part = torch.empty(batch, groups, n_blocks, state, length, **f32)
-        dd_part = torch.empty(batch, n_chunks, dim, **f32)
-        dbias_part = torch.empty(batch, n_chunks, dim, **f32)
+        # Few host-side operations: at 16k steps the GPU work is short enough for launch overhead to
+        # count, so the outputs share allocations and the partial sums share reductions.
+        grads = torch.empty(2 if z is None else 3, batch, dim, length, **f32)
+        du, ddelta, dz = grads[0], grads[1], (None if z is None else grads[2])
+        # per (batch, chunk): dA (dim x state), dD (dim), d delta_bias (dim), summed over batch and chunks at once
+        chunk_part = torch.empty(batch, n_chunks, dim * (state + 2), **f32)
+        # per channel block: dB and dC, summed over blocks at once
+        db_part, dc_part = bc_part = torch.empty(2, batch, groups, n_blocks, state, length, **f32)
         _backward_gradient_kernel[grid](
             u, delta, A32, B4, C4, D32 if D32 is not None else dummy, z_arg, bias_arg, dout, starts, lam_ends,
-            du, ddelta, dz if dz is not None else dummy, da_part, db_part, dc_part, dd_part, dbias_part,
+            du, ddelta, dz if dz is not None else dummy, chunk_part, db_part, dc_part,
             dim, length, groups, s["heads"], state, n_chunks, n_blocks, HAS_D=D32 is not None, **flags)
-        dB, dC = db_part.sum(2), dc_part.sum(2)
+        dB, dC = bc_part.sum(3)
         if b_ndim == 3:
             dB, dC = dB.squeeze(1), dC.squeeze(1)
-        return (du.to(u.dtype), ddelta.to(delta.dtype), da_part.sum((0, 1)).to(a_dtype), dB.to(b_dtype),
-                dC.to(c_dtype), None if D32 is None else dd_part.sum((0, 1)).to(d_dtype),
-                None if z is None else dz.to(z.dtype),
-                None if bias32 is None else dbias_part.sum((0, 1)).to(bias_dtype), None)
+        chunk_sums = chunk_part.sum((0, 1))
+        dA = chunk_sums[:dim * state].view(dim, state)
+        dD, dbias = chunk_sums[dim * state:dim * (state + 1)], chunk_sums[dim * (state + 1):]
+        return (du.to(u.dtype), ddelta.to(delta.dtype), dA.to(a_dtype), dB.to(b_dtype), dC.to(c_dtype),
+                None if D32 is None else dD.to(d_dtype), None if z is None else dz.to(z.dtype),
+                None if bias32 is None else dbias.to(bias_dtype), None)
 
 
 def selective_scan_triton(u, delta, A, B, C, D=None, z=None, delta_bias=None, delta_softplus=False,

@@ -58,13 +58,13 @@ class ModelProcessor:
         intensity: normalisation record of the whole input (:func:`volume_intensity_record`).
         axis: the degraded axis of the input (Z = 0).
         device, tile, overlap, batch_size, flip_average: as for
-            :func:`vemamba_iso.inference.reconstruct_volume`;
-            ``tile=None`` (default) runs each block as one tile: the block already bounds the memory, and
-            tiling it again would add the tiles' overlaps on top of the block's halo.
+            :func:`vemamba_iso.inference.reconstruct_volume`, inside each block (``None``: the model's
+            training patch and a quarter of it; a block is not one tile, because the network reconstructs
+            best at the input size it was trained on, not at the block's).
     """
 
     def __init__(self, model=None, *, intensity: dict, axis: int = 0, device: str = "cpu",
-                 tile=None, overlap=(4, 16, 16), batch_size: int = 2, flip_average: bool = False):
+                 tile=None, overlap=None, batch_size: int = 2, flip_average: bool = False):
         import json
 
         from ..training.checkpoint import METADATA_FILE, resolve_model_dir
@@ -74,14 +74,16 @@ class ModelProcessor:
         with open(meta_path) as f:
             self.metadata = json.load(f)
         self.factor, self.axis, self.device = int(self.metadata["factor"]), int(axis), str(device)
-        self.intensity, self.overlap, self.batch_size = dict(intensity), tuple(overlap), batch_size
+        self.intensity, self.batch_size = dict(intensity), batch_size
         self.tile = tuple(tile) if tile is not None else None
+        self.overlap = tuple(overlap) if overlap is not None else None
         self.flip_average = bool(flip_average)
         self.sha256 = _file_sha256(self.path)
 
     def identity(self) -> dict:
         return {"method": "vemamba", "weights_sha256": self.sha256, "intensity": self.intensity,
-                "tile": list(self.tile) if self.tile else "block", "overlap": list(self.overlap),
+                "tile": list(self.tile) if self.tile else "training patch",
+                "overlap": list(self.overlap) if self.overlap else "quarter tile",
                 "flip_average": self.flip_average}
 
     def network(self):
@@ -103,20 +105,21 @@ class ModelProcessor:
         from ..inference import reconstruct_volume
 
         normed = self._normalised(block)
-        y = reconstruct_volume(self.network(), normed, factor=self.factor, tile=self.tile or normed.shape,
-                               overlap=self.overlap,
+        y = reconstruct_volume(self.network(), normed, factor=self.factor, tile=self.tile, overlap=self.overlap,
                                batch_size=self.batch_size, device=self.device, progress=False,
                                flip_average=self.flip_average)
         return self._restored(y)
 
     def process_batch(self, blocks: list[np.ndarray]) -> list[np.ndarray]:
-        """Blocks of one shape in one forward pass (each block one tile); a tiled processor (``tile`` set)
-        goes block by block."""
-        if self.tile is not None:
-            return [self(b) for b in blocks]
-        from ..inference.tiling import reconstruct_tile
+        """Blocks of one shape that each fit in one tile go through one forward pass; larger blocks go
+        block by block (their tiles are batched inside :func:`reconstruct_volume`)."""
+        from ..inference.tiling import default_tiling, reconstruct_tile
 
         network = self.network()
+        tile = self.tile or default_tiling(network)[0]
+        normed = [self._normalised(b) for b in blocks]
+        if any(s > t for s, t in zip(normed[0].shape, tile)):
+            return [self(b) for b in blocks]
         network.eval()
-        y = reconstruct_tile(network, np.stack([self._normalised(b) for b in blocks]), self.device, self.flip_average)
+        y = reconstruct_tile(network, np.stack(normed), self.device, self.flip_average)
         return [self._restored(v) for v in y]

@@ -19,17 +19,22 @@ CHUNKED = ("zarr", "hdf5")
 
 def add_tiling_args(parser) -> None:
     """``--tile``, ``--overlap``, ``--batch-size``, ``--flip-average`` (predict and evaluate)."""
-    parser.add_argument("--tile", type=int, nargs=3, default=(24, 96, 96), metavar=("D", "H", "W"),
-                        help="tile size in input voxels, degraded axis first (default 24 96 96; smaller tiles "
-                             "use less memory, larger ones give the scans more context)")
-    parser.add_argument("--overlap", type=int, nargs=3, default=(6, 24, 24), metavar=("D", "H", "W"),
-                        help="tile overlap in input voxels (default 6 24 24)")
+    parser.add_argument("--tile", type=int, nargs=3, default=None, metavar=("D", "H", "W"),
+                        help="tile size in input voxels, degraded axis first (default: the model's training patch, "
+                             "e.g. 8 32 32, where it reconstructs best; larger tiles were measured worse)")
+    parser.add_argument("--overlap", type=int, nargs=3, default=None, metavar=("D", "H", "W"),
+                        help="tile overlap in input voxels (default: a quarter of the tile)")
     parser.add_argument("--batch-size", type=int, default=None,
                         help="tiles per forward pass (default 2); block-wise (Zarr/HDF5): blocks of one shape per "
                              "forward pass (default 4 on a GPU, 1 on a CPU)")
     parser.add_argument("--flip-average", action="store_true",
                         help="test-time augmentation: average the eight lateral symmetries (flips, Y/X swap) of "
                              "each tile (8x slower)")
+
+
+def optional_triple(values) -> tuple[int, int, int] | None:
+    """``--tile`` / ``--overlap`` as a tuple, or None for the model's default."""
+    return None if values is None else tuple(values)
 
 
 def build_parser() -> CommandParser:
@@ -97,7 +102,7 @@ def run(args) -> int:
         normed, record = normalize(data, scheme)
     except ValueError:
         normed, record = normalize(data)
-    result = reconstruct_volume(network, normed, tile=tuple(args.tile), overlap=tuple(args.overlap),
+    result = reconstruct_volume(network, normed, tile=optional_triple(args.tile), overlap=optional_triple(args.overlap),
                                 batch_size=args.batch_size or 2, device=args.device, flip_average=args.flip_average)
     out = np.moveaxis(denormalize(result, record, args.dtype if args.dtype is not None else data.dtype), 0, args.axis)
     voxel = rescaled_voxel_size(volume.voxel_size, args.axis, 1 / factor)
@@ -159,11 +164,11 @@ def _predict_blockwise(args) -> int:
         claim_volume_output(args.output, args.overwrite)
     path, key = split_key(args.input, args.key)
     source = VolumeSource(str(path), key)
-    # each block is one tile (--block bounds the memory; --tile applies to in-memory prediction)
+    # --block bounds the memory; within a block the network runs on tiles (default: its training patch)
     from ..training.checkpoint import default_model_dir
     processor = ModelProcessor(args.model or default_model_dir(args.factor), intensity={}, axis=args.axis,
-                               device=args.device,
-                               flip_average=args.flip_average)
+                               device=args.device, tile=optional_triple(args.tile),
+                               overlap=optional_triple(args.overlap), flip_average=args.flip_average)
     check_factor(args.factor, processor.metadata, args.model)
     processor.network()   # load (and so validate) the weights before anything is written
     scheme = processor.metadata.get("normalisation", {}).get("scheme") or default_scheme(source.dtype)

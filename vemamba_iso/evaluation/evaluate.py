@@ -11,7 +11,7 @@ import numpy as np
 
 from ..data.intensity import denormalize, normalize
 from ..degradation import degrade_axial, preset, sample_offset
-from ..inference.tiling import reconstruct_volume
+from ..inference.tiling import reconstruct_volume, resolve_tiling
 from .baselines import interpolate_axial
 from .metrics import psnr, volume_metrics
 
@@ -28,12 +28,13 @@ def data_range_of(reference: np.ndarray) -> float:
     return float(reference.max() - reference.min())
 
 
-def evaluate_reconstruction(network, metadata: dict, ground_truth: np.ndarray, tile=(24, 96, 96),
-                            overlap=(6, 24, 24), device="cpu", progress=True, seed: int = 0,
+def evaluate_reconstruction(network, metadata: dict, ground_truth: np.ndarray, tile=None,
+                            overlap=None, device="cpu", progress=True, seed: int = 0,
                             flip_average: bool = False):
     """Returns (report dict with one key per method, volumes dict for figures).
 
-    ``ground_truth`` is cropped along Z to a multiple of the factor.
+    ``ground_truth`` is cropped along Z to a multiple of the factor. ``tile``/``overlap``: as for
+    :func:`vemamba_iso.inference.reconstruct_volume` (default: the model's training patch).
     """
     factor = int(metadata["factor"])
     degradation_name = metadata.get("degradation", {}).get("preset", "subsample")
@@ -50,6 +51,7 @@ def evaluate_reconstruction(network, metadata: dict, ground_truth: np.ndarray, t
     except ValueError:
         normed, record = normalize(gt)
     degraded = degrade_axial(normed, degradation, axis=0, rng=np.random.default_rng(seed))
+    tile, overlap = resolve_tiling(network, tile, overlap)
     estimates = {
         "linear": interpolate_axial(degraded, factor, offset, "linear"),
         "cubic": interpolate_axial(degraded, factor, offset, "cubic"),
@@ -62,6 +64,8 @@ def evaluate_reconstruction(network, metadata: dict, ground_truth: np.ndarray, t
     report = {"settings": {"factor": factor, "degradation": degradation_name, "shape_zyx": list(gt.shape),
                            "degraded_shape_zyx": list(degraded.shape), "data_range": data_range,
                            "normalisation": record["scheme"], "flip_average": flip_average,
+                           "tile": list(tile), "overlap": list(overlap),
+                           "keep_observed": bool(getattr(getattr(network, "config", None), "keep_observed", False)),
                            "note": "psnr/ssim over all voxels; psnr_unobserved_slices over Z slices that "
                                    "were not kept by the degradation"}}
     volumes = {"ground truth": gt,

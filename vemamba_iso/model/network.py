@@ -26,6 +26,17 @@ class NetworkConfig:
     ``sample_offset`` is the high-resolution position of low-resolution sample 0 (see
     :func:`vemamba_iso.degradation.sample_offset`); the network adds a linear interpolation of its input
     at these positions to its output, so it learns only the residual detail.
+
+    ``keep_observed``: the low-resolution samples are exact slices of the high-resolution volume (the
+    ``subsample`` degradation, every k-th section kept), so the network returns them unchanged and
+    reconstructs only the slices between them (a hard data-consistency constraint; the residual is
+    zeroed there, in training and inference alike). Off for blurred or averaged sections, whose samples
+    are not slices of the target. Models saved before it existed read it from their degradation preset
+    (:func:`vemamba_iso.training.load_model`).
+
+    ``training_patch``: the (axial, lateral) input patch the network was trained on, in low-resolution
+    voxels. Inference tiles default to it (:func:`vemamba_iso.inference.default_tiling`): the scans
+    reconstruct best at the sequence lengths they were trained on.
     """
 
     factor: int = 4
@@ -40,10 +51,19 @@ class NetworkConfig:
     sample_offset: float = 0.0
     paths_per_chunk: int = 4
     aggregation: str = "restored"
+    keep_observed: bool = False
+    training_patch: tuple | None = None
 
     def __post_init__(self):
         if not MIN_FACTOR <= int(self.factor) <= MAX_FACTOR:
             raise ValueError(f"factor must be in {MIN_FACTOR}..{MAX_FACTOR}, got {self.factor}")
+        if self.keep_observed and float(self.sample_offset) != round(float(self.sample_offset)):
+            raise ValueError(f"keep_observed needs samples on the high-resolution grid (an integer sample_offset), "
+                             f"got sample_offset={self.sample_offset}: area-averaged sections are not kept slices")
+        if self.training_patch is not None:
+            self.training_patch = tuple(int(v) for v in self.training_patch)
+            if len(self.training_patch) != 2 or min(self.training_patch) < 1:
+                raise ValueError(f"training_patch is (axial, lateral) in voxels, got {self.training_patch}")
 
     def to_dict(self) -> dict:
         return asdict(self)
@@ -128,7 +148,19 @@ class VEMambaNetwork(nn.Module):
             y = group(y, rep)
         y = self.body_conv(y) + shallow
         y = axial_pixel_shuffle(self.upsample_conv(y), self.config.factor)
-        return self.last_conv(y) + interpolate_axial_linear(x, self.config.factor, self.config.sample_offset)
+        residual = self.last_conv(y)
+        if self.config.keep_observed:
+            residual = residual * observed_slice_mask(residual.shape[2], self.config.factor,
+                                                      int(self.config.sample_offset), residual)
+        return residual + interpolate_axial_linear(x, self.config.factor, self.config.sample_offset)
+
+
+def observed_slice_mask(length: int, factor: int, offset: int, like: torch.Tensor) -> torch.Tensor:
+    """(1, 1, length, 1, 1) of ``like``'s dtype and device: 0 on the kept slices ``offset + j * factor``,
+    1 between them."""
+    mask = torch.ones(length, dtype=like.dtype, device=like.device)
+    mask[offset::factor] = 0
+    return mask.view(1, 1, length, *([1] * (like.ndim - 3)))
 
 
 def count_parameters(module: nn.Module, trainable_only: bool = False) -> int:

@@ -91,6 +91,19 @@ def resolve_model_dir(model: str | os.PathLike | None) -> Path:
     return path
 
 
+def network_settings(metadata: dict) -> dict:
+    """The network configuration of a model's metadata. Models saved before ``keep_observed`` and
+    ``training_patch`` existed keep their observed slices exactly when they were trained on plain
+    subsampling (kept sections), and take their training patch from their training record."""
+    network = dict(metadata["network"])
+    if "keep_observed" not in network:
+        network["keep_observed"] = metadata.get("degradation", {}).get("preset") == "subsample"
+    training = metadata.get("training", {})
+    if network.get("training_patch") is None and training.get("low_res_length") and training.get("lateral"):
+        network["training_patch"] = (int(training["low_res_length"]), int(training["lateral"]))
+    return network
+
+
 def load_model(model: str | os.PathLike | None = None, device="cpu") -> tuple[VEMambaNetwork, dict]:
     """Load a trained network (eval mode) and its metadata; ``None`` loads the shipped default model."""
     path = resolve_model_dir(model)
@@ -102,7 +115,7 @@ def load_model(model: str | os.PathLike | None = None, device="cpu") -> tuple[VE
     if not isinstance(blob, dict) or blob.get("metadata", {}).get("format") != FORMAT:
         raise ValueError(f"{path} is not a vemamba_iso model file (format {FORMAT})")
     metadata = blob["metadata"]
-    network = VEMambaNetwork(NetworkConfig.from_dict(metadata["network"]))
+    network = VEMambaNetwork(NetworkConfig.from_dict(network_settings(metadata)))
     network.load_state_dict(blob["state_dict"])
     network.freeze_degradation_encoder()
     return network.to(device).eval(), metadata

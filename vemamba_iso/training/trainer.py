@@ -114,7 +114,9 @@ class Trainer:
                                           vary_degradation=config.degradation == "realistic",
                                           pair_axes=config.pair_axes)
         net_cfg = NetworkConfig(**{**config.network, "factor": factor,
-                                   "sample_offset": sample_offset(factor, self.degradation.downsampling)})
+                                   "sample_offset": sample_offset(factor, self.degradation.downsampling),
+                                   "keep_observed": config.degradation == "subsample",
+                                   "training_patch": (config.low_res_length, config.lateral)})
         self.network = VEMambaNetwork(net_cfg).to(self.device)
         self.optimizer = torch.optim.Adam([p for n, p in self.network.named_parameters()
                                            if not n.startswith("degradation_encoder.")], lr=config.learning_rate)
@@ -239,8 +241,7 @@ class Trainer:
         n = (target.shape[0] // self.degradation.factor) * self.degradation.factor
         target = target[:n]
         degraded = degrade_axial(target, self.degradation, axis=0, rng=np.random.default_rng(1234))
-        estimate = reconstruct_volume(self.network, degraded, tile=(self.config.low_res_length * 2, side, side),
-                                      device=self.device, progress=False)
+        estimate = reconstruct_volume(self.network, degraded, device=self.device, progress=False)
         e, t = torch.from_numpy(np.clip(estimate, 0, 1)), torch.from_numpy(target)
         linear = torch.from_numpy(interpolate_axial(degraded, self.degradation.factor,
                                                     self.network.config.sample_offset, "linear"))
