@@ -134,6 +134,15 @@ def test_checkpoint_metadata_and_resume_after_interruption(tmp_path):
         assert torch.equal(a.cpu(), b.cpu())
     with pytest.raises(ValueError, match="factor"):
         Trainer([tiny_volume()], 2, out, tiny_config(), progress=False).try_resume()
+    assert second.network.config.keep_observed
+    # a checkpoint from before kept slices existed resumes with the objective it was started with
+    resume_file = out / "checkpoint_last.pt"
+    state = torch.load(resume_file, weights_only=True)
+    del state["keep_observed"]
+    torch.save(state, resume_file)
+    older = Trainer([tiny_volume()], 3, out, tiny_config(steps=6, steps_per_epoch=2), progress=False,
+                    log=lambda *_: None)
+    assert older.try_resume() and not older.network.config.keep_observed
 
 
 def test_kept_slices_follow_the_degradation_and_older_models_read_it_from_their_preset(tmp_path):

@@ -57,7 +57,7 @@ class ModelProcessor:
         model: model directory or file (None: the shipped default model).
         intensity: normalisation record of the whole input (:func:`volume_intensity_record`).
         axis: the degraded axis of the input (Z = 0).
-        device, tile, overlap, batch_size, flip_average: as for
+        device, tile, overlap, batch_size (tiles per forward pass), flip_average: as for
             :func:`vemamba_iso.inference.reconstruct_volume`, inside each block (``None``: the model's
             training patch and a quarter of it; a block is not one tile, because the network reconstructs
             best at the input size it was trained on, not at the block's).
@@ -117,9 +117,10 @@ class ModelProcessor:
 
         network = self.network()
         tile = self.tile or default_tiling(network)[0]
-        normed = [self._normalised(b) for b in blocks]
-        if any(s > t for s, t in zip(normed[0].shape, tile)):
+        shape = list(blocks[0].shape)
+        shape.insert(0, shape.pop(self.axis))              # the degraded axis first, as the network sees it
+        if any(s > t for s, t in zip(shape, tile)):
             return [self(b) for b in blocks]
         network.eval()
-        y = reconstruct_tile(network, np.stack(normed), self.device, self.flip_average)
+        y = reconstruct_tile(network, np.stack([self._normalised(b) for b in blocks]), self.device, self.flip_average)
         return [self._restored(v) for v in y]

@@ -25,8 +25,8 @@ def add_tiling_args(parser) -> None:
     parser.add_argument("--overlap", type=int, nargs=3, default=None, metavar=("D", "H", "W"),
                         help="tile overlap in input voxels (default: a quarter of the tile)")
     parser.add_argument("--batch-size", type=int, default=None,
-                        help="tiles per forward pass (default 2); block-wise (Zarr/HDF5): blocks of one shape per "
-                             "forward pass (default 4 on a GPU, 1 on a CPU)")
+                        help="tiles per forward pass (default 2 on a CPU, 32 on a GPU); block-wise (Zarr/HDF5): blocks read and processed "
+                             "together (default 4 on a GPU, 1 on a CPU), their tiles 32 per forward pass on a GPU")
     parser.add_argument("--flip-average", action="store_true",
                         help="test-time augmentation: average the eight lateral symmetries (flips, Y/X swap) of "
                              "each tile (8x slower)")
@@ -81,6 +81,7 @@ def run(args) -> int:
     from ..data.intensity import denormalize, normalize
     from ..data.io import rescaled_voxel_size
     from ..inference import reconstruct_volume
+    from ..inference.tiling import tiles_per_pass
     from ..training.checkpoint import default_model_dir, load_model
     claim_volume_output(args.output, args.overwrite, args.output_key)
     volume = read_input(args.input, args.key, sample="anisotropic")
@@ -103,7 +104,8 @@ def run(args) -> int:
     except ValueError:
         normed, record = normalize(data)
     result = reconstruct_volume(network, normed, tile=optional_triple(args.tile), overlap=optional_triple(args.overlap),
-                                batch_size=args.batch_size or 2, device=args.device, flip_average=args.flip_average)
+                                batch_size=args.batch_size or tiles_per_pass(args.device), device=args.device,
+                                flip_average=args.flip_average)
     out = np.moveaxis(denormalize(result, record, args.dtype if args.dtype is not None else data.dtype), 0, args.axis)
     voxel = rescaled_voxel_size(volume.voxel_size, args.axis, 1 / factor)
     write_output_volume(args.output, np.ascontiguousarray(out), voxel, args.output_key, args.overwrite)
@@ -155,6 +157,7 @@ def _predict_blockwise(args) -> int:
     from ..blockwise import VolumeSource, reconstruct_blockwise
     from ..blockwise.model_processor import ModelProcessor, volume_intensity_record
     from ..blockwise.stores import is_ome_zarr_path
+    from ..inference.tiling import tiles_per_pass
     from ..data.intensity import default_scheme
     from ..data.io import split_key
     if args.pyramid and not is_ome_zarr_path(args.output):
@@ -168,7 +171,8 @@ def _predict_blockwise(args) -> int:
     from ..training.checkpoint import default_model_dir
     processor = ModelProcessor(args.model or default_model_dir(args.factor), intensity={}, axis=args.axis,
                                device=args.device, tile=optional_triple(args.tile),
-                               overlap=optional_triple(args.overlap), flip_average=args.flip_average)
+                               overlap=optional_triple(args.overlap), flip_average=args.flip_average,
+                               batch_size=tiles_per_pass(args.device))
     check_factor(args.factor, processor.metadata, args.model)
     processor.network()   # load (and so validate) the weights before anything is written
     scheme = processor.metadata.get("normalisation", {}).get("scheme") or default_scheme(source.dtype)

@@ -11,7 +11,7 @@ import numpy as np
 
 from ..data.intensity import denormalize, normalize
 from ..degradation import degrade_axial, preset, sample_offset
-from ..inference.tiling import reconstruct_volume, resolve_tiling
+from ..inference.tiling import reconstruct_volume, resolve_tiling, tiles_per_pass
 from .baselines import interpolate_axial
 from .metrics import psnr, volume_metrics
 
@@ -56,7 +56,8 @@ def evaluate_reconstruction(network, metadata: dict, ground_truth: np.ndarray, t
         "linear": interpolate_axial(degraded, factor, offset, "linear"),
         "cubic": interpolate_axial(degraded, factor, offset, "cubic"),
         "vemamba": reconstruct_volume(network, degraded, tile=tile, overlap=overlap, device=device,
-                                      progress=progress, flip_average=flip_average),
+                                      batch_size=tiles_per_pass(device), progress=progress,
+                                      flip_average=flip_average),
     }
     data_range = data_range_of(gt)
     observed = np.arange(degraded.shape[0]) * factor + offset

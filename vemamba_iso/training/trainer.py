@@ -148,7 +148,8 @@ class Trainer:
                  "scheduler": self.scheduler.state_dict(), "scaler": self.scaler.state_dict(), "step": self.step,
                  "moco_done": self.moco_done, "history": self.history, "seconds": self.seconds,
                  "factor": self.network.config.factor, "rng": torch.get_rng_state(),
-                 "sampler_rng": self.sampler.rng.bit_generator.state, "running_loss": self.running_loss}
+                 "sampler_rng": self.sampler.rng.bit_generator.state, "running_loss": self.running_loss,
+                 "keep_observed": self.network.config.keep_observed}
         if self.device.type == "cuda":
             state["cuda_rng"] = torch.cuda.get_rng_state(self.device)
         save_torch_atomic(state, self.output_dir / RESUME_FILE)
@@ -191,6 +192,8 @@ class Trainer:
         else:   # a checkpoint of an older version: the batches after it differ from an uninterrupted run's
             self.sampler.rng = np.random.default_rng(self.config.seed + self.step)
         self.running_loss = state.get("running_loss")
+        # a run started before kept slices existed finishes with the objective it started with
+        self.network.config.keep_observed = bool(state.get("keep_observed", False))
         self.log(f"resuming from {path} at step {self.step}")
         return True
 
