@@ -24,6 +24,7 @@ import torch
 from vemamba_iso.data import read_volume
 from vemamba_iso.evaluation import evaluate_reconstruction, orthogonal_views
 from vemamba_iso.evaluation.evaluate import removed_slice_near_centre
+from vemamba_iso.inference.tiling import FALLBACK_OVERLAP, FALLBACK_TILE
 from vemamba_iso.model import count_parameters
 from vemamba_iso.training import load_model
 
@@ -86,8 +87,8 @@ def main() -> None:
 
 def tiling(settings: dict) -> str:
     """'8x32x32 / 2x8x8' for a report's inference tile and overlap (reports before they were recorded used
-    the old fixed 24x96x96 / 6x24x24)."""
-    tile, overlap = settings.get("tile", [24, 96, 96]), settings.get("overlap", [6, 24, 24])
+    the old fixed tiles, today's fallback for models without a training patch)."""
+    tile, overlap = settings.get("tile", FALLBACK_TILE), settings.get("overlap", FALLBACK_OVERLAP)
     return "x".join(map(str, tile)) + " / " + "x".join(map(str, overlap))
 
 

@@ -66,7 +66,8 @@ def main() -> None:
     settings = report["settings"]
     truth = volumes["ground truth"].astype(np.float32)
     kept = volumes["vemamba"].astype(np.float32)
-    kept[::args.factor] = truth[::args.factor]   # subsample: sample j sits at j * factor
+    offset = int(network.config.sample_offset)   # subsample: sample j sits at j * factor + offset
+    kept[offset::args.factor] = truth[offset::args.factor]
     print(json.dumps({
         "factor": args.factor, "data": args.data, "shape": settings["shape_zyx"], "tile": settings["tile"],
         "overlap": settings["overlap"], "flip_average": args.flip_average,

@@ -8,7 +8,7 @@ from pathlib import Path
 
 from .common import CommandParser, add_device_args, check_factor, read_input, run_command, setup_torch
 from .outputs import claim_file_output
-from .predict import add_tiling_args, optional_triple
+from .predict import add_tiling_args
 
 
 def build_parser() -> CommandParser:
@@ -42,8 +42,8 @@ def run(args) -> int:
     volume = read_input(args.gt, args.key)
     network, metadata = load_model(args.model or default_model_dir(args.factor), device=args.device)
     check_factor(args.factor, metadata, args.model)
-    report, volumes = evaluate_reconstruction(network, metadata, volume.data, tile=optional_triple(args.tile),
-                                              overlap=optional_triple(args.overlap), device=args.device,
+    report, volumes = evaluate_reconstruction(network, metadata, volume.data, tile=args.tile,
+                                              overlap=args.overlap, device=args.device,
                                               flip_average=args.flip_average)
     report["settings"].update({"gt": str(args.gt), "model": str(args.model or "default (shipped)")})
     text = json.dumps(report, indent=2)

@@ -25,16 +25,11 @@ def add_tiling_args(parser) -> None:
     parser.add_argument("--overlap", type=int, nargs=3, default=None, metavar=("D", "H", "W"),
                         help="tile overlap in input voxels (default: a quarter of the tile)")
     parser.add_argument("--batch-size", type=int, default=None,
-                        help="tiles per forward pass (default 2 on a CPU, 32 on a GPU); block-wise (Zarr/HDF5): blocks read and processed "
-                             "together (default 4 on a GPU, 1 on a CPU), their tiles 32 per forward pass on a GPU")
+                        help="tiles per forward pass (default 2 on a CPU, 32 on a GPU); block-wise (Zarr/HDF5): "
+                             "blocks read and processed together (default 4 on a GPU, 1 on a CPU)")
     parser.add_argument("--flip-average", action="store_true",
                         help="test-time augmentation: average the eight lateral symmetries (flips, Y/X swap) of "
                              "each tile (8x slower)")
-
-
-def optional_triple(values) -> tuple[int, int, int] | None:
-    """``--tile`` / ``--overlap`` as a tuple, or None for the model's default."""
-    return None if values is None else tuple(values)
 
 
 def build_parser() -> CommandParser:
@@ -103,7 +98,7 @@ def run(args) -> int:
         normed, record = normalize(data, scheme)
     except ValueError:
         normed, record = normalize(data)
-    result = reconstruct_volume(network, normed, tile=optional_triple(args.tile), overlap=optional_triple(args.overlap),
+    result = reconstruct_volume(network, normed, tile=args.tile, overlap=args.overlap,
                                 batch_size=args.batch_size or tiles_per_pass(args.device), device=args.device,
                                 flip_average=args.flip_average)
     out = np.moveaxis(denormalize(result, record, args.dtype if args.dtype is not None else data.dtype), 0, args.axis)
@@ -157,9 +152,9 @@ def _predict_blockwise(args) -> int:
     from ..blockwise import VolumeSource, reconstruct_blockwise
     from ..blockwise.model_processor import ModelProcessor, volume_intensity_record
     from ..blockwise.stores import is_ome_zarr_path
-    from ..inference.tiling import tiles_per_pass
     from ..data.intensity import default_scheme
     from ..data.io import split_key
+    from ..inference.tiling import tiles_per_pass
     if args.pyramid and not is_ome_zarr_path(args.output):
         raise CommandError(f"--pyramid writes OME-Zarr multiscales: name the output *.ome.zarr (got {args.output}) "
                            "or drop --pyramid")
@@ -170,8 +165,8 @@ def _predict_blockwise(args) -> int:
     # --block bounds the memory; within a block the network runs on tiles (default: its training patch)
     from ..training.checkpoint import default_model_dir
     processor = ModelProcessor(args.model or default_model_dir(args.factor), intensity={}, axis=args.axis,
-                               device=args.device, tile=optional_triple(args.tile),
-                               overlap=optional_triple(args.overlap), flip_average=args.flip_average,
+                               device=args.device, tile=args.tile,
+                               overlap=args.overlap, flip_average=args.flip_average,
                                batch_size=tiles_per_pass(args.device))
     check_factor(args.factor, processor.metadata, args.model)
     processor.network()   # load (and so validate) the weights before anything is written
