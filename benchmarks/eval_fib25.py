@@ -26,7 +26,7 @@ from vemamba_iso.evaluation import evaluate_reconstruction, orthogonal_views
 from vemamba_iso.evaluation.evaluate import removed_slice_near_centre
 from vemamba_iso.inference.tiling import FALLBACK_OVERLAP, FALLBACK_TILE
 from vemamba_iso.model import count_parameters
-from vemamba_iso.training import load_model
+from vemamba_iso.training import load_model, training_stages
 
 RESULTS = Path(__file__).resolve().parent / "results"
 
@@ -73,7 +73,8 @@ def main() -> None:
                               "parameters": count_parameters(network), "network": metadata["network"],
                               "degradation": metadata["degradation"]["preset"],
                               "last_validation": train["history"][-1] if train["history"] else None,
-                              "initialised_from": train.get("initialised_from")}
+                              "initialised_from": train.get("initialised_from"),
+                              "stages": training_stages(metadata)}
         results[name] = report
         orthogonal_views(volumes, out / f"fib25_views_{name}.png",
                          title=f"FIB-25 cube 2, {name} along Z (central 128 x 128 crops; XY: a removed slice)",
@@ -92,6 +93,24 @@ def tiling(settings: dict) -> str:
     return "x".join(map(str, tile)) + " / " + "x".join(map(str, overlap))
 
 
+def device_totals(training: dict) -> dict:
+    """{(device, batch): [steps, seconds]} over a report's training runs at its own factor (runs of other
+    factors it was initialised from are the starting point, not counted). Reports written before the runs were
+    recorded count their one run."""
+    stages = training.get("stages") or [{"factor": training["network"]["factor"], "steps": training["steps"],
+                                         "batch_size": training["batch_size"], "seconds": training["seconds"],
+                                         "device": training.get("device", "cpu")}]
+    factor = stages[-1]["factor"]
+    totals = {}
+    for stage in stages:
+        if stage["factor"] == factor:
+            device = "GPU" if stage["device"] == "cuda" else stage["device"].upper()
+            entry = totals.setdefault((device, stage["batch_size"]), [0, 0.0])
+            entry[0] += stage["steps"]
+            entry[1] += stage["seconds"]
+    return totals
+
+
 def write_table(results: dict, out: Path, notes: list[str]) -> None:
     """``fib25_table.md`` from the results (also printed)."""
     lines = ["| factor | method | PSNR (dB) | PSNR unobserved slices (dB) | SSIM 3D | SSIM XY | SSIM XZ | SSIM YZ |",
@@ -102,16 +121,19 @@ def write_table(results: dict, out: Path, notes: list[str]) -> None:
             lines.append(f"| {name} | {method} | {m['psnr']:.2f} | {m['psnr_unobserved_slices']:.2f} | "
                          f"{m['ssim_3d']:.4f} | {m['ssim_xy']:.4f} | {m['ssim_xz']:.4f} | {m['ssim_yz']:.4f} |")
     lines.append("")
-    lines.append("| factor | VEMamba gain over linear (dB) | over cubic (dB) | training steps | batch | "
-                 "patch (axial, lateral) | CPU training time (min) | training steps/s | parameters | scan form | "
+    lines.append("| factor | VEMamba gain over linear (dB) | over cubic (dB) | training steps (device, batch) | "
+                 "patch (axial, lateral) | training time (min) | training steps/s | parameters | scan form | "
                  "lateral flip average | kept slices returned as measured | inference tile / overlap |")
-    lines.append("|---|---|---|---|---|---|---|---|---|---|---|---|---|")
+    lines.append("|---|---|---|---|---|---|---|---|---|---|---|---|")
     for name, report in results.items():
         t = report["training"]
+        totals = device_totals(t)
+        steps = " + ".join(f"{n} ({device}, {batch})" for (device, batch), (n, _) in totals.items())
+        minutes = " + ".join(f"{sec / 60:.1f} {device}" for (device, _), (_, sec) in totals.items())
+        rates = ", ".join(f"{n / max(sec, 1e-9):.2f} {device}" for (device, _), (n, sec) in totals.items())
         lines.append(f"| {name} | {report['vemamba']['psnr_gain_over_linear']:+.2f} | "
-                     f"{report['vemamba']['psnr_gain_over_cubic']:+.2f} | {t['steps']} | {t['batch_size']} | "
-                     f"{tuple(t['patch_axial_lateral'])} | {t['seconds'] / 60:.1f} | "
-                     f"{t['steps'] / max(t['seconds'], 1e-9):.2f} | {t['parameters']} | {scan_form(t['network'])} | "
+                     f"{report['vemamba']['psnr_gain_over_cubic']:+.2f} | {steps} | "
+                     f"{tuple(t['patch_axial_lateral'])} | {minutes} | {rates} | {t['parameters']} | {scan_form(t['network'])} | "
                      f"{'yes' if report['settings'].get('flip_average') else 'no'} | "
                      f"{'yes' if report['settings'].get('keep_observed') else 'no'} | {tiling(report['settings'])} |")
     lines += [""] + notes

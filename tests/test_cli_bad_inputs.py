@@ -153,10 +153,12 @@ def test_bad_input_is_refused_and_nothing_is_written(name, row, source, extra, m
     ("predict", lambda a, d: a + ["--dtype", "str"], "not an integer or float dtype"),
     ("to_nnunet", lambda a, d: a + ["--labels", str(d / "labels.tif")], "give one label volume per image"),
     ("predict", lambda a, d: a + ["--no-such-flag"], "unrecognized arguments"),
+    ("train", lambda a, d: a + ["--time-limit", "0"], "--time-limit must be a positive number of minutes"),
 ], ids=["factor mismatch", "factor mismatch (evaluate)", "factor out of range (train)", "factor too small (degrade)",
         "factor too small (interpolate)", "smaller than the patch (train)", "too short to degrade",
         "missing model folder", "missing model folder (evaluate)", "truncated checkpoint",
-        "truncated checkpoint (evaluate)", "bad --dtype", "unpaired labels", "unknown flag"])
+        "truncated checkpoint (evaluate)", "bad --dtype", "unpaired labels", "unknown flag",
+        "zero time limit (train)"])
 def test_bad_arguments_are_refused_and_nothing_is_written(name, argv_edit, message, inputs, tiny_model, tmp_path,
                                                           capsys):
     argv = argv_edit(command_argv(name, str(inputs / "good.tif"), tmp_path, inputs, tiny_model), inputs)

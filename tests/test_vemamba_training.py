@@ -7,7 +7,8 @@ import torch
 
 from vemamba_iso.evaluation.metrics import psnr, ssim, volume_metrics
 from vemamba_iso.inference import blend_ramp, reconstruct_volume, tile_starts
-from vemamba_iso.training import Trainer, TrainingConfig, learning_rate_factor, load_model, reconstruction_loss
+from vemamba_iso.training import (Trainer, TrainingConfig, learning_rate_factor, load_model, reconstruction_loss,
+                                  training_stages)
 
 TINY_NET = dict(dim=8, groups=1, blocks=1, state_size=4, representation_dim=8)
 
@@ -62,10 +63,45 @@ def test_warmup_then_cosine_schedule():
     assert values[-1] == pytest.approx(0.1, abs=1e-3)
 
 
+def test_time_fraction_brings_the_cosine_decay_forward():
+    # half of the time spent at step 20 of 100: the schedule is where step 55 would be without a limit
+    assert learning_rate_factor(20, 100, 10, 0.1, 0.5) == pytest.approx(learning_rate_factor(55, 100, 10, 0.1))
+    assert learning_rate_factor(20, 100, 10, 0.1, 1.0) == pytest.approx(0.1)
+    assert learning_rate_factor(5, 100, 10, 0.1, 0.9) == pytest.approx(0.6)   # warm-up is by steps
+    assert learning_rate_factor(90, 100, 10, 0.1, 0.2) == pytest.approx(learning_rate_factor(90, 100, 10, 0.1))
+
+
 def tiny_config(**overrides):
     base = dict(steps=40, batch_size=2, low_res_length=4, lateral=16, learning_rate=3e-3, warmup_steps=2,
                 steps_per_epoch=20, moco_steps=2, moco_batch_size=4, network=TINY_NET)
     return TrainingConfig(**{**base, **overrides})
+
+
+def test_time_limit_stops_training_with_a_final_validation_and_model(tmp_path, monkeypatch):
+    from vemamba_iso.training import trainer as trainer_module
+    clock = {"now": 1000.0}
+    monkeypatch.setattr(trainer_module.time, "time", lambda: clock["now"])
+    trainer = Trainer([tiny_volume()], 2, tmp_path / "model", tiny_config(steps=1000, time_limit_minutes=1.0),
+                      progress=False, log=lambda *_: None)
+    original_step = trainer.train_step
+
+    def step_taking_7_seconds():
+        clock["now"] += 7.0
+        return original_step()
+
+    trainer.train_step = step_taking_7_seconds
+    metadata = trainer.run()
+    training = metadata["training"]
+    assert training["steps_done"] == 9                   # 9 x 7 s = 63 s >= 60 s, 8 x 7 s = 56 s is not
+    assert training["seconds"] == pytest.approx(63.0)
+    assert training["history"][-1]["step"] == 9 and "val_psnr" in training["history"][-1]
+    # the learning rate reached the schedule's floor when the time ran out
+    assert trainer.optimizer.param_groups[0]["lr"] == pytest.approx(3e-3 * 0.02)
+    assert (tmp_path / "model" / "model.pt").exists()
+    # run again: the time is spent, nothing more is trained
+    again = Trainer([tiny_volume()], 2, tmp_path / "model", tiny_config(steps=1000, time_limit_minutes=1.0),
+                    progress=False, log=lambda *_: None)
+    assert again.run()["training"]["steps_done"] == 9
 
 
 def test_training_reduces_the_loss_on_a_tiny_volume(tmp_path):
@@ -268,6 +304,15 @@ def test_initialise_from_a_model_for_another_factor(tmp_path):
     own = target.network.state_dict()
     assert copied == len(own) - 2  # all but the upsampling convolution (weight, bias), whose shape differs
     assert torch.equal(own["shallow.weight"], source.network.state_dict()["shallow.weight"])
+    # the record keeps the run it started from, also through an interruption and a resume
+    target.save()
+    resumed = Trainer([tiny_volume()], 3, tmp_path / "x3", tiny_config(steps=4), progress=False, log=lambda *_: None)
+    assert resumed.try_resume()
+    metadata = resumed.run(resume=False)
+    stages = training_stages(metadata)
+    assert [(s["factor"], s["steps"]) for s in stages] == [(2, 2), (3, 4)]
+    assert stages[0]["initialised_from"] is None and stages[1]["initialised_from"] == str(tmp_path / "x2")
+    assert stages[0]["seconds"] == source.metadata()["training"]["seconds"]
     assert target.moco_done
 
 

@@ -21,12 +21,18 @@ def build_parser() -> CommandParser:
     parser.add_argument("--factor", type=int, required=True, help="axial anisotropy factor to undo (2..10)")
     parser.add_argument("--output", required=True,
                         help="model folder to write (new, or one of ours: then training resumes)")
-    parser.add_argument("--steps", type=int, default=2000, help="reconstruction training steps")
+    parser.add_argument("--steps", type=int, default=2000,
+                        help="reconstruction training steps (with --time-limit: the most steps)")
+    parser.add_argument("--time-limit", type=float, default=None, metavar="MINUTES",
+                        help="stop reconstruction training after this many minutes (resumed runs count their "
+                             "earlier time); the learning rate decays over the time, whichever of steps and time "
+                             "runs out first")
     parser.add_argument("--batch-size", type=int, default=4)
     parser.add_argument("--patch", type=int, nargs=2, default=(8, 32), metavar=("AXIAL", "LATERAL"),
                         help="input patch: length along the degraded axis and lateral size (default 8 32)")
     parser.add_argument("--lr", type=float, default=4e-4, help="peak Adam learning rate")
-    parser.add_argument("--warmup-steps", type=int, default=None, help="default: 5%% of --steps")
+    parser.add_argument("--warmup-steps", type=int, default=None,
+                        help="default: 5%% of --steps (at most 100 with --time-limit)")
     parser.add_argument("--steps-per-epoch", type=int, default=100, help="validation/checkpoint interval")
     parser.add_argument("--dim", type=int, default=32)
     parser.add_argument("--groups", type=int, default=4)
@@ -56,19 +62,27 @@ def build_parser() -> CommandParser:
     return parser
 
 
+def default_warmup(steps: int, time_limit: float | None) -> int:
+    """5 % of the steps; with a time limit the steps are only a cap, so at most 100."""
+    warmup = max(1, steps // 20)
+    return min(warmup, 100) if time_limit else warmup
+
+
 def run(args) -> int:
     """Train and write the model folder; returns 0."""
     setup_torch(args)
     from ..model import MAX_FACTOR, MIN_FACTOR
     if not MIN_FACTOR <= args.factor <= MAX_FACTOR:
         raise CommandError(f"--factor must be in {MIN_FACTOR}..{MAX_FACTOR}, got {args.factor}")
+    if args.time_limit is not None and not args.time_limit > 0:
+        raise CommandError(f"--time-limit must be a positive number of minutes, got {args.time_limit}")
     claim_model_dir(args.output, args.overwrite, args.restart)
     from ..training import Trainer, TrainingConfig
     volumes = [read_input(p, args.key).data for p in input_paths(args.input)]
     config = TrainingConfig(
         steps=args.steps, batch_size=args.batch_size, low_res_length=args.patch[0], lateral=args.patch[1],
         learning_rate=args.lr, warmup_steps=args.warmup_steps if args.warmup_steps is not None
-        else max(1, args.steps // 20), steps_per_epoch=args.steps_per_epoch, moco_steps=args.moco_steps,
+        else default_warmup(args.steps, args.time_limit), time_limit_minutes=args.time_limit, steps_per_epoch=args.steps_per_epoch, moco_steps=args.moco_steps,
         degradation=args.degradation, pair_axes=args.pair_axes, seed=args.seed,
         network=dict(dim=args.dim, groups=args.groups, blocks=args.blocks, state_size=args.state_size,
                      use_degradation_encoder=not args.no_degradation_encoder, paths_per_chunk=args.scan_paths,

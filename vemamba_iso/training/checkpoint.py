@@ -91,6 +91,20 @@ def resolve_model_dir(model: str | os.PathLike | None) -> Path:
     return path
 
 
+def training_stage(training: dict, factor: int) -> dict:
+    """One training run of a model in a few numbers (kept in the records of the models trained on from it)."""
+    return {"factor": int(factor), "steps": training.get("steps_done"), "batch_size": training.get("batch_size"),
+            "seconds": training.get("seconds"), "device": training.get("device", "cpu"),
+            "learning_rate": training.get("learning_rate"), "initialised_from": training.get("initialised_from")}
+
+
+def training_stages(metadata: dict) -> list[dict]:
+    """Every training run behind a model, earliest first: the runs of the models it was initialised from
+    (``--init-from``, as far as they were recorded), then its own."""
+    training = metadata.get("training", {})
+    return list(training.get("earlier_stages", [])) + [training_stage(training, metadata["factor"])]
+
+
 def network_settings(metadata: dict) -> dict:
     """The network configuration of a model's metadata. Models saved before ``keep_observed`` and
     ``training_patch`` existed keep their observed slices exactly when they were trained on plain

@@ -23,7 +23,7 @@ from ..evaluation.baselines import interpolate_axial
 from ..evaluation.metrics import psnr, ssim
 from ..inference.tiling import reconstruct_volume
 from ..model import MoCoDegradationLearner, NetworkConfig, VEMambaNetwork, count_parameters
-from .checkpoint import RESUME_FILE, resolve_model_dir, save_model, save_torch_atomic
+from .checkpoint import RESUME_FILE, resolve_model_dir, save_model, save_torch_atomic, training_stages
 from .losses import reconstruction_loss
 
 
@@ -48,13 +48,15 @@ class TrainingConfig:
     pair_axes: str = "lateral"         # "all" also degrades Z: only for isotropic training volumes
     seed: int = 0
     network: dict = field(default_factory=dict)
+    time_limit_minutes: float | None = None  # stop reconstruction training after this long; ``steps`` is then a cap
 
 
-def learning_rate_factor(step: int, total: int, warmup: int, floor: float) -> float:
-    """Linear warm-up over ``warmup`` steps, then cosine decay to ``floor`` at ``total``."""
+def learning_rate_factor(step: int, total: int, warmup: int, floor: float, time_fraction: float = 0.0) -> float:
+    """Linear warm-up over ``warmup`` steps, then cosine decay to ``floor`` at ``total`` steps, or earlier when
+    ``time_fraction`` (training time spent / time limit, 0 without a limit) is further along than the steps."""
     if step < warmup:
         return (step + 1) / warmup
-    progress = min(1.0, (step - warmup) / max(1, total - warmup))
+    progress = min(1.0, max((step - warmup) / max(1, total - warmup), time_fraction))
     return floor + (1 - floor) * 0.5 * (1 + math.cos(math.pi * progress))
 
 
@@ -120,13 +122,28 @@ class Trainer:
         self.network = VEMambaNetwork(net_cfg).to(self.device)
         self.optimizer = torch.optim.Adam([p for n, p in self.network.named_parameters()
                                            if not n.startswith("degradation_encoder.")], lr=config.learning_rate)
+        self.seconds, self.epoch_started = 0.0, None   # the schedule reads the training time
         self.scheduler = torch.optim.lr_scheduler.LambdaLR(self.optimizer, lambda s: learning_rate_factor(
-            s, config.steps, config.warmup_steps, config.min_learning_rate_ratio))
+            s, config.steps, config.warmup_steps, config.min_learning_rate_ratio, self.time_fraction()))
         self.use_amp = self.device.type == "cuda"
         self.scaler = torch.amp.GradScaler("cuda", enabled=self.use_amp)
-        self.step, self.moco_done, self.history, self.seconds = 0, False, [], 0.0
+        self.step, self.moco_done, self.history = 0, False, []
         self.running_loss = None
         self.initialised_from = None
+        self.earlier_stages = []   # the training runs of the model this one was initialised from
+
+    def training_seconds(self) -> float:
+        """Reconstruction training time so far in seconds, resumed runs included (MoCo pre-training and loading
+        excluded): ``seconds`` up to the last checkpoint plus the time since ``epoch_started``."""
+        return self.seconds + (time.time() - self.epoch_started if self.epoch_started is not None else 0.0)
+
+    def time_fraction(self) -> float:
+        """Share of ``time_limit_minutes`` spent (0 without a limit): drives the learning-rate decay."""
+        limit = self.config.time_limit_minutes
+        return 0.0 if not limit else min(1.0, self.training_seconds() / (60.0 * limit))
+
+    def finished(self) -> bool:
+        return self.step >= self.config.steps or self.time_fraction() >= 1.0
 
     # -- persistence ---------------------------------------------------------------------------------
     def metadata(self) -> dict:
@@ -134,7 +151,7 @@ class Trainer:
                 "degradation": {"preset": self.config.degradation, **self.degradation.to_dict()},
                 "training": {**asdict(self.config), "steps_done": self.step, "seconds": round(self.seconds, 1),
                              "device": self.device.type, "history": self.history,
-                             "initialised_from": self.initialised_from,
+                             "initialised_from": self.initialised_from, "earlier_stages": self.earlier_stages,
                              "parameters": count_parameters(self.network)}}
 
     def save(self) -> None:
@@ -149,7 +166,8 @@ class Trainer:
                  "moco_done": self.moco_done, "history": self.history, "seconds": self.seconds,
                  "factor": self.network.config.factor, "rng": torch.get_rng_state(),
                  "sampler_rng": self.sampler.rng.bit_generator.state, "running_loss": self.running_loss,
-                 "keep_observed": self.network.config.keep_observed}
+                 "keep_observed": self.network.config.keep_observed, "initialised_from": self.initialised_from,
+                 "earlier_stages": self.earlier_stages}
         if self.device.type == "cuda":
             state["cuda_rng"] = torch.cuda.get_rng_state(self.device)
         save_torch_atomic(state, self.output_dir / RESUME_FILE)
@@ -158,7 +176,8 @@ class Trainer:
     def initialise_from(self, model_dir) -> int:
         """Copy every parameter whose name and shape match from another trained model (e.g. another factor);
         a copied degradation encoder is kept as is (no MoCo pre-training). Returns how many tensors were copied."""
-        source = torch.load(resolve_model_dir(model_dir), map_location=self.device, weights_only=True)["state_dict"]
+        blob = torch.load(resolve_model_dir(model_dir), map_location=self.device, weights_only=True)
+        source = blob["state_dict"]
         own = self.network.state_dict()
         matching = {k: v for k, v in source.items() if k in own and own[k].shape == v.shape}
         self.network.load_state_dict(matching, strict=False)
@@ -166,6 +185,7 @@ class Trainer:
                 k in matching for k in own if k.startswith("degradation_encoder.")):
             self.moco_done = True
         self.initialised_from = str(model_dir)
+        self.earlier_stages = training_stages(blob["metadata"])
         self.log(f"initialised {len(matching)} of {len(own)} tensors from {model_dir}")
         return len(matching)
 
@@ -192,6 +212,8 @@ class Trainer:
         else:   # a checkpoint of an older version: the batches after it differ from an uninterrupted run's
             self.sampler.rng = np.random.default_rng(self.config.seed + self.step)
         self.running_loss = state.get("running_loss")
+        self.initialised_from = state.get("initialised_from")
+        self.earlier_stages = state.get("earlier_stages", [])
         # a run started before kept slices existed finishes with the objective it started with
         self.network.config.keep_observed = bool(state.get("keep_observed", False))
         self.log(f"resuming from {path} at step {self.step}")
@@ -259,22 +281,23 @@ class Trainer:
         c = self.config
         bar = tqdm(total=c.steps, initial=self.step, desc=f"training x{self.network.config.factor}",
                    disable=not self.progress)
-        started = time.time()
-        while self.step < c.steps:
+        self.epoch_started = time.time()
+        while not self.finished():
             loss = self.train_step()
             self.step += 1
             running = loss if self.running_loss is None else 0.95 * self.running_loss + 0.05 * loss
             self.running_loss = running
             bar.update(1)
             bar.set_postfix(loss=f"{running:.4f}")
-            if self.step % c.steps_per_epoch == 0 or self.step == c.steps:
-                self.seconds += time.time() - started
-                started = time.time()
+            if self.step % c.steps_per_epoch == 0 or self.finished():
+                self.seconds = self.training_seconds()
+                self.epoch_started = time.time()
                 record = {"step": self.step, "loss": round(running, 5), **self.validate()}
                 self.history.append(record)
                 self.log(f"epoch {len(self.history)}: {record}")
                 self.save()
         bar.close()
+        self.epoch_started = None
         if not self.history:
             self.save()
         return self.metadata()
