@@ -133,7 +133,8 @@ def write_table(results: dict, out: Path, notes: list[str]) -> None:
         rates = ", ".join(f"{n / max(sec, 1e-9):.2f} {device}" for (device, _), (n, sec) in totals.items())
         lines.append(f"| {name} | {report['vemamba']['psnr_gain_over_linear']:+.2f} | "
                      f"{report['vemamba']['psnr_gain_over_cubic']:+.2f} | {steps} | "
-                     f"{tuple(t['patch_axial_lateral'])} | {minutes} | {rates} | {t['parameters']} | {scan_form(t['network'])} | "
+                     f"{tuple(t['patch_axial_lateral'])} | {minutes} | {rates} | {t['parameters']} | "
+                     f"{scan_form(t['network'])} | "
                      f"{'yes' if report['settings'].get('flip_average') else 'no'} | "
                      f"{'yes' if report['settings'].get('keep_observed') else 'no'} | {tiling(report['settings'])} |")
     lines += [""] + notes

@@ -67,7 +67,9 @@ def test_time_fraction_brings_the_cosine_decay_forward():
     # half of the time spent at step 20 of 100: the schedule is where step 55 would be without a limit
     assert learning_rate_factor(20, 100, 10, 0.1, 0.5) == pytest.approx(learning_rate_factor(55, 100, 10, 0.1))
     assert learning_rate_factor(20, 100, 10, 0.1, 1.0) == pytest.approx(0.1)
-    assert learning_rate_factor(5, 100, 10, 0.1, 0.9) == pytest.approx(0.6)   # warm-up is by steps
+    assert learning_rate_factor(5, 100, 10, 0.1, 0.3) == pytest.approx(0.6)   # warm-up is by steps...
+    # ...but a time limit reached during warm-up (a slow machine) still ends at the floor
+    assert learning_rate_factor(5, 100, 10, 0.1, 1.0) == pytest.approx(0.1)
     assert learning_rate_factor(90, 100, 10, 0.1, 0.2) == pytest.approx(learning_rate_factor(90, 100, 10, 0.1))
 
 
@@ -312,7 +314,9 @@ def test_initialise_from_a_model_for_another_factor(tmp_path):
     stages = training_stages(metadata)
     assert [(s["factor"], s["steps"]) for s in stages] == [(2, 2), (3, 4)]
     assert stages[0]["initialised_from"] is None and stages[1]["initialised_from"] == str(tmp_path / "x2")
-    assert stages[0]["seconds"] == source.metadata()["training"]["seconds"]
+    assert stages[0]["batch_size"] == 2 and stages[0]["learning_rate"] == 3e-3
+    _, reloaded = load_model(tmp_path / "x3")   # the record travels with the model file
+    assert training_stages(reloaded) == stages
     assert target.moco_done
 
 
@@ -381,3 +385,22 @@ def test_training_killed_with_sigkill_resumes_to_the_same_weights(tmp_path):
     for name, tensor in reference.state_dict().items():
         assert torch.equal(tensor, resumed.state_dict()[name]), name
     assert not [p.name for p in (tmp_path / "killed").iterdir() if p.name.startswith(".")]   # no stale temporaries
+
+
+def test_train_command_with_a_spent_time_limit_says_nothing_is_left(tmp_path, capsys):
+    from vemamba_iso.cli.train import main
+    from vemamba_iso.data import write_volume
+    write_volume(tmp_path / "train.tif", tiny_volume())
+    argv = ["--input", str(tmp_path / "train.tif"), "--factor", "2", "--output", str(tmp_path / "model"),
+            "--steps", "1000", "--time-limit", "0.0001", "--steps-per-epoch", "500", "--dim", "8", "--groups", "1",
+            "--blocks", "1", "--state-size", "4", "--patch", "4", "16", "--batch-size", "2", "--moco-steps", "2",
+            "--threads", "1"]
+    assert main(argv) == 0
+    first = capsys.readouterr().out
+    assert "model written to" in first
+    steps = json.loads((tmp_path / "model" / "metadata.json").read_text())["training"]["steps_done"]
+    assert 1 <= steps < 1000        # stopped by the clock, after at least one step, with a model on disk
+    assert main(argv) == 0          # the same command again: the time is spent
+    again = capsys.readouterr().out
+    assert "nothing left to train" in again and "model written" not in again
+    assert json.loads((tmp_path / "model" / "metadata.json").read_text())["training"]["steps_done"] == steps

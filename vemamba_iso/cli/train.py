@@ -25,8 +25,8 @@ def build_parser() -> CommandParser:
                         help="reconstruction training steps (with --time-limit: the most steps)")
     parser.add_argument("--time-limit", type=float, default=None, metavar="MINUTES",
                         help="stop reconstruction training after this many minutes (resumed runs count their "
-                             "earlier time); the learning rate decays over the time, whichever of steps and time "
-                             "runs out first")
+                             "earlier time; a larger limit on a resumed run raises the decayed rate again); the "
+                             "learning rate decays over the time, whichever of steps and time runs out first")
     parser.add_argument("--batch-size", type=int, default=4)
     parser.add_argument("--patch", type=int, nargs=2, default=(8, 32), metavar=("AXIAL", "LATERAL"),
                         help="input patch: length along the degraded axis and lateral size (default 8 32)")
@@ -81,8 +81,10 @@ def run(args) -> int:
     volumes = [read_input(p, args.key).data for p in input_paths(args.input)]
     config = TrainingConfig(
         steps=args.steps, batch_size=args.batch_size, low_res_length=args.patch[0], lateral=args.patch[1],
-        learning_rate=args.lr, warmup_steps=args.warmup_steps if args.warmup_steps is not None
-        else default_warmup(args.steps, args.time_limit), time_limit_minutes=args.time_limit, steps_per_epoch=args.steps_per_epoch, moco_steps=args.moco_steps,
+        learning_rate=args.lr,
+        warmup_steps=(args.warmup_steps if args.warmup_steps is not None
+                      else default_warmup(args.steps, args.time_limit)),
+        time_limit_minutes=args.time_limit, steps_per_epoch=args.steps_per_epoch, moco_steps=args.moco_steps,
         degradation=args.degradation, pair_axes=args.pair_axes, seed=args.seed,
         network=dict(dim=args.dim, groups=args.groups, blocks=args.blocks, state_size=args.state_size,
                      use_degradation_encoder=not args.no_degradation_encoder, paths_per_chunk=args.scan_paths,
@@ -93,8 +95,13 @@ def run(args) -> int:
         trainer.initialise_from(args.init_from)
     args.interrupt_note = (f"the last checkpoint in {args.output} is kept (if an epoch finished): run the same "
                            "command again to resume")
+    step_before = trainer.step
     metadata = trainer.run(resume=False)
     last = metadata["training"]["history"][-1] if metadata["training"]["history"] else {}
+    if resumed and trainer.step == step_before:
+        print(f"nothing left to train in {args.output} (step {trainer.step}; the steps or the time limit are spent); "
+              f"raise --steps or --time-limit to train on. Last validation: {last}")
+        return 0
     print(f"model written to {Path(args.output) / 'model.pt'} ({metadata['training']['parameters']} parameters); "
           f"last validation: {last}")
     return 0

@@ -118,8 +118,9 @@ def network_settings(metadata: dict) -> dict:
     return network
 
 
-def load_model(model: str | os.PathLike | None = None, device="cpu") -> tuple[VEMambaNetwork, dict]:
-    """Load a trained network (eval mode) and its metadata; ``None`` loads the shipped default model."""
+def read_model_file(model: str | os.PathLike | None, device="cpu") -> dict:
+    """``{"metadata", "state_dict"}`` of a model file (``weights_only``); a clear error for a truncated, corrupt
+    or foreign file."""
     path = resolve_model_dir(model)
     try:
         blob = torch.load(path, map_location=device, weights_only=True)
@@ -128,6 +129,12 @@ def load_model(model: str | os.PathLike | None = None, device="cpu") -> tuple[VE
                          "copy it again or retrain the model") from exc
     if not isinstance(blob, dict) or blob.get("metadata", {}).get("format") != FORMAT:
         raise ValueError(f"{path} is not a vemamba_iso model file (format {FORMAT})")
+    return blob
+
+
+def load_model(model: str | os.PathLike | None = None, device="cpu") -> tuple[VEMambaNetwork, dict]:
+    """Load a trained network (eval mode) and its metadata; ``None`` loads the shipped default model."""
+    blob = read_model_file(model, device)
     metadata = blob["metadata"]
     network = VEMambaNetwork(NetworkConfig.from_dict(network_settings(metadata)))
     network.load_state_dict(blob["state_dict"])

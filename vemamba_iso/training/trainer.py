@@ -23,7 +23,7 @@ from ..evaluation.baselines import interpolate_axial
 from ..evaluation.metrics import psnr, ssim
 from ..inference.tiling import reconstruct_volume
 from ..model import MoCoDegradationLearner, NetworkConfig, VEMambaNetwork, count_parameters
-from .checkpoint import RESUME_FILE, resolve_model_dir, save_model, save_torch_atomic, training_stages
+from .checkpoint import RESUME_FILE, read_model_file, save_model, save_torch_atomic, training_stages
 from .losses import reconstruction_loss
 
 
@@ -53,11 +53,15 @@ class TrainingConfig:
 
 def learning_rate_factor(step: int, total: int, warmup: int, floor: float, time_fraction: float = 0.0) -> float:
     """Linear warm-up over ``warmup`` steps, then cosine decay to ``floor`` at ``total`` steps, or earlier when
-    ``time_fraction`` (training time spent / time limit, 0 without a limit) is further along than the steps."""
+    ``time_fraction`` (training time spent / time limit, 0 without a limit) is further along than the steps.
+    Never above the cosine at ``time_fraction``, so that a time limit reached during warm-up (a slow machine)
+    still ends at the floor."""
+    def cosine(progress: float) -> float:
+        return floor + (1 - floor) * 0.5 * (1 + math.cos(math.pi * min(1.0, progress)))
+
     if step < warmup:
-        return (step + 1) / warmup
-    progress = min(1.0, max((step - warmup) / max(1, total - warmup), time_fraction))
-    return floor + (1 - floor) * 0.5 * (1 + math.cos(math.pi * progress))
+        return min((step + 1) / warmup, cosine(time_fraction))
+    return cosine(max((step - warmup) / max(1, total - warmup), time_fraction))
 
 
 def prepare_volumes(volumes: list[np.ndarray]) -> tuple[list[np.ndarray], dict]:
@@ -122,7 +126,10 @@ class Trainer:
         self.network = VEMambaNetwork(net_cfg).to(self.device)
         self.optimizer = torch.optim.Adam([p for n, p in self.network.named_parameters()
                                            if not n.startswith("degradation_encoder.")], lr=config.learning_rate)
-        self.seconds, self.epoch_started = 0.0, None   # the schedule reads the training time
+        if config.time_limit_minutes is not None and not config.time_limit_minutes > 0:
+            raise ValueError(f"time_limit_minutes must be positive (or None), got {config.time_limit_minutes}")
+        # before the scheduler: LambdaLR's constructor already calls the schedule, which reads the training time
+        self.seconds, self.epoch_started = 0.0, None
         self.scheduler = torch.optim.lr_scheduler.LambdaLR(self.optimizer, lambda s: learning_rate_factor(
             s, config.steps, config.warmup_steps, config.min_learning_rate_ratio, self.time_fraction()))
         self.use_amp = self.device.type == "cuda"
@@ -133,8 +140,9 @@ class Trainer:
         self.earlier_stages = []   # the training runs of the model this one was initialised from
 
     def training_seconds(self) -> float:
-        """Reconstruction training time so far in seconds, resumed runs included (MoCo pre-training and loading
-        excluded): ``seconds`` up to the last checkpoint plus the time since ``epoch_started``."""
+        """Reconstruction training time so far in seconds, resumed runs included (MoCo pre-training, loading,
+        validation and checkpoint writing excluded): ``seconds`` up to the last checkpoint plus the time since
+        ``epoch_started``."""
         return self.seconds + (time.time() - self.epoch_started if self.epoch_started is not None else 0.0)
 
     def time_fraction(self) -> float:
@@ -143,6 +151,7 @@ class Trainer:
         return 0.0 if not limit else min(1.0, self.training_seconds() / (60.0 * limit))
 
     def finished(self) -> bool:
+        """Reconstruction training is done: the step cap or the time limit is reached."""
         return self.step >= self.config.steps or self.time_fraction() >= 1.0
 
     # -- persistence ---------------------------------------------------------------------------------
@@ -157,7 +166,8 @@ class Trainer:
     def save(self) -> None:
         """Write the model and the checkpoint to resume from: everything the next steps depend on (weights,
         optimizer, schedule, loss scaler, both random generators), so that a run killed at any point and
-        resumed ends with the weights of an uninterrupted run (bit for bit on a CPU, same thread count).
+        resumed ends with the weights of an uninterrupted run (bit for bit on a CPU, same thread count; not with a
+        time limit, where the schedule follows the clock).
 
         The checkpoint goes first: a kill between the two writes leaves a checkpoint to resume from, never a
         model without one."""
@@ -176,7 +186,7 @@ class Trainer:
     def initialise_from(self, model_dir) -> int:
         """Copy every parameter whose name and shape match from another trained model (e.g. another factor);
         a copied degradation encoder is kept as is (no MoCo pre-training). Returns how many tensors were copied."""
-        blob = torch.load(resolve_model_dir(model_dir), map_location=self.device, weights_only=True)
+        blob = read_model_file(model_dir, self.device)
         source = blob["state_dict"]
         own = self.network.state_dict()
         matching = {k: v for k, v in source.items() if k in own and own[k].shape == v.shape}
@@ -282,20 +292,22 @@ class Trainer:
         bar = tqdm(total=c.steps, initial=self.step, desc=f"training x{self.network.config.factor}",
                    disable=not self.progress)
         self.epoch_started = time.time()
-        while not self.finished():
+        done = self.finished()   # a resumed run may have nothing left
+        while not done:
             loss = self.train_step()
             self.step += 1
             running = loss if self.running_loss is None else 0.95 * self.running_loss + 0.05 * loss
             self.running_loss = running
             bar.update(1)
             bar.set_postfix(loss=f"{running:.4f}")
-            if self.step % c.steps_per_epoch == 0 or self.finished():
+            done = self.finished()   # once per step: the last step is always validated and saved
+            if self.step % c.steps_per_epoch == 0 or done:
                 self.seconds = self.training_seconds()
-                self.epoch_started = time.time()
                 record = {"step": self.step, "loss": round(running, 5), **self.validate()}
                 self.history.append(record)
                 self.log(f"epoch {len(self.history)}: {record}")
                 self.save()
+                self.epoch_started = time.time()
         bar.close()
         self.epoch_started = None
         if not self.history:
