@@ -106,6 +106,14 @@ def test_time_limit_stops_training_with_a_final_validation_and_model(tmp_path, m
     assert again.run()["training"]["steps_done"] == 9
 
 
+@pytest.mark.parametrize("limit", [0.0, -1.0])
+def test_a_non_positive_time_limit_is_refused_before_any_work(tmp_path, limit):
+    with pytest.raises(ValueError, match="time_limit_minutes must be positive"):
+        Trainer([tiny_volume()], 2, tmp_path / "model", tiny_config(time_limit_minutes=limit), progress=False,
+                log=lambda *_: None)
+    assert not (tmp_path / "model").exists()
+
+
 def test_training_reduces_the_loss_on_a_tiny_volume(tmp_path):
     torch.manual_seed(0)
     trainer = Trainer([tiny_volume()], 2, tmp_path / "model", tiny_config(), progress=False, log=lambda *_: None)

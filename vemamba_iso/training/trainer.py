@@ -100,6 +100,8 @@ def split_validation(volume: np.ndarray, fraction: float, minimum_z: int,
 class Trainer:
     def __init__(self, volumes: list[np.ndarray], factor: int, output_dir, config: TrainingConfig,
                  device: str = "cpu", progress: bool = True, log=print):
+        if config.time_limit_minutes is not None and not config.time_limit_minutes > 0:
+            raise ValueError(f"time_limit_minutes must be positive (or None), got {config.time_limit_minutes}")
         self.config, self.device, self.progress, self.log = config, torch.device(device), progress, log
         self.output_dir = Path(output_dir)
         self.degradation = preset(config.degradation, factor)
@@ -126,8 +128,6 @@ class Trainer:
         self.network = VEMambaNetwork(net_cfg).to(self.device)
         self.optimizer = torch.optim.Adam([p for n, p in self.network.named_parameters()
                                            if not n.startswith("degradation_encoder.")], lr=config.learning_rate)
-        if config.time_limit_minutes is not None and not config.time_limit_minutes > 0:
-            raise ValueError(f"time_limit_minutes must be positive (or None), got {config.time_limit_minutes}")
         # before the scheduler: LambdaLR's constructor already calls the schedule, which reads the training time
         self.seconds, self.epoch_started = 0.0, None
         self.scheduler = torch.optim.lr_scheduler.LambdaLR(self.optimizer, lambda s: learning_rate_factor(
