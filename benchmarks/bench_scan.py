@@ -27,18 +27,13 @@ def _rss_mb() -> float:
         return int(f.read().split()[1]) * os.sysconf("SC_PAGE_SIZE") / 2**20
 
 
-def worker(backend: str, length: int, device: str, repeats: int, tiles: str | None = None) -> dict:
+def scan_step(backend: str, length: int, dev):
+    """A closure running one forward + backward of ``selective_scan`` (batch BATCH, dim DIM, state STATE,
+    ``length`` steps, every option on) on ``dev`` and waiting for the device; fixed random inputs."""
     import torch
     from nnunet_logmamba.ssm import selective_scan
 
-    if tiles:  # "CHUNKxTILE[xWARPS]": the Triton kernel's chunk length, register tile and warps
-        import nnunet_logmamba.ssm.triton_kernel as tk
-        sizes = [int(v) for v in tiles.split("x")]
-        tk.CHUNK, tk.TILE = sizes[0], sizes[1]
-        tk.WARPS = sizes[2] if len(sizes) > 2 else None
-
     g = torch.Generator().manual_seed(0)
-    dev = torch.device(device)
 
     def rnd(*shape, scale=1.0):
         return (torch.randn(*shape, generator=g) * scale).to(dev).requires_grad_()
@@ -53,6 +48,21 @@ def worker(backend: str, length: int, device: str, repeats: int, tiles: str | No
         y.sum().backward()
         if dev.type == "cuda":
             torch.cuda.synchronize()
+
+    return step
+
+
+def worker(backend: str, length: int, device: str, repeats: int, tiles: str | None = None) -> dict:
+    import torch
+
+    if tiles:  # "CHUNKxTILE[xWARPS]": the Triton kernel's chunk length, register tile and warps
+        import nnunet_logmamba.ssm.triton_kernel as tk
+        sizes = [int(v) for v in tiles.split("x")]
+        tk.CHUNK, tk.TILE = sizes[0], sizes[1]
+        tk.WARPS = sizes[2] if len(sizes) > 2 else None
+
+    dev = torch.device(device)
+    step = scan_step(backend, length, dev)
 
     if dev.type == "cuda":
         torch.cuda.synchronize()

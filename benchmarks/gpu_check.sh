@@ -18,6 +18,9 @@ timeout 240 $py -m pytest -p no:cacheprovider -q -m cuda tests > "$out/cuda_test
 # (the reference loop takes seconds per repeat on a GPU: left out)
 timeout 240 $py benchmarks/bench_scan.py --device cuda --lengths 4096 16384 --long 65536 --repeats 10 \
     --backends torch triton mamba_ssm --triton-tiles 64x8192 128x8192 32x4096 > "$out/bench_scan_cuda.txt" 2>&1
+# where a step's time goes (kernels against host work), per kernel
+timeout 120 $py benchmarks/profile_scan.py --device cuda --length 16384 --backends triton mamba_ssm \
+    > "$out/profile_scan_cuda.txt" 2>&1
 if [ -f "$pre/nnUNetPlans.json" ]; then
   for backend in triton torch mamba_ssm; do
     BIOIMAGE_MAMBA_SCAN_BACKEND=$backend timeout 120 $py benchmarks/bench_network.py --device cuda --steps 5 --amp \
