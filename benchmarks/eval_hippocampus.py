@@ -6,11 +6,12 @@ Steps (all with the stock nnU-Net commands, in a work folder outside the reposit
   3. ``nnUNetv2_train 4 3d_fullres FOLD -tr T -device cpu`` for each trainer T and fold (same budget),
      ``--parallel`` of them at a time (one torch thread each), runs that already have a summary kept;
   4. read each fold's validation ``summary.json`` and the training logs, and write a Dice-per-class
-     table and the learning curves (losses and nnU-Net's pseudo Dice per epoch).
+     table and the learning curves (losses and nnU-Net's pseudo Dice per epoch), also drawn as TABLE_curves.png.
 
     python benchmarks/eval_hippocampus.py                         # fold 0, table -> benchmarks/results/hippocampus_cpu.md
     python benchmarks/eval_hippocampus.py --folds 0 1 --parallel 2 # two folds, two trainings at a time
     python benchmarks/eval_hippocampus.py --prepare-only          # only steps 1-2 (plans for bench_network.py)
+    python benchmarks/eval_hippocampus.py --plot results/hippocampus_gpu.md   # the curves of a table as a PNG
 """
 from __future__ import annotations
 
@@ -174,7 +175,8 @@ def write_table(rows: list[dict], labels: dict, out: str, command: str, configur
               "",
               "## Learning curves", "",
               "Per epoch: training / validation loss (nnU-Net's CE + (-soft Dice), lower is better) and nnU-Net's "
-              "pseudo Dice per class on its validation batches.", ""]
+              "pseudo Dice per class on its validation batches.", "",
+              f"![learning curves]({os.path.basename(figure_path(out))})", ""]
     for r in rows:
         lines += [f"### fold {r['fold']}, {r['trainer']}", "", "| epoch | train loss | val loss | pseudo Dice |",
                   "|---|---|---|---|"]
@@ -189,6 +191,65 @@ def write_table(rows: list[dict], labels: dict, out: str, command: str, configur
         f.write("\n".join(lines))
     os.replace(tmp, out)
     print("\n".join(lines))
+
+
+def curves_from_markdown(path: str) -> list[dict]:
+    """The learning curves of a table written by :func:`write_table`: [{fold, trainer, curve}], curve as in
+    :func:`learning_curve` (epoch, train_loss, val_loss, pseudo_dice)."""
+    rows, current = [], None
+    with open(path) as f:
+        for line in f:
+            m = re.match(r"### fold (\d+), (\S+)\s*$", line)
+            if m:
+                current = {"fold": int(m.group(1)), "trainer": m.group(2), "curve": []}
+                rows.append(current)
+                continue
+            m = re.match(r"\| (\d+) \| (\S+) \| (\S+) \| ([^|]*)\|\s*$", line)
+            if current is not None and m:
+                dice = [float(v) for v in m.group(4).split("/") if v.strip()]
+                current["curve"].append({"epoch": int(m.group(1)), "train_loss": float(m.group(2)),
+                                         "val_loss": float(m.group(3)), "pseudo_dice": dice})
+    if not rows:
+        sys.exit(f"{path} has no learning curves (no '### fold F, TRAINER' sections written by this script)")
+    return rows
+
+
+def plot_learning_curves(rows: list[dict], path: str, title: str = "") -> str:
+    """A PNG with one column per fold: nnU-Net's pseudo Dice (mean over classes) and the validation loss per
+    epoch, one line per trainer (plain nnU-Net dashed). Written to a temporary name, then renamed."""
+    import matplotlib
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    folds = sorted({r["fold"] for r in rows})
+    fig, axes = plt.subplots(2, len(folds), figsize=(5.2 * len(folds), 6.4), squeeze=False, sharex="col")
+    for col, fold in enumerate(folds):
+        for r in (r for r in rows if r["fold"] == fold):
+            epochs = [e["epoch"] for e in r["curve"]]
+            dice = [sum(e["pseudo_dice"]) / len(e["pseudo_dice"]) if e.get("pseudo_dice") else float("nan")
+                    for e in r["curve"]]
+            style = dict(ls="--", color="0.35") if is_plain(r["trainer"]) else dict(lw=1.8)
+            axes[0, col].plot(epochs, dice, label=r["trainer"], **style)
+            axes[1, col].plot(epochs, [e.get("val_loss", float("nan")) for e in r["curve"]], **style)
+        axes[0, col].set_title(f"fold {fold}")
+        axes[0, col].set_ylabel("pseudo Dice (mean of classes)")
+        axes[1, col].set_ylabel("validation loss")
+        axes[1, col].set_xlabel("epoch")
+        for ax in axes[:, col]:
+            ax.grid(alpha=0.3)
+        axes[0, col].legend(fontsize=7, loc="lower right")
+    if title:
+        fig.suptitle(title)
+    fig.tight_layout()
+    tmp = path + ".tmp.png"
+    fig.savefig(tmp, dpi=90)
+    plt.close(fig)
+    os.replace(tmp, path)
+    return path
+
+
+def figure_path(table: str) -> str:
+    return os.path.splitext(table)[0] + "_curves.png"
 
 
 def main(argv=None):
@@ -210,7 +271,13 @@ def main(argv=None):
     parser.add_argument("--da-processes", type=int, default=0,
                         help="nnU-Net data augmentation workers per training (0: in the main process, for CPU runs)")
     parser.add_argument("--prepare-only", action="store_true")
+    parser.add_argument("--plot", nargs="+", metavar="TABLE",
+                        help="only draw the learning curves of tables this script wrote (TABLE_curves.png)")
     args = parser.parse_args(argv)
+    if args.plot:
+        for table in args.plot:
+            print(plot_learning_curves(curves_from_markdown(table), figure_path(table)))
+        return
     if args.work is None:
         args.work = DEFAULT_WORK if args.device == "cpu" else f"{DEFAULT_WORK}_{args.device}"
     os.makedirs(args.work, exist_ok=True)
@@ -233,6 +300,7 @@ def main(argv=None):
         labels = json.load(f)["labels"]
     command = "python benchmarks/eval_hippocampus.py " + " ".join(argv if argv is not None else sys.argv[1:])
     write_table(rows, labels, args.out, command.strip(), args.configuration, args.device)
+    print(plot_learning_curves(rows, figure_path(args.out), f"Hippocampus, {args.configuration}, {args.device}"))
 
 
 if __name__ == "__main__":

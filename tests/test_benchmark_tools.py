@@ -1,0 +1,63 @@
+"""The benchmark tools that write the tables and figures of benchmarks/results (run on a CPU, small inputs)."""
+import math
+import re
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+BENCHMARKS = Path(__file__).resolve().parents[1] / "benchmarks"
+
+
+@pytest.fixture
+def eval_hippocampus(monkeypatch):
+    monkeypatch.syspath_prepend(str(BENCHMARKS))
+    import eval_hippocampus
+    return eval_hippocampus
+
+
+def test_learning_curves_survive_the_table_and_are_drawn(eval_hippocampus, tmp_path):
+    """write_table -> curves_from_markdown gives back every curve; plot_learning_curves writes a PNG."""
+    curve = [{"epoch": e, "train_loss": 0.5 - 0.1 * e, "val_loss": 0.4 - 0.1 * e, "pseudo_dice": [0.1 * e, 0.2 * e]}
+             for e in range(4)]
+    rows = [{"trainer": trainer, "fold": fold, "minutes": 1.0, "curve": curve, "dice": {"1": 0.8, "2": 0.7},
+             "mean": 0.75}
+            for fold in (0, 1) for trainer in ("nnUNetTrainer_2epochs", "nnUNetTrainerLoGVMamba_2epochs")]
+    table = str(tmp_path / "table.md")
+    eval_hippocampus.write_table(rows, {"background": 0, "Anterior": 1, "Posterior": 2}, table, "cmd", "3d_fullres")
+    assert "![learning curves](table_curves.png)" in Path(table).read_text()
+    back = eval_hippocampus.curves_from_markdown(table)
+    assert [(r["fold"], r["trainer"]) for r in back] == [(r["fold"], r["trainer"]) for r in rows]
+    for r in back:
+        assert [e["epoch"] for e in r["curve"]] == [0, 1, 2, 3]
+        for got, want in zip(r["curve"], curve):
+            assert math.isclose(got["val_loss"], want["val_loss"], abs_tol=1e-3)
+            assert got["pseudo_dice"] == pytest.approx(want["pseudo_dice"], abs=0.005)
+    figure = eval_hippocampus.plot_learning_curves(back, eval_hippocampus.figure_path(table))
+    assert figure.endswith("table_curves.png")
+    assert Path(figure).read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+    assert not list(tmp_path.glob("*.tmp*"))
+
+
+def test_a_table_without_curves_is_refused(eval_hippocampus, tmp_path):
+    table = tmp_path / "other.md"
+    table.write_text("# something else\n\n| a | b |\n")
+    with pytest.raises(SystemExit, match="no learning curves"):
+        eval_hippocampus.curves_from_markdown(str(table))
+
+
+def test_profile_scan_reports_time_per_operator(tmp_path):
+    """benchmarks/profile_scan.py end to end on a CPU: one section per backend, operators with their time."""
+    script = BENCHMARKS / "profile_scan.py"
+    done = subprocess.run([sys.executable, str(script), "--device", "cpu", "--length", "32", "--repeats", "2",
+                           "--backends", "torch", "no_such_backend", "--top", "3"],
+                          capture_output=True, text=True, timeout=300, cwd=tmp_path)
+    assert done.returncode == 0, done.stderr
+    header = re.search(r"## torch, length 32, cpu: wall ([0-9.]+) ms per step, ([0-9.]+) ms in (\d+)", done.stdout)
+    assert header, done.stdout
+    wall, busy, calls = float(header.group(1)), float(header.group(2)), int(header.group(3))
+    assert 0 < busy <= 1.5 * wall and calls > 0
+    rows = re.findall(r"^\| `aten::[^`]+` \| ([0-9.]+) \| (\d+) \|$", done.stdout, re.M)
+    assert 1 <= len(rows) <= 3
+    assert "# no_such_backend: failed" in done.stdout   # a failing backend is reported, the others still run
