@@ -52,14 +52,26 @@ def scan_step(backend: str, length: int, dev):
     return step
 
 
+def configure_triton(tiles: str) -> None:
+    """Set the Triton kernel's layout and sizes from "[seq]CHUNKxTILE[xWARPS]": chunk length, register tile,
+    warps; the "seq" prefix selects the sequential layout (one program walks its chunks in order)."""
+    import nnunet_logmamba.ssm.triton_kernel as tk
+    sequential = tiles.startswith("seq")
+    sizes = [int(v) for v in tiles.removeprefix("seq").split("x")]
+    tk.LAYOUT = "sequential" if sequential else "parallel"
+    if sequential:
+        tk.SEQUENTIAL_CHUNK = sizes[0]
+    else:
+        tk.CHUNK = sizes[0]
+    tk.TILE = sizes[1]
+    tk.WARPS = sizes[2] if len(sizes) > 2 else None
+
+
 def worker(backend: str, length: int, device: str, repeats: int, tiles: str | None = None) -> dict:
     import torch
 
-    if tiles:  # "CHUNKxTILE[xWARPS]": the Triton kernel's chunk length, register tile and warps
-        import nnunet_logmamba.ssm.triton_kernel as tk
-        sizes = [int(v) for v in tiles.split("x")]
-        tk.CHUNK, tk.TILE = sizes[0], sizes[1]
-        tk.WARPS = sizes[2] if len(sizes) > 2 else None
+    if tiles:
+        configure_triton(tiles)
 
     dev = torch.device(device)
     step = scan_step(backend, length, dev)
@@ -106,7 +118,8 @@ def main() -> None:
     parser.add_argument("--backends", nargs="+", default=None,
                         help="only these backends (default: every one available on the device)")
     parser.add_argument("--triton-tiles", nargs="+", default=[],
-                        help="also time the triton backend with these CHUNKxTILE[xWARPS] sizes (tuning)")
+                        help="also time the triton backend with these [seq]CHUNKxTILE[xWARPS] sizes (tuning; "
+                             "'seq': the sequential layout, e.g. seq256x4096)")
     parser.add_argument("--tiles", help=argparse.SUPPRESS)
     parser.add_argument("--worker", help=argparse.SUPPRESS)
     parser.add_argument("--length", type=int, help=argparse.SUPPRESS)

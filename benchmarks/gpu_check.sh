@@ -17,9 +17,12 @@ $py -m nnunet_logmamba doctor > "$out/doctor.txt" 2>&1
 timeout 240 $py -m pytest -p no:cacheprovider -q -m cuda tests > "$out/cuda_tests.txt" 2>&1
 # (the reference loop takes seconds per repeat on a GPU: left out)
 timeout 240 $py benchmarks/bench_scan.py --device cuda --lengths 4096 16384 --long 65536 --repeats 10 \
-    --backends torch triton mamba_ssm --triton-tiles 64x8192 128x8192 32x4096 > "$out/bench_scan_cuda.txt" 2>&1
+    --backends torch triton mamba_ssm \
+    --triton-tiles 64x4096x16 32x2048x8 32x1024x4 seq128x2048x16 seq64x1024x8 seq256x4096 \
+    > "$out/bench_scan_cuda.txt" 2>&1
 # where a step's time goes (kernels against host work), per kernel
-timeout 120 $py benchmarks/profile_scan.py --device cuda --length 16384 --backends triton mamba_ssm \
+timeout 120 $py benchmarks/profile_scan.py --device cuda --length 16384 \
+    --backends triton "triton[64x4096x16]" "triton[seq128x2048x16]" mamba_ssm \
     > "$out/profile_scan_cuda.txt" 2>&1
 if [ -f "$pre/nnUNetPlans.json" ]; then
   for backend in triton torch mamba_ssm; do

@@ -1,6 +1,7 @@
 """Where the time of one selective-scan forward + backward goes: device kernels against host work.
 
     python benchmarks/profile_scan.py --device cuda --length 16384 --backends triton mamba_ssm
+    python benchmarks/profile_scan.py --device cuda --backends "triton[seq256x4096]"   # layout and sizes
 
 For each backend (in its own process, the shapes of ``bench_scan.py``), ``repeats`` steps run under
 torch's profiler after a warm-up. Per step it prints the wall time, the time the device spent in
@@ -18,7 +19,7 @@ import subprocess
 import sys
 import time
 
-from bench_scan import scan_step
+from bench_scan import configure_triton, scan_step
 
 
 def profile(backend: str, length: int, device: str, repeats: int, top: int) -> dict:
@@ -26,7 +27,10 @@ def profile(backend: str, length: int, device: str, repeats: int, top: int) -> d
     from torch.profiler import ProfilerActivity, profile as torch_profile
 
     dev = torch.device(device)
-    step = scan_step(backend, length, dev)
+    name, _, tiles = backend.partition("[")
+    if tiles:  # e.g. triton[seq256x4096]: the Triton kernel's layout and sizes, as bench_scan --triton-tiles
+        configure_triton(tiles.rstrip("]"))
+    step = scan_step(name, length, dev)
     for _ in range(2):           # compilation and autotuning stay out of the profile
         step()
     walls = []

@@ -61,3 +61,15 @@ def test_profile_scan_reports_time_per_operator(tmp_path):
     rows = re.findall(r"^\| `aten::[^`]+` \| ([0-9.]+) \| (\d+) \|$", done.stdout, re.M)
     assert 1 <= len(rows) <= 3
     assert "# no_such_backend: failed" in done.stdout   # a failing backend is reported, the others still run
+
+
+def test_triton_sizes_and_layout_from_the_tuning_string(monkeypatch):
+    monkeypatch.syspath_prepend(str(BENCHMARKS))
+    import bench_scan
+    import nnunet_logmamba.ssm.triton_kernel as tk
+    for name in ("LAYOUT", "CHUNK", "SEQUENTIAL_CHUNK", "TILE", "WARPS"):
+        monkeypatch.setattr(tk, name, getattr(tk, name))   # restored after the test
+    bench_scan.configure_triton("seq128x2048x4")
+    assert (tk.LAYOUT, tk.SEQUENTIAL_CHUNK, tk.TILE, tk.WARPS) == ("sequential", 128, 2048, 4)
+    bench_scan.configure_triton("32x4096")
+    assert (tk.LAYOUT, tk.CHUNK, tk.TILE, tk.WARPS) == ("parallel", 32, 4096, None)

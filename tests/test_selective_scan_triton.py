@@ -3,7 +3,8 @@
 The kernels run on CPU tensors under ``TRITON_INTERPRET=1``, which must be set before triton is first
 imported, so the cases run in one fresh interpreter process (module fixture) and each test reads its
 case's errors. The chunk length is cut to 4 there, so that lengths 7 and 130 cross many of the chunk
-boundaries whose saved states the backward pass starts from. On a GPU, ``test_cuda_*`` run the same
+boundaries whose saved states the backward pass starts from. Both layouts of the kernels run every case:
+chunks in parallel joined by a scan of their summaries, and chunks walked in order by one program. On a GPU, ``test_cuda_*`` run the same
 comparison on the device.
 """
 import json
@@ -40,9 +41,13 @@ CHECKER = textwrap.dedent('''
     import torch
     import nnunet_logmamba.ssm.triton_kernel as tk
     from nnunet_logmamba.ssm import selective_scan
-    tk.CHUNK = 4
+    tk.CHUNK = tk.SEQUENTIAL_CHUNK = 4
     tk.CARRY_BLOCK = 2
     NAMES = ["u", "delta", "A", "B", "C", "D", "z", "delta_bias"]
+    # (layout, programs wanted): "sequential" keeps wide channel blocks (masked channels in every odd-dim
+    # case), "sequential_narrow" narrows them to one channel per program
+    LAYOUTS = {"parallel": ("parallel", 1), "sequential": ("sequential", 1),
+               "sequential_narrow": ("sequential", 10 ** 6)}
 
     def run(case):
         name, batch, dim, length, state, groups, opt, dtype = case
@@ -74,7 +79,10 @@ CHECKER = textwrap.dedent('''
         return {"errors": errors, "y_dtype": tri["y_dtype"], "ref_dtype": ref["y_dtype"],
                 "finite": all(bool(torch.isfinite(v).all()) for k, v in tri.items() if k != "y_dtype")}
 
-    print(json.dumps({case[0]: run(case) for case in json.loads(sys.argv[1])}))
+    results = {}
+    for layout, (tk.LAYOUT, tk.SEQUENTIAL_PROGRAMS) in LAYOUTS.items():
+        results.update({f"{layout}/{case[0]}": run(case) for case in json.loads(sys.argv[1])})
+    print(json.dumps(results))
 ''')
 
 
@@ -89,10 +97,11 @@ def interpreter_results():
 
 
 @pytest.mark.slow
+@pytest.mark.parametrize("layout", ["parallel", "sequential", "sequential_narrow"])
 @pytest.mark.parametrize("case", CASES, ids=[c[0] for c in CASES])
-def test_triton_kernels_match_the_reference_in_the_interpreter(case, interpreter_results):
+def test_triton_kernels_match_the_reference_in_the_interpreter(case, layout, interpreter_results):
     name, *_, options, dtype = case
-    result = interpreter_results[name]
+    result = interpreter_results[f"{layout}/{name}"]
     assert result["finite"]
     assert result["y_dtype"] == result["ref_dtype"] == f"torch.{dtype}"  # output in u's dtype
     optional = {"last": "last", "D": "dD", "z": "dz", "bias": "ddelta_bias"}
@@ -141,7 +150,10 @@ def test_auto_prefers_mamba_ssm_then_triton_then_torch_on_cuda(monkeypatch, mamb
 @pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU")
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
 @pytest.mark.parametrize("length", [1, 7, 130, 4099])
-def test_cuda_triton_matches_the_torch_backend(length, dtype):
+@pytest.mark.parametrize("layout", ["parallel", "sequential"])
+def test_cuda_triton_matches_the_torch_backend(length, dtype, layout, monkeypatch):
+    import nnunet_logmamba.ssm.triton_kernel as tk
+    monkeypatch.setattr(tk, "LAYOUT", layout)
     g = torch.Generator().manual_seed(length)
     r = lambda *s: torch.randn(*s, generator=g).cuda()  # noqa: E731
     inputs = [r(2, 6, length).to(dtype), (0.5 * r(2, 6, length)).to(dtype), -(r(6, 16).abs() + 0.2),
@@ -159,3 +171,25 @@ def test_cuda_triton_matches_the_torch_backend(length, dtype):
     for a, b in zip(*found):
         a, b = a.detach(), b.detach()
         assert float((a - b).abs().max()) <= tolerance * float(b.abs().max()) + floor
+
+
+@pytest.mark.slow
+def test_triton_kernels_compile_for_a_gpu_without_one():
+    """Both layouts compile to sm_90 machine code here (the interpreter never compiles: a kernel that only
+    runs there could still fail on a GPU); benchmarks/triton_resources.py reports what each one uses."""
+    pytest.importorskip("triton")
+    from pathlib import Path
+    script = Path(__file__).resolve().parents[1] / "benchmarks" / "triton_resources.py"
+    env = {k: v for k, v in os.environ.items() if k != "TRITON_INTERPRET"}
+    done = subprocess.run([sys.executable, str(script), "--configs", "default", "seq256x4096", "--shape",
+                           "2", "64", "2", "16", "16384"], capture_output=True, text=True, env=env, timeout=900)
+    assert done.returncode == 0, done.stderr[-3000:]
+    rows = [line.split("|")[1:-1] for line in done.stdout.splitlines() if line.startswith("| default")
+            or line.startswith("| seq256x4096")]
+    kernels = [(r[1].strip(), r[2].strip()) for r in rows]
+    assert kernels == [("parallel", "forward summary"), ("parallel", "forward output"),
+                       ("parallel", "backward summary"), ("parallel", "backward gradient"),
+                       ("sequential", "forward"), ("sequential", "backward")], done.stdout
+    for r in rows:
+        registers, warps_per_sm = int(r[7]), int(r[9])
+        assert 0 < registers <= 255 and 0 < warps_per_sm <= 64

@@ -19,6 +19,12 @@ steps that run in parallel (a GPU has far more cores than a (batch, channel) gri
   in registers and over blocks in torch, the ones over batch and time (``dA``, ``dD``,
   ``d delta_bias``) per chunk in torch: deterministic, no atomics.
 
+That is the ``parallel`` layout (``LAYOUT``, the default). The ``sequential`` layout runs the same per-chunk
+code in one program per (batch x group, channel block) that walks its chunks in order, the state (forward)
+or adjoint state (backward) carried in registers from chunk to chunk, as mamba-ssm's kernel does: one launch
+each way and no chunk summaries, but only as many programs as channel blocks (it narrows the blocks, down
+to one channel, to fill the GPU). Which is faster where is to be measured on a GPU; both are tested.
+
 Semantics, shapes and dtypes are those of :func:`nnunet_logmamba.ssm.selective_scan` (grouped and
 ungrouped ``B``/``C``, ``D``, ``z`` gating, ``delta_bias``, softplus, ``return_last_state`` with its
 gradient; fp32 state and accumulation, output in ``u``'s dtype); fp64 is not supported here (the
@@ -42,6 +48,14 @@ CARRY_BLOCK = 128
 TILE = 4096
 #: warps per program (None: 4 up to 2048 tile elements, else 8)
 WARPS = None
+#: "parallel": every chunk its own program, chunks joined by a scan over their summaries (three launches
+#: each way); "sequential": one program per channel block walks its chunks in order with the state in
+#: registers (one launch each way, as mamba-ssm's kernel does). Not yet timed on a GPU against each other.
+LAYOUT = "parallel"
+#: upper bound of the chunk length of the sequential layout (the register tile ``TILE`` also bounds it)
+SEQUENTIAL_CHUNK = 256
+#: the sequential layout narrows its channel blocks (down to one channel) until this many programs run
+SEQUENTIAL_PROGRAMS = 512
 
 try:  # triton ships with torch's CUDA wheels; without it this backend reports why
     import triton
@@ -89,11 +103,10 @@ if triton is not None:
         return tl.sum(tl.where(is_last[None, None, :], x, 0.0), axis=2)
 
     @triton.jit
-    def _chunk_program(dim, length, groups, heads, state, n_chunks,
+    def _chunk_offsets(pid_bg, pid_h, pid_c, dim, length, groups, heads, state, n_chunks,
                        T: tl.constexpr, BLOCK_D: tl.constexpr, BLOCK_N: tl.constexpr):
-        # This program's (batch x group, channel block, chunk) and its offsets: channels (BLOCK_D,), states
-        # (BLOCK_N,), time steps (T,), rows of u/delta/z, rows of B/C, and its (channel, state) chunk summaries.
-        pid_bg, pid_h, pid_c = tl.program_id(0), tl.program_id(1), tl.program_id(2)
+        # The (batch x group, channel block, chunk)'s offsets: channels (BLOCK_D,), states (BLOCK_N,), time
+        # steps (T,), rows of u/delta/z, rows of B/C, and its (channel, state) chunk summaries.
         batch, grp = pid_bg // groups, pid_bg % groups
         offs_h = pid_h * BLOCK_D + tl.arange(0, BLOCK_D)
         mask_d = offs_h < heads
@@ -104,6 +117,15 @@ if triton is not None:
         rows = (batch * dim + chans) * length
         bc_rows = (pid_bg * state + offs_n) * length
         summary = ((batch * dim + chans) * n_chunks + pid_c)[:, None] * state + offs_n[None, :]
+        return batch, chans, mask_d, offs_n, mask_n, t, rows, bc_rows, summary
+
+    @triton.jit
+    def _chunk_program(dim, length, groups, heads, state, n_chunks,
+                       T: tl.constexpr, BLOCK_D: tl.constexpr, BLOCK_N: tl.constexpr):
+        # the offsets of this program's chunk (parallel layout: one chunk per program)
+        pid_bg, pid_h, pid_c = tl.program_id(0), tl.program_id(1), tl.program_id(2)
+        batch, chans, mask_d, offs_n, mask_n, t, rows, bc_rows, summary = _chunk_offsets(
+            pid_bg, pid_h, pid_c, dim, length, groups, heads, state, n_chunks, T, BLOCK_D, BLOCK_N)
         return pid_bg, pid_h, pid_c, batch, chans, mask_d, offs_n, mask_n, t, rows, bc_rows, summary
 
     @triton.jit
@@ -176,17 +198,13 @@ if triton is not None:
             tl.store(last_ptr + pid * state + offs_n, carry, mask=mask_n)
 
     @triton.jit
-    def _forward_output_kernel(u_ptr, delta_ptr, a_ptr, b_ptr, c_ptr, d_ptr, z_ptr, bias_ptr, start_ptr, out_ptr,
-                               dim, length, groups, heads, state, n_chunks,
-                               HAS_D: tl.constexpr, HAS_Z: tl.constexpr, HAS_BIAS: tl.constexpr,
-                               SOFTPLUS: tl.constexpr,
-                               T: tl.constexpr, BLOCK_D: tl.constexpr, BLOCK_N: tl.constexpr):
-        pid_bg, pid_h, pid_c, batch, chans, mask_d, offs_n, mask_n, t, rows, bc_rows, summary = _chunk_program(
-            dim, length, groups, heads, state, n_chunks, T, BLOCK_D, BLOCK_N)
+    def _chunk_output(u_ptr, delta_ptr, a_ptr, b_ptr, c_ptr, d_ptr, z_ptr, bias_ptr, out_ptr, h0,
+                      batch, chans, mask_d, offs_n, mask_n, t, rows, bc_rows, length, state,
+                      HAS_D: tl.constexpr, HAS_Z: tl.constexpr, HAS_BIAS: tl.constexpr, SOFTPLUS: tl.constexpr,
+                      T: tl.constexpr):
+        # one chunk's states from its start state h0 (channels, state), its output written; returns the end state
         decay, drive, dt, u, b, a = _tile_inputs(u_ptr, delta_ptr, a_ptr, b_ptr, bias_ptr, rows, chans, bc_rows,
                                                  t, mask_d, mask_n, offs_n, length, state, HAS_BIAS, SOFTPLUS)
-        mask_dn = mask_d[:, None] & mask_n[None, :]
-        h0 = tl.load(start_ptr + summary, mask=mask_dn, other=0.0)
         cum_decay, h = tl.associative_scan((decay, drive), 2, _linear_combine)
         h = h + cum_decay * h0[:, :, None]
         valid_t = t < length
@@ -200,6 +218,44 @@ if triton is not None:
             z = tl.load(z_ptr + rows[:, None] + t[None, :], mask=valid, other=0.0).to(tl.float32)
             y = y * z * tl.sigmoid(z)
         tl.store(out_ptr + rows[:, None] + t[None, :], y.to(out_ptr.dtype.element_ty), mask=valid)
+        return _last_along_time(h, T)
+
+    @triton.jit
+    def _forward_output_kernel(u_ptr, delta_ptr, a_ptr, b_ptr, c_ptr, d_ptr, z_ptr, bias_ptr, start_ptr, out_ptr,
+                               dim, length, groups, heads, state, n_chunks,
+                               HAS_D: tl.constexpr, HAS_Z: tl.constexpr, HAS_BIAS: tl.constexpr,
+                               SOFTPLUS: tl.constexpr,
+                               T: tl.constexpr, BLOCK_D: tl.constexpr, BLOCK_N: tl.constexpr):
+        pid_bg, pid_h, pid_c, batch, chans, mask_d, offs_n, mask_n, t, rows, bc_rows, summary = _chunk_program(
+            dim, length, groups, heads, state, n_chunks, T, BLOCK_D, BLOCK_N)
+        h0 = tl.load(start_ptr + summary, mask=mask_d[:, None] & mask_n[None, :], other=0.0)
+        _chunk_output(u_ptr, delta_ptr, a_ptr, b_ptr, c_ptr, d_ptr, z_ptr, bias_ptr, out_ptr, h0,
+                      batch, chans, mask_d, offs_n, mask_n, t, rows, bc_rows, length, state,
+                      HAS_D, HAS_Z, HAS_BIAS, SOFTPLUS, T)
+
+    @triton.jit
+    def _sequential_forward_kernel(u_ptr, delta_ptr, a_ptr, b_ptr, c_ptr, d_ptr, z_ptr, bias_ptr, start_ptr,
+                                   out_ptr, last_ptr, dim, length, groups, heads, state, n_chunks,
+                                   HAS_D: tl.constexpr, HAS_Z: tl.constexpr, HAS_BIAS: tl.constexpr,
+                                   SOFTPLUS: tl.constexpr,
+                                   T: tl.constexpr, BLOCK_D: tl.constexpr, BLOCK_N: tl.constexpr):
+        # sequential layout: one program walks its channels' chunks in order, the state carried in registers;
+        # each chunk's start state is written for the backward
+        pid_bg, pid_h = tl.program_id(0), tl.program_id(1)
+        h = tl.zeros([BLOCK_D, BLOCK_N], dtype=tl.float32)
+        for pid_c in range(0, n_chunks):
+            batch, chans, mask_d, offs_n, mask_n, t, rows, bc_rows, summary = _chunk_offsets(
+                pid_bg, pid_h, pid_c, dim, length, groups, heads, state, n_chunks, T, BLOCK_D, BLOCK_N)
+            mask_dn = mask_d[:, None] & mask_n[None, :]
+            tl.store(start_ptr + summary, h, mask=mask_dn)
+            h = _chunk_output(u_ptr, delta_ptr, a_ptr, b_ptr, c_ptr, d_ptr, z_ptr, bias_ptr, out_ptr, h,
+                              batch, chans, mask_d, offs_n, mask_n, t, rows, bc_rows, length, state,
+                              HAS_D, HAS_Z, HAS_BIAS, SOFTPLUS, T)
+        batch, chans, mask_d, offs_n, mask_n, t, rows, bc_rows, summary = _chunk_offsets(
+            pid_bg, pid_h, 0, dim, length, groups, heads, state, n_chunks, T, BLOCK_D, BLOCK_N)
+        # padded steps past the end are identity pairs, so h is the state after the last real step
+        tl.store(last_ptr + (batch * dim + chans)[:, None] * state + offs_n[None, :], h,
+                 mask=mask_d[:, None] & mask_n[None, :])
 
     @triton.jit
     def _adjoint_inputs(delta_ptr, a_ptr, c_ptr, z_ptr, bias_ptr, dout_ptr, rows, chans, bc_rows, t, mask_d,
@@ -244,22 +300,21 @@ if triton is not None:
         tl.store(decay_ptr + summary, _last_along_time(total_decay, T), mask=mask_dn)
 
     @triton.jit
-    def _backward_gradient_kernel(u_ptr, delta_ptr, a_ptr, b_ptr, c_ptr, d_ptr, z_ptr, bias_ptr, dout_ptr,
-                                  start_ptr, lam_ptr,
-                                  du_ptr, ddelta_ptr, dz_ptr, chunk_part_ptr, db_part_ptr, dc_part_ptr,
-                                  dim, length, groups, heads, state, n_chunks, n_blocks,
-                                  HAS_D: tl.constexpr, HAS_Z: tl.constexpr, HAS_BIAS: tl.constexpr,
-                                  SOFTPLUS: tl.constexpr,
-                                  T: tl.constexpr, BLOCK_D: tl.constexpr, BLOCK_N: tl.constexpr):
-        pid_bg, pid_h, pid_c, batch, chans, mask_d, offs_n, mask_n, t, rows, bc_rows, summary = _chunk_program(
-            dim, length, groups, heads, state, n_chunks, T, BLOCK_D, BLOCK_N)
-        mask_dn = mask_d[:, None] & mask_n[None, :]
+    def _chunk_gradients(u_ptr, delta_ptr, a_ptr, b_ptr, c_ptr, d_ptr, z_ptr, bias_ptr, dout_ptr, h0, lam_end,
+                         du_ptr, ddelta_ptr, dz_ptr, db_part_ptr, dc_part_ptr,
+                         pid_bg, pid_h, pid_c, batch, chans, mask_d, offs_n, mask_n, t, rows, bc_rows,
+                         length, state, n_blocks,
+                         HAS_D: tl.constexpr, HAS_Z: tl.constexpr, HAS_BIAS: tl.constexpr, SOFTPLUS: tl.constexpr,
+                         T: tl.constexpr):
+        # One chunk's gradients from its start state h0 and the adjoint state lam_end entering it from the right
+        # (both (channels, state)). Writes du, d delta, dz and the channel-block partial sums of dB, dC; returns
+        # the chunk's sums of dA (channels, state), dD and d delta_bias (channels) and the adjoint state at its
+        # first step (what enters the chunk before it).
         valid_t = t < length
         valid = mask_d[:, None] & valid_t[None, :]
-        # states of the chunk, recomputed from its saved start state
+        # states of the chunk, recomputed from its start state
         decay, drive, dt, u, b, a = _tile_inputs(u_ptr, delta_ptr, a_ptr, b_ptr, bias_ptr, rows, chans, bc_rows,
                                                  t, mask_d, mask_n, offs_n, length, state, HAS_BIAS, SOFTPLUS)
-        h0 = tl.load(start_ptr + summary, mask=mask_dn, other=0.0)
         cum_decay, h = tl.associative_scan((decay, drive), 2, _linear_combine)
         h = h + cum_decay * h0[:, :, None]
         # adjoint states lambda_t = dL/dh_t, scanned from the chunk's end (reversed loads), then flipped back
@@ -267,9 +322,10 @@ if triton is not None:
         adj_decay, adj_drive = _adjoint_inputs(delta_ptr, a_ptr, c_ptr, z_ptr, bias_ptr, dout_ptr, rows, chans,
                                                bc_rows, t_rev, mask_d, mask_n, offs_n, length, state,
                                                HAS_Z, HAS_BIAS, SOFTPLUS)
-        lam_end = tl.load(lam_ptr + summary, mask=mask_dn, other=0.0)
         cum_adj, lam_rev = tl.associative_scan((adj_decay, adj_drive), 2, _linear_combine)
-        lam = tl.flip(lam_rev + cum_adj * lam_end[:, :, None], 2)
+        lam_rev = lam_rev + cum_adj * lam_end[:, :, None]
+        lam_first = _last_along_time(lam_rev, T)
+        lam = tl.flip(lam_rev, 2)
         lam = tl.where(valid_t[None, None, :], lam, 0.0)
         c = tl.load(c_ptr + bc_rows[:, None] + t[None, :], mask=mask_n[:, None] & valid_t[None, :],
                     other=0.0).to(tl.float32)
@@ -291,38 +347,112 @@ if triton is not None:
         lam_b = tl.sum(lam * b[None, :, :], axis=1)           # sum_n lambda B
         g_u = lam_b * dt
         g_dt = lam_b * u + tl.sum(g_exponent * a[:, :, None], axis=1)
-        # this chunk's row of the (batch, chunk) partial sums: dA (dim x state), then dD (dim), then d delta_bias (dim)
-        chunk_part = chunk_part_ptr + (batch * n_chunks + pid_c) * dim * (state + 2)
+        d_d = tl.zeros([u.shape[0]], dtype=tl.float32)
         if HAS_D:
             g_u = g_u + dy * d_skip[:, None]
-            tl.store(chunk_part + dim * state + chans, tl.sum(dy * u, axis=1), mask=mask_d)
+            d_d = tl.sum(dy * u, axis=1)
         if SOFTPLUS:
             pre = tl.load(delta_ptr + rows[:, None] + t[None, :], mask=valid, other=0.0).to(tl.float32)
             if HAS_BIAS:
                 pre = pre + tl.load(bias_ptr + chans, mask=mask_d, other=0.0).to(tl.float32)[:, None]
             g_dt = g_dt * tl.sigmoid(pre)
         g_dt = tl.where(valid, g_dt, 0.0)
-        if HAS_BIAS:
-            tl.store(chunk_part + dim * (state + 1) + chans, tl.sum(g_dt, axis=1), mask=mask_d)
         tl.store(du_ptr + rows[:, None] + t[None, :], g_u, mask=valid)
         tl.store(ddelta_ptr + rows[:, None] + t[None, :], g_dt, mask=valid)
-        tl.store(chunk_part + chans[:, None] * state + offs_n[None, :], tl.sum(g_exponent * dt[:, None, :], axis=2),
-                 mask=mask_dn)
         # channel-block partial sums of dB_t = sum_d lambda dt u and dC_t = sum_d dy h, (batch, groups, blocks, N, L)
         part = ((pid_bg * n_blocks + pid_h) * state + offs_n)[:, None] * length + t[None, :]
         mask_nt = mask_n[:, None] & valid_t[None, :]
         tl.store(db_part_ptr + part, tl.sum(lam * (dt * u)[:, None, :], axis=0), mask=mask_nt)
         tl.store(dc_part_ptr + part, tl.sum(h * dy[:, None, :], axis=0), mask=mask_nt)
+        return tl.sum(g_exponent * dt[:, None, :], axis=2), d_d, tl.sum(g_dt, axis=1), lam_first
+
+    @triton.jit
+    def _store_parameter_sums(part_ptr, d_a, d_d, d_bias, chans, mask_d, offs_n, mask_n, dim, state,
+                              HAS_D: tl.constexpr, HAS_BIAS: tl.constexpr):
+        # one row of the partial sums: dA (dim x state), then dD (dim), then d delta_bias (dim)
+        tl.store(part_ptr + chans[:, None] * state + offs_n[None, :], d_a, mask=mask_d[:, None] & mask_n[None, :])
+        if HAS_D:
+            tl.store(part_ptr + dim * state + chans, d_d, mask=mask_d)
+        if HAS_BIAS:
+            tl.store(part_ptr + dim * (state + 1) + chans, d_bias, mask=mask_d)
+
+    @triton.jit
+    def _backward_gradient_kernel(u_ptr, delta_ptr, a_ptr, b_ptr, c_ptr, d_ptr, z_ptr, bias_ptr, dout_ptr,
+                                  start_ptr, lam_ptr,
+                                  du_ptr, ddelta_ptr, dz_ptr, chunk_part_ptr, db_part_ptr, dc_part_ptr,
+                                  dim, length, groups, heads, state, n_chunks, n_blocks,
+                                  HAS_D: tl.constexpr, HAS_Z: tl.constexpr, HAS_BIAS: tl.constexpr,
+                                  SOFTPLUS: tl.constexpr,
+                                  T: tl.constexpr, BLOCK_D: tl.constexpr, BLOCK_N: tl.constexpr):
+        pid_bg, pid_h, pid_c, batch, chans, mask_d, offs_n, mask_n, t, rows, bc_rows, summary = _chunk_program(
+            dim, length, groups, heads, state, n_chunks, T, BLOCK_D, BLOCK_N)
+        mask_dn = mask_d[:, None] & mask_n[None, :]
+        h0 = tl.load(start_ptr + summary, mask=mask_dn, other=0.0)
+        lam_end = tl.load(lam_ptr + summary, mask=mask_dn, other=0.0)
+        d_a, d_d, d_bias, lam_first = _chunk_gradients(
+            u_ptr, delta_ptr, a_ptr, b_ptr, c_ptr, d_ptr, z_ptr, bias_ptr, dout_ptr, h0, lam_end,
+            du_ptr, ddelta_ptr, dz_ptr, db_part_ptr, dc_part_ptr,
+            pid_bg, pid_h, pid_c, batch, chans, mask_d, offs_n, mask_n, t, rows, bc_rows, length, state, n_blocks,
+            HAS_D, HAS_Z, HAS_BIAS, SOFTPLUS, T)
+        # this chunk's row of the (batch, chunk) partial sums
+        _store_parameter_sums(chunk_part_ptr + (batch * n_chunks + pid_c) * dim * (state + 2), d_a, d_d, d_bias,
+                              chans, mask_d, offs_n, mask_n, dim, state, HAS_D, HAS_BIAS)
+
+    @triton.jit
+    def _sequential_backward_kernel(u_ptr, delta_ptr, a_ptr, b_ptr, c_ptr, d_ptr, z_ptr, bias_ptr, dout_ptr,
+                                    start_ptr, init_ptr,
+                                    du_ptr, ddelta_ptr, dz_ptr, batch_part_ptr, db_part_ptr, dc_part_ptr,
+                                    dim, length, groups, heads, state, n_chunks, n_blocks,
+                                    HAS_D: tl.constexpr, HAS_Z: tl.constexpr, HAS_BIAS: tl.constexpr,
+                                    SOFTPLUS: tl.constexpr, HAS_INIT: tl.constexpr,
+                                    T: tl.constexpr, BLOCK_D: tl.constexpr, BLOCK_N: tl.constexpr):
+        # sequential layout: one program walks its channels' chunks from the last to the first, the adjoint
+        # state carried in registers, the parameter gradients summed in registers
+        pid_bg, pid_h = tl.program_id(0), tl.program_id(1)
+        batch, chans, mask_d, offs_n, mask_n, t, rows, bc_rows, summary = _chunk_offsets(
+            pid_bg, pid_h, 0, dim, length, groups, heads, state, n_chunks, T, BLOCK_D, BLOCK_N)
+        mask_dn = mask_d[:, None] & mask_n[None, :]
+        if HAS_INIT:  # the gradient of the last state enters after the last step
+            lam = tl.load(init_ptr + (batch * dim + chans)[:, None] * state + offs_n[None, :], mask=mask_dn,
+                          other=0.0).to(tl.float32)
+        else:
+            lam = tl.zeros([BLOCK_D, BLOCK_N], dtype=tl.float32)
+        sum_a = tl.zeros([BLOCK_D, BLOCK_N], dtype=tl.float32)
+        sum_d = tl.zeros([BLOCK_D], dtype=tl.float32)
+        sum_bias = tl.zeros([BLOCK_D], dtype=tl.float32)
+        for i in range(0, n_chunks):
+            pid_c = n_chunks - 1 - i
+            batch, chans, mask_d, offs_n, mask_n, t, rows, bc_rows, summary = _chunk_offsets(
+                pid_bg, pid_h, pid_c, dim, length, groups, heads, state, n_chunks, T, BLOCK_D, BLOCK_N)
+            h0 = tl.load(start_ptr + summary, mask=mask_dn, other=0.0)
+            d_a, d_d, d_bias, lam = _chunk_gradients(
+                u_ptr, delta_ptr, a_ptr, b_ptr, c_ptr, d_ptr, z_ptr, bias_ptr, dout_ptr, h0, lam,
+                du_ptr, ddelta_ptr, dz_ptr, db_part_ptr, dc_part_ptr,
+                pid_bg, pid_h, pid_c, batch, chans, mask_d, offs_n, mask_n, t, rows, bc_rows, length, state,
+                n_blocks, HAS_D, HAS_Z, HAS_BIAS, SOFTPLUS, T)
+            sum_a += d_a
+            sum_d += d_d
+            sum_bias += d_bias
+        _store_parameter_sums(batch_part_ptr + batch * dim * (state + 2), sum_a, sum_d, sum_bias,
+                              chans, mask_d, offs_n, mask_n, dim, state, HAS_D, HAS_BIAS)
 
 
-def _launch_shape(dim: int, groups: int, state: int, length: int) -> dict:
+def _launch_shape(batch: int, dim: int, groups: int, state: int, length: int, layout: str) -> dict:
     """Tile sizes: channels per program, padded state, chunk length (powers of two within ``TILE``)."""
+    if layout not in ("parallel", "sequential"):
+        raise ValueError(f"unknown Triton scan layout {layout!r}; use 'parallel' or 'sequential'")
     heads = dim // groups
     block_n = triton.next_power_of_2(state)
-    chunk = max(2, min(CHUNK, TILE // block_n, triton.next_power_of_2(length)))
-    block_d = max(1, min(triton.next_power_of_2(heads), TILE // (block_n * chunk)))
+    if layout == "parallel":
+        chunk = max(2, min(CHUNK, TILE // block_n, triton.next_power_of_2(length)))
+        block_d = max(1, min(triton.next_power_of_2(heads), TILE // (block_n * chunk)))
+    else:  # programs are (batch x group, channel block) only: narrow blocks keep the GPU busy
+        block_d = max(1, min(triton.next_power_of_2(heads), TILE // (2 * block_n)))
+        while block_d > 1 and batch * groups * triton.cdiv(heads, block_d) < SEQUENTIAL_PROGRAMS:
+            block_d //= 2
+        chunk = max(2, min(SEQUENTIAL_CHUNK, TILE // (block_n * block_d), triton.next_power_of_2(length)))
     warps = WARPS or (4 if block_d * block_n * chunk <= 2048 else 8)
-    return dict(heads=heads, block_d=block_d, block_n=block_n, chunk=chunk, warps=warps,
+    return dict(heads=heads, block_d=block_d, block_n=block_n, chunk=chunk, warps=warps, layout=layout,
                 n_blocks=triton.cdiv(heads, block_d), n_chunks=triton.cdiv(length, chunk))
 
 
@@ -345,65 +475,79 @@ class _TritonSelectiveScan(torch.autograd.Function):
         batch, dim, length = u.shape
         B4, C4 = as_grouped(B).contiguous(), as_grouped(C).contiguous()
         groups, state = B4.shape[1], B4.shape[2]
-        s = _launch_shape(dim, groups, state, length)
+        s = _launch_shape(batch, dim, groups, state, length, LAYOUT)
         u, delta = u.contiguous(), delta.contiguous()
         z = z.contiguous() if z is not None else None
         A32 = A.float().contiguous()
         D32 = D.float().contiguous() if D is not None else None
         bias32 = delta_bias.float().contiguous() if delta_bias is not None else None
         dummy = A32  # never read: the HAS_* flags switch its loads off
-        grid = (batch * groups, s["n_blocks"], s["n_chunks"])
         common = dict(HAS_BIAS=bias32 is not None, SOFTPLUS=bool(delta_softplus), T=s["chunk"],
                       BLOCK_D=s["block_d"], BLOCK_N=s["block_n"], num_warps=s["warps"])
         f32 = dict(dtype=torch.float32, device=u.device)
-        ends, decays = torch.empty(2, batch, dim, s["n_chunks"], state, **f32)  # one allocation, two views
         bias_arg = bias32 if bias32 is not None else dummy
-        _forward_chunk_summary_kernel[grid](u, delta, A32, B4, bias_arg, ends, decays,
-                                            dim, length, groups, s["heads"], state, s["n_chunks"], **common)
-        starts, last = _carry(decays, ends, None, False, s["block_n"])
         out = torch.empty_like(u)
-        _forward_output_kernel[grid](u, delta, A32, B4, C4, D32 if D32 is not None else dummy,
-                                     z if z is not None else dummy, bias_arg, starts, out,
-                                     dim, length, groups, s["heads"], state, s["n_chunks"],
-                                     HAS_D=D32 is not None, HAS_Z=z is not None, **common)
+        operands = (u, delta, A32, B4, C4, D32 if D32 is not None else dummy, z if z is not None else dummy,
+                    bias_arg)
+        flags = dict(HAS_D=D32 is not None, HAS_Z=z is not None, **common)
+        if s["layout"] == "sequential":
+            starts = torch.empty(batch, dim, s["n_chunks"], state, **f32)
+            last = torch.empty(batch, dim, state, **f32)
+            _sequential_forward_kernel[(batch * groups, s["n_blocks"])](
+                *operands, starts, out, last, dim, length, groups, s["heads"], state, s["n_chunks"], **flags)
+        else:
+            grid = (batch * groups, s["n_blocks"], s["n_chunks"])
+            ends, decays = torch.empty(2, batch, dim, s["n_chunks"], state, **f32)  # one allocation, two views
+            _forward_chunk_summary_kernel[grid](u, delta, A32, B4, bias_arg, ends, decays,
+                                                dim, length, groups, s["heads"], state, s["n_chunks"], **common)
+            starts, last = _carry(decays, ends, None, False, s["block_n"])
+            _forward_output_kernel[grid](*operands, starts, out,
+                                         dim, length, groups, s["heads"], state, s["n_chunks"], **flags)
         ctx.save_for_backward(u, delta, A32, B4, C4, D32, z, bias32, starts)
         ctx.set_materialize_grads(False)  # an unused last state then costs no zero tensor in backward
         ctx.meta = (B.dim(), A.dtype, B.dtype, C.dtype, None if D is None else D.dtype,
-                    None if delta_bias is None else delta_bias.dtype, bool(delta_softplus))
+                    None if delta_bias is None else delta_bias.dtype, bool(delta_softplus), s)
         return out, last
 
     @staticmethod
     def backward(ctx, dout, dlast):
         u, delta, A32, B4, C4, D32, z, bias32, starts = ctx.saved_tensors
-        b_ndim, a_dtype, b_dtype, c_dtype, d_dtype, bias_dtype, softplus = ctx.meta
+        b_ndim, a_dtype, b_dtype, c_dtype, d_dtype, bias_dtype, softplus, s = ctx.meta
         batch, dim, length = u.shape
         groups, state = B4.shape[1], B4.shape[2]
-        s = _launch_shape(dim, groups, state, length)
         n_chunks, n_blocks = s["n_chunks"], s["n_blocks"]
         dout = dout.contiguous() if dout is not None else torch.zeros_like(u)
         dummy = A32
         f32 = dict(dtype=torch.float32, device=u.device)
-        grid = (batch * groups, n_blocks, n_chunks)
         flags = dict(HAS_Z=z is not None, HAS_BIAS=bias32 is not None, SOFTPLUS=softplus, T=s["chunk"],
                      BLOCK_D=s["block_d"], BLOCK_N=s["block_n"], num_warps=s["warps"])
         z_arg, bias_arg = (z if z is not None else dummy), (bias32 if bias32 is not None else dummy)
-        ends, decays = torch.empty(2, batch, dim, n_chunks, state, **f32)
-        _backward_chunk_summary_kernel[grid](delta, A32, C4, z_arg, bias_arg, dout, ends, decays,
-                                             dim, length, groups, s["heads"], state, n_chunks, **flags)
         init = dlast.float().contiguous() if dlast is not None else None
-        lam_ends, _ = _carry(decays, ends, init, True, s["block_n"])
         # Few host-side operations: at 16k steps the GPU work is short enough for launch overhead to
         # count, so the outputs share allocations and the partial sums share reductions.
         grads = torch.empty(2 if z is None else 3, batch, dim, length, **f32)
         du, ddelta, dz = grads[0], grads[1], (None if z is None else grads[2])
-        # per (batch, chunk): dA (dim x state), dD (dim), d delta_bias (dim), summed over batch and chunks at once
-        chunk_part = torch.empty(batch, n_chunks, dim * (state + 2), **f32)
         # per channel block: dB and dC, summed over blocks at once
         db_part, dc_part = bc_part = torch.empty(2, batch, groups, n_blocks, state, length, **f32)
-        _backward_gradient_kernel[grid](
-            u, delta, A32, B4, C4, D32 if D32 is not None else dummy, z_arg, bias_arg, dout, starts, lam_ends,
-            du, ddelta, dz if dz is not None else dummy, chunk_part, db_part, dc_part,
-            dim, length, groups, s["heads"], state, n_chunks, n_blocks, HAS_D=D32 is not None, **flags)
+        operands = (u, delta, A32, B4, C4, D32 if D32 is not None else dummy, z_arg, bias_arg, dout, starts)
+        outputs = (du, ddelta, dz if dz is not None else dummy)
+        sizes = (dim, length, groups, s["heads"], state, n_chunks, n_blocks)
+        if s["layout"] == "sequential":
+            # per batch element: dA (dim x state), dD (dim), d delta_bias (dim), summed over the batch at once
+            chunk_part = torch.empty(batch, 1, dim * (state + 2), **f32)
+            _sequential_backward_kernel[(batch * groups, n_blocks)](
+                *operands, init if init is not None else dummy, *outputs, chunk_part, db_part, dc_part, *sizes,
+                HAS_D=D32 is not None, HAS_INIT=init is not None, **flags)
+        else:
+            grid = (batch * groups, n_blocks, n_chunks)
+            ends, decays = torch.empty(2, batch, dim, n_chunks, state, **f32)
+            _backward_chunk_summary_kernel[grid](delta, A32, C4, z_arg, bias_arg, dout, ends, decays,
+                                                 dim, length, groups, s["heads"], state, n_chunks, **flags)
+            lam_ends, _ = _carry(decays, ends, init, True, s["block_n"])
+            # per (batch, chunk): dA (dim x state), dD (dim), d delta_bias (dim), summed over batch and chunks
+            chunk_part = torch.empty(batch, n_chunks, dim * (state + 2), **f32)
+            _backward_gradient_kernel[grid](*operands, lam_ends, *outputs, chunk_part, db_part, dc_part, *sizes,
+                                            HAS_D=D32 is not None, **flags)
         dB, dC = bc_part.sum(3)
         if b_ndim == 3:
             dB, dC = dB.squeeze(1), dC.squeeze(1)

@@ -1,0 +1,123 @@
+"""Registers, spills and occupancy of the Triton scan kernels, compiled for a GPU on a machine without one.
+
+    python benchmarks/triton_resources.py                                   # the default sizes, both layouts
+    python benchmarks/triton_resources.py --configs 64x4096x16 seq128x2048x16 --arch 90
+
+Triton compiles a kernel down to the GPU's machine code without a device; ``ptxas -v`` (shipped with
+Triton) reports what each kernel uses per thread. A kernel whose registers allow few warps per
+multiprocessor hides memory latency badly, and spills go to local memory: both show here before any
+GPU time is spent, so a tuning sweep on a lent GPU can start from the promising sizes. Configurations
+are ``bench_scan.py --triton-tiles`` strings ("[seq]CHUNKxTILE[xWARPS]"; "default": the module's sizes).
+Shapes default to bench_scan's (batch 2, dim 64, state 16, 16 384 steps).
+"""
+from __future__ import annotations
+
+import argparse
+import inspect
+import os
+import re
+import subprocess
+import sys
+import tempfile
+
+from bench_scan import BATCH, DIM, STATE, configure_triton
+
+#: registers per multiprocessor and the most resident warps (sm_80 / sm_90)
+REGISTERS_PER_SM, MAX_WARPS_PER_SM = 65536, 64
+FLAGS = dict(HAS_D=True, HAS_Z=True, HAS_BIAS=True, SOFTPLUS=True)
+
+
+def _kernels(tk, layout: str) -> dict:
+    """name -> (kernel, its constexpr flags) of one layout (D, z, delta_bias and softplus on)."""
+    if layout == "sequential":
+        return {"forward": (tk._sequential_forward_kernel, FLAGS),
+                "backward": (tk._sequential_backward_kernel, {**FLAGS, "HAS_INIT": False})}
+    no_dz = {k: v for k, v in FLAGS.items() if k not in ("HAS_D", "HAS_Z")}
+    return {"forward summary": (tk._forward_chunk_summary_kernel, no_dz),
+            "forward output": (tk._forward_output_kernel, FLAGS),
+            "backward summary": (tk._backward_chunk_summary_kernel,
+                                 {k: v for k, v in FLAGS.items() if k != "HAS_D"}),
+            "backward gradient": (tk._backward_gradient_kernel, FLAGS)}
+
+
+def kernel_resources(kernel, constexprs: dict, warps: int, arch: int) -> dict:
+    """Compile ``kernel`` (every pointer fp32, every other runtime argument i32) for ``sm_<arch>``; its
+    registers per thread, spill bytes (stores), static shared memory (bytes) and warps per multiprocessor."""
+    import triton
+    from triton.backends.compiler import GPUTarget
+    from triton.backends.nvidia.compiler import get_ptxas
+    from triton.compiler import ASTSource
+
+    names = list(inspect.signature(kernel.fn).parameters)
+    signature = {n: "constexpr" if n in constexprs else "*fp32" if n.endswith("_ptr") else "i32" for n in names}
+    source = ASTSource(kernel, signature, constexprs={(names.index(k),): v for k, v in constexprs.items()})
+    compiled = triton.compile(source, target=GPUTarget("cuda", arch, 32), options={"num_warps": warps})
+    with tempfile.TemporaryDirectory() as tmp:
+        ptx = os.path.join(tmp, "kernel.ptx")
+        with open(ptx, "w") as f:
+            f.write(compiled.asm["ptx"])
+        suffix = "a" if arch >= 90 else ""
+        report = subprocess.run([get_ptxas(arch).path, f"--gpu-name=sm_{arch}{suffix}", "-v", ptx, "-o",
+                                 os.path.join(tmp, "kernel.cubin")], capture_output=True, text=True)
+    text = report.stdout + report.stderr
+    registers = re.search(r"Used (\d+) registers", text)
+    if report.returncode != 0 or registers is None:
+        raise RuntimeError(f"ptxas could not assemble {kernel.fn.__name__}: {text[-500:]}")
+    regs = int(registers.group(1))
+    spills = sum(int(v) for v in re.findall(r"(\d+) bytes spill stores", text))
+    per_warp = -(-regs * 32 // 256) * 256                     # registers are allocated per warp, 256 at a time
+    blocks = REGISTERS_PER_SM // (per_warp * warps)
+    return {"registers": regs, "spill_bytes": spills, "shared_bytes": compiled.metadata.shared,
+            "warps_per_sm": min(MAX_WARPS_PER_SM, blocks * warps)}
+
+
+def resources(config: str, batch: int, dim: int, groups: int, state: int, length: int, arch: int) -> list[dict]:
+    """One row per kernel of ``config`` at the given scan shape."""
+    import nnunet_logmamba.ssm.triton_kernel as tk
+    if config != "default":
+        configure_triton(config)
+    s = tk._launch_shape(batch, dim, groups, state, length, tk.LAYOUT)
+    sizes = dict(T=s["chunk"], BLOCK_D=s["block_d"], BLOCK_N=s["block_n"])
+    programs = batch * groups * s["n_blocks"] * (s["n_chunks"] if s["layout"] == "parallel" else 1)
+    return [{"config": config, "layout": s["layout"], "kernel": name, "chunk": s["chunk"], "block_d": s["block_d"],
+             "warps": s["warps"], "programs": programs,
+             **kernel_resources(kernel, {**flags, **sizes}, s["warps"], arch)}
+            for name, (kernel, flags) in _kernels(tk, s["layout"]).items()]
+
+
+def main(argv=None) -> None:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+    parser.add_argument("--configs", nargs="+", default=["default", "seq256x4096"])
+    parser.add_argument("--shape", type=int, nargs=5, default=[BATCH, DIM, 1, STATE, 16384],
+                        metavar=("BATCH", "DIM", "GROUPS", "STATE", "LENGTH"))
+    parser.add_argument("--arch", type=int, default=90, help="compute capability x 10 (90: H100/H200)")
+    parser.add_argument("--worker", help=argparse.SUPPRESS)
+    args = parser.parse_args(argv)
+    try:
+        import triton  # noqa: F401
+    except ImportError as exc:
+        sys.exit(f"triton does not import ({exc}); it comes with torch's CUDA wheels")
+    if os.environ.get("TRITON_INTERPRET", "") not in ("", "0"):
+        sys.exit("unset TRITON_INTERPRET: the interpreter does not compile kernels")
+    if args.worker:  # one configuration per process: the module's sizes are globals
+        import json
+        print(json.dumps(resources(args.worker, *args.shape, args.arch)))
+        return
+    import json
+    print(f"Shape batch {args.shape[0]}, dim {args.shape[1]}, groups {args.shape[2]}, state {args.shape[3]}, "
+          f"length {args.shape[4]}; sm_{args.arch}\n")
+    print("| config | layout | kernel | chunk | channels per program | warps | programs | registers | "
+          "spill bytes | warps per SM |\n|---|---|---|---|---|---|---|---|---|---|")
+    for config in args.configs:
+        done = subprocess.run([sys.executable, __file__, "--worker", config, "--arch", str(args.arch),
+                               "--shape", *map(str, args.shape)], capture_output=True, text=True)
+        if done.returncode != 0:
+            print(f"| {config} | failed: {done.stderr.strip().splitlines()[-1] if done.stderr.strip() else '?'} |")
+            continue
+        for r in json.loads(done.stdout.strip().splitlines()[-1]):
+            print(f"| {r['config']} | {r['layout']} | {r['kernel']} | {r['chunk']} | {r['block_d']} | {r['warps']} | "
+                  f"{r['programs']} | {r['registers']} | {r['spill_bytes']} | {r['warps_per_sm']} |", flush=True)
+
+
+if __name__ == "__main__":
+    main()
