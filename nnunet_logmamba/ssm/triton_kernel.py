@@ -317,16 +317,8 @@ if triton is not None:
                                                  t, mask_d, mask_n, offs_n, length, state, HAS_BIAS, SOFTPLUS)
         cum_decay, h = tl.associative_scan((decay, drive), 2, _linear_combine)
         h = h + cum_decay * h0[:, :, None]
-        # adjoint states lambda_t = dL/dh_t, scanned from the chunk's end (reversed loads), then flipped back
-        t_rev = pid_c * T + (T - 1 - tl.arange(0, T))
-        adj_decay, adj_drive = _adjoint_inputs(delta_ptr, a_ptr, c_ptr, z_ptr, bias_ptr, dout_ptr, rows, chans,
-                                               bc_rows, t_rev, mask_d, mask_n, offs_n, length, state,
-                                               HAS_Z, HAS_BIAS, SOFTPLUS)
-        cum_adj, lam_rev = tl.associative_scan((adj_decay, adj_drive), 2, _linear_combine)
-        lam_rev = lam_rev + cum_adj * lam_end[:, :, None]
-        lam_first = _last_along_time(lam_rev, T)
-        lam = tl.flip(lam_rev, 2)
-        lam = tl.where(valid_t[None, None, :], lam, 0.0)
+        # Everything that needs the states themselves first, so that only h_t - dt u B stays live (in
+        # registers) through the adjoint scan: fewer registers per thread, more warps per multiprocessor.
         c = tl.load(c_ptr + bc_rows[:, None] + t[None, :], mask=mask_n[:, None] & valid_t[None, :],
                     other=0.0).to(tl.float32)
         dout = tl.load(dout_ptr + rows[:, None] + t[None, :], mask=valid, other=0.0).to(tl.float32)
@@ -342,9 +334,25 @@ if triton is not None:
             dy = dout * z * sig
         else:
             dy = dout
+        # channel-block partial sums of dB_t = sum_d lambda dt u and dC_t = sum_d dy h, (batch, groups, blocks, N, L)
+        part = ((pid_bg * n_blocks + pid_h) * state + offs_n)[:, None] * length + t[None, :]
+        mask_nt = mask_n[:, None] & valid_t[None, :]
+        tl.store(dc_part_ptr + part, tl.sum(h * dy[:, None, :], axis=0), mask=mask_nt)
         # exp(dt A) h_{t-1} = h_t - dt u B: the gradient of the decay's exponent needs no shifted state
-        g_exponent = lam * (h - drive)                        # dL/d(dt_t A)
+        decayed = h - drive
+        # adjoint states lambda_t = dL/dh_t, scanned from the chunk's end (reversed loads), then flipped back
+        t_rev = pid_c * T + (T - 1 - tl.arange(0, T))
+        adj_decay, adj_drive = _adjoint_inputs(delta_ptr, a_ptr, c_ptr, z_ptr, bias_ptr, dout_ptr, rows, chans,
+                                               bc_rows, t_rev, mask_d, mask_n, offs_n, length, state,
+                                               HAS_Z, HAS_BIAS, SOFTPLUS)
+        cum_adj, lam_rev = tl.associative_scan((adj_decay, adj_drive), 2, _linear_combine)
+        lam_rev = lam_rev + cum_adj * lam_end[:, :, None]
+        lam_first = _last_along_time(lam_rev, T)
+        lam = tl.flip(lam_rev, 2)
+        lam = tl.where(valid_t[None, None, :], lam, 0.0)
+        g_exponent = lam * decayed                            # dL/d(dt_t A)
         lam_b = tl.sum(lam * b[None, :, :], axis=1)           # sum_n lambda B
+        tl.store(db_part_ptr + part, tl.sum(lam * (dt * u)[:, None, :], axis=0), mask=mask_nt)
         g_u = lam_b * dt
         g_dt = lam_b * u + tl.sum(g_exponent * a[:, :, None], axis=1)
         d_d = tl.zeros([u.shape[0]], dtype=tl.float32)
@@ -359,11 +367,6 @@ if triton is not None:
         g_dt = tl.where(valid, g_dt, 0.0)
         tl.store(du_ptr + rows[:, None] + t[None, :], g_u, mask=valid)
         tl.store(ddelta_ptr + rows[:, None] + t[None, :], g_dt, mask=valid)
-        # channel-block partial sums of dB_t = sum_d lambda dt u and dC_t = sum_d dy h, (batch, groups, blocks, N, L)
-        part = ((pid_bg * n_blocks + pid_h) * state + offs_n)[:, None] * length + t[None, :]
-        mask_nt = mask_n[:, None] & valid_t[None, :]
-        tl.store(db_part_ptr + part, tl.sum(lam * (dt * u)[:, None, :], axis=0), mask=mask_nt)
-        tl.store(dc_part_ptr + part, tl.sum(h * dy[:, None, :], axis=0), mask=mask_nt)
         return tl.sum(g_exponent * dt[:, None, :], axis=2), d_d, tl.sum(g_dt, axis=1), lam_first
 
     @triton.jit
