@@ -57,7 +57,12 @@ def configure_triton(tiles: str) -> None:
     warps; the "seq" prefix selects the sequential layout (one program walks its chunks in order)."""
     import nnunet_logmamba.ssm.triton_kernel as tk
     sequential = tiles.startswith("seq")
-    sizes = [int(v) for v in tiles.removeprefix("seq").split("x")]
+    try:
+        sizes = [int(v) for v in tiles.removeprefix("seq").split("x")]
+    except ValueError:
+        sizes = []
+    if not 2 <= len(sizes) <= 3:
+        raise ValueError(f"triton sizes {tiles!r}: expected [seq]CHUNKxTILE[xWARPS], e.g. 64x4096 or seq128x2048x16")
     tk.LAYOUT = "sequential" if sequential else "parallel"
     if sequential:
         tk.SEQUENTIAL_CHUNK = sizes[0]
@@ -114,7 +119,7 @@ def main() -> None:
     parser.add_argument("--repeats", type=int, default=5)
     parser.add_argument("--lengths", type=int, nargs="+", default=[4096, 32768],
                         help="on CUDA the issue's comparison is --lengths 4096 16384 32768 (+ --long 65536)")
-    parser.add_argument("--long", type=int, default=65536, help="length measured for the fast backends only")
+    parser.add_argument("--long", type=int, default=65536, help="length measured for the fast backends only (0: none)")
     parser.add_argument("--backends", nargs="+", default=None,
                         help="only these backends (default: every one available on the device)")
     parser.add_argument("--triton-tiles", nargs="+", default=[],
@@ -135,11 +140,11 @@ def main() -> None:
     devices = [d for d in devices if d == "cpu" or torch.cuda.is_available()]
     print(f"selective scan, forward+backward, batch {BATCH}, dim {DIM}, state {STATE}; "
           f"torch {torch.__version__}, {torch.get_num_threads()} CPU threads")
-    print(f"{'device':6} {'length':>7} {'backend':18} {'time (ms)':>10} {'peak (MB)':>10} "
+    print(f"{'device':6} {'length':>7} {'backend':24} {'time (ms)':>10} {'peak (MB)':>10} "
           f"{'speed-up vs ref':>16} {'speed-up vs torch':>18} {'time / mamba_ssm':>17}")
     for device in devices:
         backends = [b for b in available_backends(device) if args.backends is None or b in args.backends]
-        for length in args.lengths + [args.long]:
+        for length in args.lengths + ([args.long] if args.long else []):
             rows = {}
             for backend in backends:
                 if backend == "reference" and length == args.long:
@@ -155,7 +160,7 @@ def main() -> None:
                 speedup = f"{ref['seconds'] / r['seconds']:.1f}x" if ref else "-"
                 vs_torch = f"{chunked['seconds'] / r['seconds']:.2f}x" if chunked else "-"
                 vs_kernel = f"{r['seconds'] / kernel['seconds']:.2f}x" if kernel else "-"
-                print(f"{device:6} {length:7d} {backend:18} {r['seconds'] * 1e3:10.1f} {r['peak_mb']:10.0f} "
+                print(f"{device:6} {length:7d} {backend:24} {r['seconds'] * 1e3:10.1f} {r['peak_mb']:10.0f} "
                       f"{speedup:>16} {vs_torch:>18} {vs_kernel:>17}", flush=True)
 
 

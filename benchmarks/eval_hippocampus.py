@@ -11,7 +11,7 @@ Steps (all with the stock nnU-Net commands, in a work folder outside the reposit
     python benchmarks/eval_hippocampus.py                         # fold 0, table -> benchmarks/results/hippocampus_cpu.md
     python benchmarks/eval_hippocampus.py --folds 0 1 --parallel 2 # two folds, two trainings at a time
     python benchmarks/eval_hippocampus.py --prepare-only          # only steps 1-2 (plans for bench_network.py)
-    python benchmarks/eval_hippocampus.py --plot results/hippocampus_gpu.md   # the curves of a table as a PNG
+    python benchmarks/eval_hippocampus.py --plot benchmarks/results/hippocampus_gpu.md   # a table's curves as a PNG
 """
 from __future__ import annotations
 
@@ -242,9 +242,13 @@ def plot_learning_curves(rows: list[dict], path: str, title: str = "") -> str:
         fig.suptitle(title)
     fig.tight_layout()
     tmp = path + ".tmp.png"
-    fig.savefig(tmp, dpi=90)
-    plt.close(fig)
-    os.replace(tmp, path)
+    try:
+        fig.savefig(tmp, dpi=90)
+        os.replace(tmp, path)
+    finally:
+        plt.close(fig)
+        if os.path.exists(tmp):
+            os.remove(tmp)
     return path
 
 

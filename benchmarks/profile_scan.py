@@ -3,10 +3,10 @@
     python benchmarks/profile_scan.py --device cuda --length 16384 --backends triton mamba_ssm
     python benchmarks/profile_scan.py --device cuda --backends "triton[seq256x4096]"   # layout and sizes
 
-For each backend (in its own process, the shapes of ``bench_scan.py``), ``repeats`` steps run under
-torch's profiler after a warm-up. Per step it prints the wall time, the time the device spent in
-kernels (sum of kernel durations), how many kernels were launched, and the kernels by their share of
-the device time. Wall time well above the kernel time means the step is bound by host work (Python,
+For each backend (in its own process, the shapes of ``bench_scan.py``), ``repeats`` steps are timed
+after a warm-up, then ``repeats`` more run under torch's profiler. Per step it prints the wall time
+(median, measured without the profiler), the time the device spent in kernels (sum of kernel
+durations), how many kernels were launched, and the kernels by their share of the device time. Wall time well above the kernel time means the step is bound by host work (Python,
 launches, allocations), which faster kernels cannot fix; the reverse means the kernels are the cost.
 On a CPU it lists torch operators by self CPU time instead.
 """
@@ -34,12 +34,14 @@ def profile(backend: str, length: int, device: str, repeats: int, top: int) -> d
     for _ in range(2):           # compilation and autotuning stay out of the profile
         step()
     walls = []
+    for _ in range(repeats):     # wall time without the profiler, whose own overhead is host time
+        t0 = time.perf_counter()
+        step()
+        walls.append(time.perf_counter() - t0)
     activities = [ProfilerActivity.CPU] + ([ProfilerActivity.CUDA] if dev.type == "cuda" else [])
     with torch_profile(activities=activities) as prof:
         for _ in range(repeats):
-            t0 = time.perf_counter()
             step()
-            walls.append(time.perf_counter() - t0)
     on_device = dev.type == "cuda"
     rows = []
     for avg in prof.key_averages():

@@ -3,8 +3,8 @@
     python benchmarks/triton_resources.py                                   # the default sizes, both layouts
     python benchmarks/triton_resources.py --configs 64x4096x16 seq128x2048x16 --arch 90
 
-Triton compiles a kernel down to the GPU's machine code without a device; ``ptxas -v`` (shipped with
-Triton) reports what each kernel uses per thread. A kernel whose registers allow few warps per
+Triton compiles a kernel down to the GPU's machine code without a device, specialised as a launch would
+specialise it; ``cuobjdump`` (shipped with Triton) reads what each kernel uses per thread. A kernel whose registers allow few warps per
 multiprocessor hides memory latency badly, and spills go to local memory: both show here before any
 GPU time is spent, so a tuning sweep on a lent GPU can start from the promising sizes. Configurations
 are ``bench_scan.py --triton-tiles`` strings ("[seq]CHUNKxTILE[xWARPS]"; "default": the module's sizes).
@@ -22,8 +22,8 @@ import tempfile
 
 from bench_scan import BATCH, DIM, STATE, configure_triton
 
-#: registers per multiprocessor and the most resident warps (sm_80 / sm_90)
-REGISTERS_PER_SM, MAX_WARPS_PER_SM = 65536, 64
+#: per multiprocessor of an H100/H200 (sm_90): registers, shared memory (bytes), resident warps and programs
+REGISTERS_PER_SM, SHARED_PER_SM, MAX_WARPS_PER_SM, MAX_BLOCKS_PER_SM = 65536, 228 * 1024, 64, 32
 FLAGS = dict(HAS_D=True, HAS_Z=True, HAS_BIAS=True, SOFTPLUS=True)
 
 
@@ -40,34 +40,36 @@ def _kernels(tk, layout: str) -> dict:
             "backward gradient": (tk._backward_gradient_kernel, FLAGS)}
 
 
-def kernel_resources(kernel, constexprs: dict, warps: int, arch: int) -> dict:
-    """Compile ``kernel`` (every pointer fp32, every other runtime argument i32) for ``sm_<arch>``; its
-    registers per thread, spill bytes (stores), static shared memory (bytes) and warps per multiprocessor."""
+def kernel_resources(kernel, constexprs: dict, ints: dict, warps: int, arch: int) -> dict:
+    """Compile ``kernel`` for ``sm_<arch>`` the way a launch would: fp32 pointers aligned to 16 bytes, integer
+    arguments from ``ints`` (equal to 1: compiled in as a constant; divisible by 16: marked so), the rest
+    i32. Returns Triton's own machine code's registers per thread, stack bytes per thread (spills), shared
+    memory per program (bytes) and the warps a multiprocessor can hold."""
     import triton
     from triton.backends.compiler import GPUTarget
-    from triton.backends.nvidia.compiler import get_ptxas
     from triton.compiler import ASTSource
 
     names = list(inspect.signature(kernel.fn).parameters)
+    constexprs = {**constexprs, **{n: 1 for n, v in ints.items() if v == 1 and n in names}}
     signature = {n: "constexpr" if n in constexprs else "*fp32" if n.endswith("_ptr") else "i32" for n in names}
-    source = ASTSource(kernel, signature, constexprs={(names.index(k),): v for k, v in constexprs.items()})
+    aligned = [n for n in names if n.endswith("_ptr") or (n not in constexprs and ints.get(n, 1) % 16 == 0)]
+    source = ASTSource(kernel, signature, constexprs={(names.index(k),): v for k, v in constexprs.items()},
+                       attrs={(names.index(n),): [["tt.divisibility", 16]] for n in aligned})
     compiled = triton.compile(source, target=GPUTarget("cuda", arch, 32), options={"num_warps": warps})
+    cuobjdump = os.path.join(os.path.dirname(triton.__file__), "backends", "nvidia", "bin", "cuobjdump")
     with tempfile.TemporaryDirectory() as tmp:
-        ptx = os.path.join(tmp, "kernel.ptx")
-        with open(ptx, "w") as f:
-            f.write(compiled.asm["ptx"])
-        suffix = "a" if arch >= 90 else ""
-        report = subprocess.run([get_ptxas(arch).path, f"--gpu-name=sm_{arch}{suffix}", "-v", ptx, "-o",
-                                 os.path.join(tmp, "kernel.cubin")], capture_output=True, text=True)
-    text = report.stdout + report.stderr
-    registers = re.search(r"Used (\d+) registers", text)
-    if report.returncode != 0 or registers is None:
-        raise RuntimeError(f"ptxas could not assemble {kernel.fn.__name__}: {text[-500:]}")
-    regs = int(registers.group(1))
-    spills = sum(int(v) for v in re.findall(r"(\d+) bytes spill stores", text))
+        cubin = os.path.join(tmp, "kernel.cubin")
+        with open(cubin, "wb") as f:
+            f.write(compiled.asm["cubin"])
+        report = subprocess.run([cuobjdump, "-res-usage", cubin], capture_output=True, text=True)
+    usage = re.search(r"REG:(\d+) STACK:(\d+) SHARED:(\d+)", report.stdout)
+    if report.returncode != 0 or usage is None:
+        raise RuntimeError(f"cuobjdump could not read {kernel.fn.__name__}: {report.stderr[-500:]}")
+    regs, stack, static_shared = (int(v) for v in usage.groups())
+    shared = static_shared + compiled.metadata.shared         # Triton's own shared memory is requested at launch
     per_warp = -(-regs * 32 // 256) * 256                     # registers are allocated per warp, 256 at a time
-    blocks = REGISTERS_PER_SM // (per_warp * warps)
-    return {"registers": regs, "spill_bytes": spills, "shared_bytes": compiled.metadata.shared,
+    blocks = min(REGISTERS_PER_SM // (per_warp * warps), SHARED_PER_SM // max(shared, 1), MAX_BLOCKS_PER_SM)
+    return {"registers": regs, "stack_bytes": stack, "shared_bytes": shared,
             "warps_per_sm": min(MAX_WARPS_PER_SM, blocks * warps)}
 
 
@@ -78,10 +80,12 @@ def resources(config: str, batch: int, dim: int, groups: int, state: int, length
         configure_triton(config)
     s = tk._launch_shape(batch, dim, groups, state, length, tk.LAYOUT)
     sizes = dict(T=s["chunk"], BLOCK_D=s["block_d"], BLOCK_N=s["block_n"])
+    ints = dict(dim=dim, length=length, groups=groups, heads=s["heads"], state=state, n_chunks=s["n_chunks"],
+                n_blocks=s["n_blocks"])
     programs = batch * groups * s["n_blocks"] * (s["n_chunks"] if s["layout"] == "parallel" else 1)
     return [{"config": config, "layout": s["layout"], "kernel": name, "chunk": s["chunk"], "block_d": s["block_d"],
              "warps": s["warps"], "programs": programs,
-             **kernel_resources(kernel, {**flags, **sizes}, s["warps"], arch)}
+             **kernel_resources(kernel, {**flags, **sizes}, ints, s["warps"], arch)}
             for name, (kernel, flags) in _kernels(tk, s["layout"]).items()]
 
 
@@ -107,7 +111,7 @@ def main(argv=None) -> None:
     print(f"Shape batch {args.shape[0]}, dim {args.shape[1]}, groups {args.shape[2]}, state {args.shape[3]}, "
           f"length {args.shape[4]}; sm_{args.arch}\n")
     print("| config | layout | kernel | chunk | channels per program | warps | programs | registers | "
-          "spill bytes | warps per SM |\n|---|---|---|---|---|---|---|---|---|---|")
+          "stack (spill) bytes | shared bytes | warps per SM |\n|---|---|---|---|---|---|---|---|---|---|---|")
     for config in args.configs:
         done = subprocess.run([sys.executable, __file__, "--worker", config, "--arch", str(args.arch),
                                "--shape", *map(str, args.shape)], capture_output=True, text=True)
@@ -116,7 +120,8 @@ def main(argv=None) -> None:
             continue
         for r in json.loads(done.stdout.strip().splitlines()[-1]):
             print(f"| {r['config']} | {r['layout']} | {r['kernel']} | {r['chunk']} | {r['block_d']} | {r['warps']} | "
-                  f"{r['programs']} | {r['registers']} | {r['spill_bytes']} | {r['warps_per_sm']} |", flush=True)
+                  f"{r['programs']} | {r['registers']} | {r['stack_bytes']} | {r['shared_bytes']} | "
+                  f"{r['warps_per_sm']} |", flush=True)
 
 
 if __name__ == "__main__":

@@ -73,3 +73,6 @@ def test_triton_sizes_and_layout_from_the_tuning_string(monkeypatch):
     assert (tk.LAYOUT, tk.SEQUENTIAL_CHUNK, tk.TILE, tk.WARPS) == ("sequential", 128, 2048, 4)
     bench_scan.configure_triton("32x4096")
     assert (tk.LAYOUT, tk.CHUNK, tk.TILE, tk.WARPS) == ("parallel", 32, 4096, None)
+    for bad in ("seq256", "64x4096x8x2", "64xlots"):
+        with pytest.raises(ValueError, match=r"\[seq\]CHUNKxTILE\[xWARPS\]"):
+            bench_scan.configure_triton(bad)

@@ -3,8 +3,9 @@
 The kernels run on CPU tensors under ``TRITON_INTERPRET=1``, which must be set before triton is first
 imported, so the cases run in one fresh interpreter process (module fixture) and each test reads its
 case's errors. The chunk length is cut to 4 there, so that lengths 7 and 130 cross many of the chunk
-boundaries whose saved states the backward pass starts from. Both layouts of the kernels run every case:
-chunks in parallel joined by a scan of their summaries, and chunks walked in order by one program. On a GPU, ``test_cuda_*`` run the same
+boundaries whose saved states the backward pass starts from. Both layouts of the kernels run every
+case: chunks in parallel joined by a scan of their summaries, and chunks walked in order by one
+program. On a GPU, ``test_cuda_*`` run the same
 comparison on the device.
 """
 import json
@@ -48,6 +49,23 @@ CHECKER = textwrap.dedent('''
     # case), "sequential_narrow" narrows them to one channel per program
     LAYOUTS = {"parallel": ("parallel", 1), "sequential": ("sequential", 1),
                "sequential_narrow": ("sequential", 10 ** 6)}
+    # which kernels ran and with how many channels per program: a layout that silently fell back to the
+    # other one would otherwise pass every comparison
+    launched, shapes = set(), []
+
+    class Counted:
+        def __init__(self, name):
+            self.name, self.kernel = name, getattr(tk, name)
+
+        def __getitem__(self, grid):
+            launched.add(self.name)
+            return self.kernel[grid]
+
+    for kernel in ("_forward_output_kernel", "_backward_gradient_kernel", "_sequential_forward_kernel",
+                   "_sequential_backward_kernel"):
+        setattr(tk, kernel, Counted(kernel))
+    launch_shape = tk._launch_shape
+    tk._launch_shape = lambda *args: shapes.append(launch_shape(*args)) or shapes[-1]
 
     def run(case):
         name, batch, dim, length, state, groups, opt, dtype = case
@@ -80,8 +98,13 @@ CHECKER = textwrap.dedent('''
                 "finite": all(bool(torch.isfinite(v).all()) for k, v in tri.items() if k != "y_dtype")}
 
     results = {}
-    for layout, (tk.LAYOUT, tk.SEQUENTIAL_PROGRAMS) in LAYOUTS.items():
-        results.update({f"{layout}/{case[0]}": run(case) for case in json.loads(sys.argv[1])})
+    for layout, (kernel_layout, programs) in LAYOUTS.items():
+        tk.LAYOUT, tk.SEQUENTIAL_PROGRAMS = kernel_layout, programs
+        for case in json.loads(sys.argv[1]):
+            launched.clear(), shapes.clear()
+            result = run(case)
+            result.update(kernels=sorted(launched), channels_per_program=[s["block_d"] for s in shapes])
+            results[f"{layout}/{case[0]}"] = result
     print(json.dumps(results))
 ''')
 
@@ -110,6 +133,13 @@ def test_triton_kernels_match_the_reference_in_the_interpreter(case, layout, int
     # fp32 state and accumulation: fp32 inputs agree to rounding; half inputs to their own rounding
     tolerance = 1e-4 if dtype == "float32" else 2e-2
     assert max(result["errors"].values()) < tolerance, result["errors"]
+    sequential = layout.startswith("sequential")
+    assert result["kernels"] == (["_sequential_backward_kernel", "_sequential_forward_kernel"] if sequential
+                                 else ["_backward_gradient_kernel", "_forward_output_kernel"])
+    if layout == "sequential_narrow":
+        assert set(result["channels_per_program"]) == {1}
+    elif sequential:  # wide blocks: wider than the group's channels where those are odd, so some are masked
+        assert min(result["channels_per_program"]) > 1
 
 
 def test_triton_backend_says_clearly_why_it_cannot_run(monkeypatch):
@@ -150,10 +180,13 @@ def test_auto_prefers_mamba_ssm_then_triton_then_torch_on_cuda(monkeypatch, mamb
 @pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU")
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
 @pytest.mark.parametrize("length", [1, 7, 130, 4099])
-@pytest.mark.parametrize("layout", ["parallel", "sequential"])
+@pytest.mark.parametrize("layout", ["parallel", "sequential", "sequential_wide"])
 def test_cuda_triton_matches_the_torch_backend(length, dtype, layout, monkeypatch):
     import nnunet_logmamba.ssm.triton_kernel as tk
-    monkeypatch.setattr(tk, "LAYOUT", layout)
+    monkeypatch.setattr(tk, "LAYOUT", layout.removesuffix("_wide"))
+    if layout == "sequential_wide":  # 3 channels per group in blocks of 4: masked channels, compiled
+        monkeypatch.setattr(tk, "SEQUENTIAL_PROGRAMS", 1)
+    with_last = length != 130  # and once without: the backward without a last-state gradient
     g = torch.Generator().manual_seed(length)
     r = lambda *s: torch.randn(*s, generator=g).cuda()  # noqa: E731
     inputs = [r(2, 6, length).to(dtype), (0.5 * r(2, 6, length)).to(dtype), -(r(6, 16).abs() + 0.2),
@@ -161,10 +194,11 @@ def test_cuda_triton_matches_the_torch_backend(length, dtype, layout, monkeypatc
     found = []
     for backend in ("triton", "torch"):
         xs = [t.clone().requires_grad_() for t in inputs]
-        y, last = selective_scan(*xs[:5], D=xs[5], z=xs[6], delta_bias=xs[7], delta_softplus=True,
-                                 return_last_state=True, backend=backend)
-        (y.float().square().mean() + last.mean()).backward()
-        found.append([y.float(), last] + [x.grad.float() for x in xs])
+        out = selective_scan(*xs[:5], D=xs[5], z=xs[6], delta_bias=xs[7], delta_softplus=True,
+                             return_last_state=with_last, backend=backend)
+        y, last = out if with_last else (out, None)
+        (y.float().square().mean() + (last.mean() if with_last else 0)).backward()
+        found.append([y.float()] + ([last] if with_last else []) + [x.grad.float() for x in xs])
     # relative to each tensor's scale, with an absolute floor: at length 1 dA is exactly 0 in the torch backend
     # and ~1e-11 here (GPU FMA contraction), which a purely relative error would call 100 % wrong
     tolerance, floor = (1e-3, 1e-6) if dtype == torch.float32 else (3e-2, 1e-4)
@@ -173,23 +207,38 @@ def test_cuda_triton_matches_the_torch_backend(length, dtype, layout, monkeypatc
         assert float((a - b).abs().max()) <= tolerance * float(b.abs().max()) + floor
 
 
+COMPILER = textwrap.dedent('''
+    import json, sys
+    sys.path.insert(0, sys.argv[1])
+    import nnunet_logmamba.ssm.triton_kernel as tk
+    from triton_resources import kernel_resources, resources
+    rows = resources("default", 2, 64, 2, 16, 16384, 90) + resources("seq64x1024x8", 2, 64, 2, 16, 16384, 90)
+    # the other flag combinations of the sequential backward: no D, no z, no bias, a last-state gradient
+    sizes = dict(T=64, BLOCK_D=1, BLOCK_N=16, HAS_D=False, HAS_Z=False, HAS_BIAS=False, SOFTPLUS=False,
+                 HAS_INIT=True)
+    rows.append({"layout": "sequential", "kernel": "backward, bare, last state",
+                 **kernel_resources(tk._sequential_backward_kernel, sizes, dict(length=7, dim=3), 4, 90)})
+    print(json.dumps(rows))
+''')
+
+
 @pytest.mark.slow
 def test_triton_kernels_compile_for_a_gpu_without_one():
-    """Both layouts compile to sm_90 machine code here (the interpreter never compiles: a kernel that only
-    runs there could still fail on a GPU); benchmarks/triton_resources.py reports what each one uses."""
+    """Both layouts compile to sm_90 machine code here, with and without their optional inputs (the
+    interpreter never compiles: a kernel that only runs there could still fail on a GPU), and the default
+    sizes keep every kernel free of register spills (benchmarks/triton_resources.py measures them)."""
     pytest.importorskip("triton")
     from pathlib import Path
-    script = Path(__file__).resolve().parents[1] / "benchmarks" / "triton_resources.py"
+    benchmarks = Path(__file__).resolve().parents[1] / "benchmarks"
     env = {k: v for k, v in os.environ.items() if k != "TRITON_INTERPRET"}
-    done = subprocess.run([sys.executable, str(script), "--configs", "default", "seq256x4096", "--shape",
-                           "2", "64", "2", "16", "16384"], capture_output=True, text=True, env=env, timeout=900)
+    done = subprocess.run([sys.executable, "-c", COMPILER, str(benchmarks)], capture_output=True, text=True,
+                          env=env, timeout=900)
     assert done.returncode == 0, done.stderr[-3000:]
-    rows = [line.split("|")[1:-1] for line in done.stdout.splitlines() if line.startswith("| default")
-            or line.startswith("| seq256x4096")]
-    kernels = [(r[1].strip(), r[2].strip()) for r in rows]
-    assert kernels == [("parallel", "forward summary"), ("parallel", "forward output"),
-                       ("parallel", "backward summary"), ("parallel", "backward gradient"),
-                       ("sequential", "forward"), ("sequential", "backward")], done.stdout
+    rows = json.loads(done.stdout.strip().splitlines()[-1])
+    assert [(r["layout"], r["kernel"]) for r in rows] == [
+        ("parallel", "forward summary"), ("parallel", "forward output"), ("parallel", "backward summary"),
+        ("parallel", "backward gradient"), ("sequential", "forward"), ("sequential", "backward"),
+        ("sequential", "backward, bare, last state")]
     for r in rows:
-        registers, warps_per_sm = int(r[7]), int(r[9])
-        assert 0 < registers <= 255 and 0 < warps_per_sm <= 64
+        assert r["stack_bytes"] == 0, r          # no spills at these sizes (the GPU sweep's candidates)
+        assert 0 < r["registers"] < 255 and r["warps_per_sm"] >= 8, r

@@ -23,7 +23,10 @@ That is the ``parallel`` layout (``LAYOUT``, the default). The ``sequential`` la
 code in one program per (batch x group, channel block) that walks its chunks in order, the state (forward)
 or adjoint state (backward) carried in registers from chunk to chunk, as mamba-ssm's kernel does: one launch
 each way and no chunk summaries, but only as many programs as channel blocks (it narrows the blocks, down
-to one channel, to fill the GPU). Which is faster where is to be measured on a GPU; both are tested.
+to one channel, to fill the GPU). Its ``dB``/``dC`` partial sums are per channel block like the parallel
+layout's, so at one channel per program they take ``state`` times the memory of ``u`` (2 x 134 MB at batch 2, 64
+channels, state 16, 16k steps; the parallel layout's 4-channel blocks a quarter of that). Both layouts pass the
+interpreter tests; the sequential one has not run on a GPU yet, and which is faster where is to be measured there.
 
 Semantics, shapes and dtypes are those of :func:`nnunet_logmamba.ssm.selective_scan` (grouped and
 ungrouped ``B``/``C``, ``D``, ``z`` gating, ``delta_bias``, softplus, ``return_last_state`` with its
@@ -54,7 +57,9 @@ WARPS = None
 LAYOUT = "parallel"
 #: upper bound of the chunk length of the sequential layout (the register tile ``TILE`` also bounds it)
 SEQUENTIAL_CHUNK = 256
-#: the sequential layout narrows its channel blocks (down to one channel) until this many programs run
+#: the sequential layout narrows its channel blocks (down to one channel) until this many programs run:
+#: about four per multiprocessor of a large GPU (132 on an H100/H200), so that one program's memory
+#: latency hides behind the others'
 SEQUENTIAL_PROGRAMS = 512
 
 try:  # triton ships with torch's CUDA wheels; without it this backend reports why
@@ -103,29 +108,35 @@ if triton is not None:
         return tl.sum(tl.where(is_last[None, None, :], x, 0.0), axis=2)
 
     @triton.jit
-    def _chunk_offsets(pid_bg, pid_h, pid_c, dim, length, groups, heads, state, n_chunks,
-                       T: tl.constexpr, BLOCK_D: tl.constexpr, BLOCK_N: tl.constexpr):
-        # The (batch x group, channel block, chunk)'s offsets: channels (BLOCK_D,), states (BLOCK_N,), time
-        # steps (T,), rows of u/delta/z, rows of B/C, and its (channel, state) chunk summaries.
+    def _block_offsets(pid_bg, pid_h, dim, length, groups, heads, state,
+                       BLOCK_D: tl.constexpr, BLOCK_N: tl.constexpr):
+        # A (batch x group, channel block)'s offsets: channels (BLOCK_D,), states (BLOCK_N,), the rows of
+        # u/delta/z and of B/C.
         batch, grp = pid_bg // groups, pid_bg % groups
         offs_h = pid_h * BLOCK_D + tl.arange(0, BLOCK_D)
         mask_d = offs_h < heads
         chans = grp * heads + offs_h
         offs_n = tl.arange(0, BLOCK_N)
         mask_n = offs_n < state
-        t = pid_c * T + tl.arange(0, T)
         rows = (batch * dim + chans) * length
         bc_rows = (pid_bg * state + offs_n) * length
+        return batch, chans, mask_d, offs_n, mask_n, rows, bc_rows
+
+    @triton.jit
+    def _chunk_steps(pid_c, batch, chans, offs_n, dim, state, n_chunks, T: tl.constexpr):
+        # chunk pid_c's time steps (T,) and where its (channel, state) start state / summaries sit
+        t = pid_c * T + tl.arange(0, T)
         summary = ((batch * dim + chans) * n_chunks + pid_c)[:, None] * state + offs_n[None, :]
-        return batch, chans, mask_d, offs_n, mask_n, t, rows, bc_rows, summary
+        return t, summary
 
     @triton.jit
     def _chunk_program(dim, length, groups, heads, state, n_chunks,
                        T: tl.constexpr, BLOCK_D: tl.constexpr, BLOCK_N: tl.constexpr):
-        # the offsets of this program's chunk (parallel layout: one chunk per program)
+        # parallel layout: this program's (batch x group, channel block, chunk) and its offsets
         pid_bg, pid_h, pid_c = tl.program_id(0), tl.program_id(1), tl.program_id(2)
-        batch, chans, mask_d, offs_n, mask_n, t, rows, bc_rows, summary = _chunk_offsets(
-            pid_bg, pid_h, pid_c, dim, length, groups, heads, state, n_chunks, T, BLOCK_D, BLOCK_N)
+        batch, chans, mask_d, offs_n, mask_n, rows, bc_rows = _block_offsets(
+            pid_bg, pid_h, dim, length, groups, heads, state, BLOCK_D, BLOCK_N)
+        t, summary = _chunk_steps(pid_c, batch, chans, offs_n, dim, state, n_chunks, T)
         return pid_bg, pid_h, pid_c, batch, chans, mask_d, offs_n, mask_n, t, rows, bc_rows, summary
 
     @triton.jit
@@ -242,20 +253,18 @@ if triton is not None:
         # sequential layout: one program walks its channels' chunks in order, the state carried in registers;
         # each chunk's start state is written for the backward
         pid_bg, pid_h = tl.program_id(0), tl.program_id(1)
+        batch, chans, mask_d, offs_n, mask_n, rows, bc_rows = _block_offsets(
+            pid_bg, pid_h, dim, length, groups, heads, state, BLOCK_D, BLOCK_N)
+        mask_dn = mask_d[:, None] & mask_n[None, :]
         h = tl.zeros([BLOCK_D, BLOCK_N], dtype=tl.float32)
         for pid_c in range(0, n_chunks):
-            batch, chans, mask_d, offs_n, mask_n, t, rows, bc_rows, summary = _chunk_offsets(
-                pid_bg, pid_h, pid_c, dim, length, groups, heads, state, n_chunks, T, BLOCK_D, BLOCK_N)
-            mask_dn = mask_d[:, None] & mask_n[None, :]
+            t, summary = _chunk_steps(pid_c, batch, chans, offs_n, dim, state, n_chunks, T)
             tl.store(start_ptr + summary, h, mask=mask_dn)
             h = _chunk_output(u_ptr, delta_ptr, a_ptr, b_ptr, c_ptr, d_ptr, z_ptr, bias_ptr, out_ptr, h,
                               batch, chans, mask_d, offs_n, mask_n, t, rows, bc_rows, length, state,
                               HAS_D, HAS_Z, HAS_BIAS, SOFTPLUS, T)
-        batch, chans, mask_d, offs_n, mask_n, t, rows, bc_rows, summary = _chunk_offsets(
-            pid_bg, pid_h, 0, dim, length, groups, heads, state, n_chunks, T, BLOCK_D, BLOCK_N)
         # padded steps past the end are identity pairs, so h is the state after the last real step
-        tl.store(last_ptr + (batch * dim + chans)[:, None] * state + offs_n[None, :], h,
-                 mask=mask_d[:, None] & mask_n[None, :])
+        tl.store(last_ptr + (batch * dim + chans)[:, None] * state + offs_n[None, :], h, mask=mask_dn)
 
     @triton.jit
     def _adjoint_inputs(delta_ptr, a_ptr, c_ptr, z_ptr, bias_ptr, dout_ptr, rows, chans, bc_rows, t, mask_d,
@@ -305,7 +314,7 @@ if triton is not None:
                          pid_bg, pid_h, pid_c, batch, chans, mask_d, offs_n, mask_n, t, rows, bc_rows,
                          length, state, n_blocks,
                          HAS_D: tl.constexpr, HAS_Z: tl.constexpr, HAS_BIAS: tl.constexpr, SOFTPLUS: tl.constexpr,
-                         T: tl.constexpr):
+                         T: tl.constexpr, BLOCK_D: tl.constexpr):
         # One chunk's gradients from its start state h0 and the adjoint state lam_end entering it from the right
         # (both (channels, state)). Writes du, d delta, dz and the channel-block partial sums of dB, dC; returns
         # the chunk's sums of dA (channels, state), dD and d delta_bias (channels) and the adjoint state at its
@@ -317,8 +326,9 @@ if triton is not None:
                                                  t, mask_d, mask_n, offs_n, length, state, HAS_BIAS, SOFTPLUS)
         cum_decay, h = tl.associative_scan((decay, drive), 2, _linear_combine)
         h = h + cum_decay * h0[:, :, None]
-        # Everything that needs the states themselves first, so that only h_t - dt u B stays live (in
-        # registers) through the adjoint scan: fewer registers per thread, more warps per multiprocessor.
+        # Everything that needs the states themselves first, so that h_t - dt u B is the only
+        # (channels, state, T) tile of the forward that stays live (in registers) through the adjoint scan:
+        # fewer registers per thread, more warps per multiprocessor.
         c = tl.load(c_ptr + bc_rows[:, None] + t[None, :], mask=mask_n[:, None] & valid_t[None, :],
                     other=0.0).to(tl.float32)
         dout = tl.load(dout_ptr + rows[:, None] + t[None, :], mask=valid, other=0.0).to(tl.float32)
@@ -335,7 +345,8 @@ if triton is not None:
         else:
             dy = dout
         # channel-block partial sums of dB_t = sum_d lambda dt u and dC_t = sum_d dy h, (batch, groups, blocks, N, L)
-        part = ((pid_bg * n_blocks + pid_h) * state + offs_n)[:, None] * length + t[None, :]
+        # int64: with one channel per program this buffer has state x the elements of u
+        part = (((pid_bg * n_blocks + pid_h) * state).to(tl.int64) + offs_n)[:, None] * length + t[None, :]
         mask_nt = mask_n[:, None] & valid_t[None, :]
         tl.store(dc_part_ptr + part, tl.sum(h * dy[:, None, :], axis=0), mask=mask_nt)
         # exp(dt A) h_{t-1} = h_t - dt u B: the gradient of the decay's exponent needs no shifted state
@@ -355,7 +366,7 @@ if triton is not None:
         tl.store(db_part_ptr + part, tl.sum(lam * (dt * u)[:, None, :], axis=0), mask=mask_nt)
         g_u = lam_b * dt
         g_dt = lam_b * u + tl.sum(g_exponent * a[:, :, None], axis=1)
-        d_d = tl.zeros([u.shape[0]], dtype=tl.float32)
+        d_d = tl.zeros([BLOCK_D], dtype=tl.float32)
         if HAS_D:
             g_u = g_u + dy * d_skip[:, None]
             d_d = tl.sum(dy * u, axis=1)
@@ -396,7 +407,7 @@ if triton is not None:
             u_ptr, delta_ptr, a_ptr, b_ptr, c_ptr, d_ptr, z_ptr, bias_ptr, dout_ptr, h0, lam_end,
             du_ptr, ddelta_ptr, dz_ptr, db_part_ptr, dc_part_ptr,
             pid_bg, pid_h, pid_c, batch, chans, mask_d, offs_n, mask_n, t, rows, bc_rows, length, state, n_blocks,
-            HAS_D, HAS_Z, HAS_BIAS, SOFTPLUS, T)
+            HAS_D, HAS_Z, HAS_BIAS, SOFTPLUS, T, BLOCK_D)
         # this chunk's row of the (batch, chunk) partial sums
         _store_parameter_sums(chunk_part_ptr + (batch * n_chunks + pid_c) * dim * (state + 2), d_a, d_d, d_bias,
                               chans, mask_d, offs_n, mask_n, dim, state, HAS_D, HAS_BIAS)
@@ -404,7 +415,7 @@ if triton is not None:
     @triton.jit
     def _sequential_backward_kernel(u_ptr, delta_ptr, a_ptr, b_ptr, c_ptr, d_ptr, z_ptr, bias_ptr, dout_ptr,
                                     start_ptr, init_ptr,
-                                    du_ptr, ddelta_ptr, dz_ptr, batch_part_ptr, db_part_ptr, dc_part_ptr,
+                                    du_ptr, ddelta_ptr, dz_ptr, param_part_ptr, db_part_ptr, dc_part_ptr,
                                     dim, length, groups, heads, state, n_chunks, n_blocks,
                                     HAS_D: tl.constexpr, HAS_Z: tl.constexpr, HAS_BIAS: tl.constexpr,
                                     SOFTPLUS: tl.constexpr, HAS_INIT: tl.constexpr,
@@ -412,8 +423,8 @@ if triton is not None:
         # sequential layout: one program walks its channels' chunks from the last to the first, the adjoint
         # state carried in registers, the parameter gradients summed in registers
         pid_bg, pid_h = tl.program_id(0), tl.program_id(1)
-        batch, chans, mask_d, offs_n, mask_n, t, rows, bc_rows, summary = _chunk_offsets(
-            pid_bg, pid_h, 0, dim, length, groups, heads, state, n_chunks, T, BLOCK_D, BLOCK_N)
+        batch, chans, mask_d, offs_n, mask_n, rows, bc_rows = _block_offsets(
+            pid_bg, pid_h, dim, length, groups, heads, state, BLOCK_D, BLOCK_N)
         mask_dn = mask_d[:, None] & mask_n[None, :]
         if HAS_INIT:  # the gradient of the last state enters after the last step
             lam = tl.load(init_ptr + (batch * dim + chans)[:, None] * state + offs_n[None, :], mask=mask_dn,
@@ -425,18 +436,17 @@ if triton is not None:
         sum_bias = tl.zeros([BLOCK_D], dtype=tl.float32)
         for i in range(0, n_chunks):
             pid_c = n_chunks - 1 - i
-            batch, chans, mask_d, offs_n, mask_n, t, rows, bc_rows, summary = _chunk_offsets(
-                pid_bg, pid_h, pid_c, dim, length, groups, heads, state, n_chunks, T, BLOCK_D, BLOCK_N)
+            t, summary = _chunk_steps(pid_c, batch, chans, offs_n, dim, state, n_chunks, T)
             h0 = tl.load(start_ptr + summary, mask=mask_dn, other=0.0)
             d_a, d_d, d_bias, lam = _chunk_gradients(
                 u_ptr, delta_ptr, a_ptr, b_ptr, c_ptr, d_ptr, z_ptr, bias_ptr, dout_ptr, h0, lam,
                 du_ptr, ddelta_ptr, dz_ptr, db_part_ptr, dc_part_ptr,
                 pid_bg, pid_h, pid_c, batch, chans, mask_d, offs_n, mask_n, t, rows, bc_rows, length, state,
-                n_blocks, HAS_D, HAS_Z, HAS_BIAS, SOFTPLUS, T)
+                n_blocks, HAS_D, HAS_Z, HAS_BIAS, SOFTPLUS, T, BLOCK_D)
             sum_a += d_a
             sum_d += d_d
             sum_bias += d_bias
-        _store_parameter_sums(batch_part_ptr + batch * dim * (state + 2), sum_a, sum_d, sum_bias,
+        _store_parameter_sums(param_part_ptr + batch * dim * (state + 2), sum_a, sum_d, sum_bias,
                               chans, mask_d, offs_n, mask_n, dim, state, HAS_D, HAS_BIAS)
 
 
@@ -537,9 +547,9 @@ class _TritonSelectiveScan(torch.autograd.Function):
         sizes = (dim, length, groups, s["heads"], state, n_chunks, n_blocks)
         if s["layout"] == "sequential":
             # per batch element: dA (dim x state), dD (dim), d delta_bias (dim), summed over the batch at once
-            chunk_part = torch.empty(batch, 1, dim * (state + 2), **f32)
+            param_part = torch.empty(batch, 1, dim * (state + 2), **f32)
             _sequential_backward_kernel[(batch * groups, n_blocks)](
-                *operands, init if init is not None else dummy, *outputs, chunk_part, db_part, dc_part, *sizes,
+                *operands, init if init is not None else dummy, *outputs, param_part, db_part, dc_part, *sizes,
                 HAS_D=D32 is not None, HAS_INIT=init is not None, **flags)
         else:
             grid = (batch * groups, n_blocks, n_chunks)
@@ -548,13 +558,13 @@ class _TritonSelectiveScan(torch.autograd.Function):
                                                  dim, length, groups, s["heads"], state, n_chunks, **flags)
             lam_ends, _ = _carry(decays, ends, init, True, s["block_n"])
             # per (batch, chunk): dA (dim x state), dD (dim), d delta_bias (dim), summed over batch and chunks
-            chunk_part = torch.empty(batch, n_chunks, dim * (state + 2), **f32)
-            _backward_gradient_kernel[grid](*operands, lam_ends, *outputs, chunk_part, db_part, dc_part, *sizes,
+            param_part = torch.empty(batch, n_chunks, dim * (state + 2), **f32)
+            _backward_gradient_kernel[grid](*operands, lam_ends, *outputs, param_part, db_part, dc_part, *sizes,
                                             HAS_D=D32 is not None, **flags)
         dB, dC = bc_part.sum(3)
         if b_ndim == 3:
             dB, dC = dB.squeeze(1), dC.squeeze(1)
-        chunk_sums = chunk_part.sum((0, 1))
+        chunk_sums = param_part.sum((0, 1))
         dA = chunk_sums[:dim * state].view(dim, state)
         dD, dbias = chunk_sums[dim * state:dim * (state + 1)], chunk_sums[dim * (state + 1):]
         return (du.to(u.dtype), ddelta.to(delta.dtype), dA.to(a_dtype), dB.to(b_dtype), dC.to(c_dtype),
