@@ -1,14 +1,15 @@
 """Where the time of one selective-scan forward + backward goes: device kernels against host work.
 
     python benchmarks/profile_scan.py --device cuda --length 16384 --backends triton mamba_ssm
-    python benchmarks/profile_scan.py --device cuda --backends "triton[seq256x4096]"   # layout and sizes
+    python benchmarks/profile_scan.py --device cuda --backends "triton[seq64x1024x8]"   # layout and sizes
 
 For each backend (in its own process, the shapes of ``bench_scan.py``), ``repeats`` steps are timed
 after a warm-up, then ``repeats`` more run under torch's profiler. Per step it prints the wall time
-(median, measured without the profiler), the time the device spent in kernels (sum of kernel
-durations), how many kernels were launched, and the kernels by their share of the device time. Wall time well above the kernel time means the step is bound by host work (Python,
-launches, allocations), which faster kernels cannot fix; the reverse means the kernels are the cost.
-On a CPU it lists torch operators by self CPU time instead.
+(median, measured without the profiler), the time the device spent in kernels (sum of kernel durations),
+how many kernels were launched, and the kernels by their share of the device time. Wall time well above
+the kernel time means the step is bound by host work (Python, launches, allocations), which faster
+kernels cannot fix; the reverse means the kernels are the cost. On a CPU it lists torch operators by
+self CPU time instead.
 """
 from __future__ import annotations
 

@@ -4,11 +4,12 @@
     python benchmarks/triton_resources.py --configs 64x4096x16 seq128x2048x16 --arch 90
 
 Triton compiles a kernel down to the GPU's machine code without a device, specialised as a launch would
-specialise it; ``cuobjdump`` (shipped with Triton) reads what each kernel uses per thread. A kernel whose registers allow few warps per
-multiprocessor hides memory latency badly, and spills go to local memory: both show here before any
-GPU time is spent, so a tuning sweep on a lent GPU can start from the promising sizes. Configurations
-are ``bench_scan.py --triton-tiles`` strings ("[seq]CHUNKxTILE[xWARPS]"; "default": the module's sizes).
-Shapes default to bench_scan's (batch 2, dim 64, state 16, 16 384 steps).
+specialise it; ``cuobjdump`` (shipped with Triton) reads what each kernel uses per thread. A kernel
+whose registers allow few warps per multiprocessor hides memory latency badly, and spills go to local
+memory: both show here before any GPU time is spent, so a tuning sweep on a lent GPU can start from the
+promising sizes. Configurations are ``bench_scan.py --triton-tiles`` strings ("[seq]CHUNKxTILE[xWARPS]";
+"default": the module's sizes). Shapes default to bench_scan's (batch 2, dim 64, state 16, 16 384
+steps).
 """
 from __future__ import annotations
 
@@ -91,7 +92,7 @@ def resources(config: str, batch: int, dim: int, groups: int, state: int, length
 
 def main(argv=None) -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
-    parser.add_argument("--configs", nargs="+", default=["default", "seq256x4096"])
+    parser.add_argument("--configs", nargs="+", default=["default", "32x1024x8", "seq64x1024x8"])
     parser.add_argument("--shape", type=int, nargs=5, default=[BATCH, DIM, 1, STATE, 16384],
                         metavar=("BATCH", "DIM", "GROUPS", "STATE", "LENGTH"))
     parser.add_argument("--arch", type=int, default=90, help="compute capability x 10 (90: H100/H200)")

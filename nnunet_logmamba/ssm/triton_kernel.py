@@ -13,9 +13,9 @@ steps that run in parallel (a GPU has far more cores than a (batch, channel) gri
   only the per-chunk start states reach global memory (``state / CHUNK`` of a full state tensor) and
   are kept for backward.
 * backward: the adjoint ``lambda_t = exp(dt_{t+1} A) lambda_{t+1} + C_t dy_t`` is the same kind of
-  recurrence run backwards; it is scanned over reversed loads, with the same three stages (chunk
-  summaries, carries between chunks, then per chunk the states recomputed from the saved start
-  state and every gradient). Reductions over channels (``dB``, ``dC``) are summed per channel block
+  recurrence run backwards; it is scanned from each chunk's end (``reverse=True``), with the same
+  three stages (chunk summaries, carries between chunks, then per chunk the states recomputed from
+  the saved start state and every gradient). Reductions over channels (``dB``, ``dC``) are summed per channel block
   in registers and over blocks in torch, the ones over batch and time (``dA``, ``dD``,
   ``d delta_bias``) per chunk in torch: deterministic, no atomics.
 
@@ -100,6 +100,12 @@ if triton is not None:
     def _softplus(x):
         # torch's softplus with its default threshold: linear above 20
         return tl.where(x <= 20.0, tl.log(1.0 + tl.exp(x)), x)
+
+    @triton.jit
+    def _first_along_time(x, T: tl.constexpr):
+        # x[..., 0] of a (channels, state, T) tile
+        is_first = tl.arange(0, T) == 0
+        return tl.sum(tl.where(is_first[None, None, :], x, 0.0), axis=2)
 
     @triton.jit
     def _last_along_time(x, T: tl.constexpr):
@@ -267,13 +273,10 @@ if triton is not None:
         tl.store(last_ptr + (batch * dim + chans)[:, None] * state + offs_n[None, :], h, mask=mask_dn)
 
     @triton.jit
-    def _adjoint_inputs(delta_ptr, a_ptr, c_ptr, z_ptr, bias_ptr, dout_ptr, rows, chans, bc_rows, t, mask_d,
-                        mask_n, offs_n, length, state,
-                        HAS_Z: tl.constexpr, HAS_BIAS: tl.constexpr, SOFTPLUS: tl.constexpr):
-        # The adjoint pairs at time indices t (any order): (exp(dt_{t+1} A), C_t dy_t), with decay 1 at the
-        # last step (lambda_{L-1} = C dy + d last) and identity pairs outside [0, length).
-        valid_t = t < length
-        valid = mask_d[:, None] & valid_t[None, :]
+    def _adjoint_decay(delta_ptr, bias_ptr, a, rows, chans, t, mask_d, length,
+                       HAS_BIAS: tl.constexpr, SOFTPLUS: tl.constexpr):
+        # the adjoint's decays exp(dt_{t+1} A) as a (channels, state, T) tile: 1 at the last step
+        # (lambda_{L-1} = C dy + d last) and beyond it
         nxt = t + 1
         has_next = mask_d[:, None] & (nxt[None, :] < length)
         dt_next = tl.load(delta_ptr + rows[:, None] + nxt[None, :], mask=has_next, other=0.0).to(tl.float32)
@@ -282,9 +285,18 @@ if triton is not None:
         if SOFTPLUS:
             dt_next = _softplus(dt_next)
         dt_next = tl.where(has_next, dt_next, 0.0)
+        return tl.exp(dt_next[:, None, :] * a[:, :, None])
+
+    @triton.jit
+    def _adjoint_inputs(delta_ptr, a_ptr, c_ptr, z_ptr, bias_ptr, dout_ptr, rows, chans, bc_rows, t, mask_d,
+                        mask_n, offs_n, length, state,
+                        HAS_Z: tl.constexpr, HAS_BIAS: tl.constexpr, SOFTPLUS: tl.constexpr):
+        # The adjoint pairs (exp(dt_{t+1} A), C_t dy_t) of a chunk's steps t, identity pairs past the end.
+        valid_t = t < length
+        valid = mask_d[:, None] & valid_t[None, :]
         a = tl.load(a_ptr + chans[:, None] * state + offs_n[None, :], mask=mask_d[:, None] & mask_n[None, :],
                     other=0.0).to(tl.float32)
-        decay = tl.exp(dt_next[:, None, :] * a[:, :, None])
+        decay = _adjoint_decay(delta_ptr, bias_ptr, a, rows, chans, t, mask_d, length, HAS_BIAS, SOFTPLUS)
         dy = tl.load(dout_ptr + rows[:, None] + t[None, :], mask=valid, other=0.0).to(tl.float32)
         if HAS_Z:
             z = tl.load(z_ptr + rows[:, None] + t[None, :], mask=valid, other=0.0).to(tl.float32)
@@ -300,13 +312,13 @@ if triton is not None:
                                        T: tl.constexpr, BLOCK_D: tl.constexpr, BLOCK_N: tl.constexpr):
         pid_bg, pid_h, pid_c, batch, chans, mask_d, offs_n, mask_n, t, rows, bc_rows, summary = _chunk_program(
             dim, length, groups, heads, state, n_chunks, T, BLOCK_D, BLOCK_N)
-        t_rev = pid_c * T + (T - 1 - tl.arange(0, T))          # the chunk from its end to its start
         decay, drive = _adjoint_inputs(delta_ptr, a_ptr, c_ptr, z_ptr, bias_ptr, dout_ptr, rows, chans, bc_rows,
-                                       t_rev, mask_d, mask_n, offs_n, length, state, HAS_Z, HAS_BIAS, SOFTPLUS)
-        total_decay, lam = tl.associative_scan((decay, drive), 2, _linear_combine)
+                                       t, mask_d, mask_n, offs_n, length, state, HAS_Z, HAS_BIAS, SOFTPLUS)
+        # scanned from the chunk's end to its start: the first step holds the whole chunk's map
+        total_decay, lam = tl.associative_scan((decay, drive), 2, _linear_combine, reverse=True)
         mask_dn = mask_d[:, None] & mask_n[None, :]
-        tl.store(end_ptr + summary, _last_along_time(lam, T), mask=mask_dn)
-        tl.store(decay_ptr + summary, _last_along_time(total_decay, T), mask=mask_dn)
+        tl.store(end_ptr + summary, _first_along_time(lam, T), mask=mask_dn)
+        tl.store(decay_ptr + summary, _first_along_time(total_decay, T), mask=mask_dn)
 
     @triton.jit
     def _chunk_gradients(u_ptr, delta_ptr, a_ptr, b_ptr, c_ptr, d_ptr, z_ptr, bias_ptr, dout_ptr, h0, lam_end,
@@ -351,15 +363,12 @@ if triton is not None:
         tl.store(dc_part_ptr + part, tl.sum(h * dy[:, None, :], axis=0), mask=mask_nt)
         # exp(dt A) h_{t-1} = h_t - dt u B: the gradient of the decay's exponent needs no shifted state
         decayed = h - drive
-        # adjoint states lambda_t = dL/dh_t, scanned from the chunk's end (reversed loads), then flipped back
-        t_rev = pid_c * T + (T - 1 - tl.arange(0, T))
-        adj_decay, adj_drive = _adjoint_inputs(delta_ptr, a_ptr, c_ptr, z_ptr, bias_ptr, dout_ptr, rows, chans,
-                                               bc_rows, t_rev, mask_d, mask_n, offs_n, length, state,
-                                               HAS_Z, HAS_BIAS, SOFTPLUS)
-        cum_adj, lam_rev = tl.associative_scan((adj_decay, adj_drive), 2, _linear_combine)
-        lam_rev = lam_rev + cum_adj * lam_end[:, :, None]
-        lam_first = _last_along_time(lam_rev, T)
-        lam = tl.flip(lam_rev, 2)
+        # adjoint states lambda_t = dL/dh_t, scanned from the chunk's end, from the C and dy in hand
+        adj_decay = _adjoint_decay(delta_ptr, bias_ptr, a, rows, chans, t, mask_d, length, HAS_BIAS, SOFTPLUS)
+        cum_adj, lam = tl.associative_scan((adj_decay, dy[:, None, :] * c[None, :, :]), 2, _linear_combine,
+                                           reverse=True)
+        lam = lam + cum_adj * lam_end[:, :, None]
+        lam_first = _first_along_time(lam, T)
         lam = tl.where(valid_t[None, None, :], lam, 0.0)
         g_exponent = lam * decayed                            # dL/d(dt_t A)
         lam_b = tl.sum(lam * b[None, :, :], axis=1)           # sum_n lambda B
