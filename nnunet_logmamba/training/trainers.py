@@ -300,6 +300,8 @@ nnUNetTrainerLoGVMamba_40epochs_25iters = budget_variant(
     nnUNetTrainerLoGVMamba, 40, 25, 5, "1000-step CPU budget: 40 epochs of 25 iterations.")
 nnUNetTrainer_40epochs_25iters = budget_variant(
     nnUNetTrainer, 40, 25, 5, "The plain nnU-Net baseline at the 1000-step budget.")
+nnUNetTrainerLoGVMambaAllStages_40epochs_25iters = budget_variant(
+    nnUNetTrainerLoGVMambaAllStages, 40, 25, 5, "The all-stages layout at the 1000-step budget.")
 
 
 __all__ = ["TRAINERS", "SEED_ENV", "seed_everything", "comparison_seed", "parameter_groups", "regroup_optimizer_state", "budget_variant", "network_builder", "set_budget", "respect_omp_num_threads", "disable_autocast_in_forward"]
@@ -315,5 +317,6 @@ TRAINERS = {cls.__name__: cls for cls in (
     nnUNetTrainerLoGVMambaAllStages_12epochs_25iters, nnUNetTrainerLVMamba_12epochs_25iters,
     nnUNetTrainerLoGVMamba_FastReadout, nnUNetTrainerLoGVMamba_FastReadout_12epochs_25iters,
     nnUNetTrainerLoGVMamba_UniformLR, nnUNetTrainerLoGVMamba_UniformLR_12epochs_25iters,
-    nnUNetTrainerGVMamba_12epochs_25iters, nnUNetTrainerLoGVMamba_40epochs_25iters, nnUNetTrainer_40epochs_25iters)}
+    nnUNetTrainerGVMamba_12epochs_25iters, nnUNetTrainerLoGVMamba_40epochs_25iters, nnUNetTrainer_40epochs_25iters,
+    nnUNetTrainerLoGVMambaAllStages_40epochs_25iters)}
 __all__ += sorted(TRAINERS)
