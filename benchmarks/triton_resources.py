@@ -15,6 +15,7 @@ from __future__ import annotations
 
 import argparse
 import inspect
+import json
 import os
 import re
 import subprocess
@@ -105,10 +106,8 @@ def main(argv=None) -> None:
     if os.environ.get("TRITON_INTERPRET", "") not in ("", "0"):
         sys.exit("unset TRITON_INTERPRET: the interpreter does not compile kernels")
     if args.worker:  # one configuration per process: the module's sizes are globals
-        import json
         print(json.dumps(resources(args.worker, *args.shape, args.arch)))
         return
-    import json
     print(f"Shape batch {args.shape[0]}, dim {args.shape[1]}, groups {args.shape[2]}, state {args.shape[3]}, "
           f"length {args.shape[4]}; sm_{args.arch}\n")
     print("| config | layout | kernel | chunk | channels per program | warps | programs | registers | "
