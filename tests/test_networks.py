@@ -1,5 +1,7 @@
 """LoG-VMamba blocks inserted into nnU-Net's planned U-Nets (PlainConvUNet, ResidualEncoderUNet)."""
+import math
 import re
+from dataclasses import replace
 
 import pytest
 import torch
@@ -101,7 +103,7 @@ def _plain_key(key):
 
 
 @pytest.mark.parametrize("name", sorted(PLANS))
-@pytest.mark.parametrize("placement", ["by_size", "all_stages"])
+@pytest.mark.parametrize("placement", ["by_size", "all_stages", "all_stages_capped"])
 def test_a_new_network_is_the_plain_network_of_the_same_weights(name, placement):
     plain = _plain_network(name)
     ours, patch = build(name, config=LoGVMambaConfig(placement=placement))
@@ -134,6 +136,25 @@ def test_all_stages_places_the_papers_layout():
         assert max(grids[stage].compressed_size) <= edge
     with pytest.raises(ValueError, match="unknown placement"):
         LoGVMambaConfig(placement="everywhere")
+
+
+def test_capped_all_stages_keeps_the_papers_modes_and_skips_stages_over_the_cost_cap():
+    capped = LoGVMambaConfig(placement="all_stages_capped", global_max_edge=8, last_global_max_edge=4)
+    every = replace(capped, placement="all_stages")
+    name = "3d_plain_6stages_odd"
+    _, patch, strides, _, batch = PLANS[name]
+    sizes = stage_spatial_sizes(patch, strides)
+    # a cap between the first and the second stage's positions per batch drops exactly the first stage
+    cap = math.prod(sizes[1]) * batch
+    assert math.prod(sizes[0]) * batch > cap
+    net, _ = build(name, config=capped.with_(max_batch_tokens=cap))
+    ref, _ = build(name, config=every)
+    modes = [(p["stage"], p["mode"]) for p in net.log_vmamba_blocks]
+    assert modes == [(p["stage"], p["mode"]) for p in ref.log_vmamba_blocks][1:]
+    assert modes[0] == (1, "local_global")  # the stage's mode in the official layout, not a first-stage LTX
+    # a cap below every stage is an error that says what to do, not a network without blocks
+    with pytest.raises(ValueError, match="raise max_batch_tokens"):
+        build(name, config=capped.with_(max_batch_tokens=1))
 
 
 def test_placement_follows_spatial_size_not_stage_index():

@@ -15,7 +15,7 @@ from nnunet_logmamba.networks import StageWithMamba
 from nnunet_logmamba.blocks import LoGVSSBlock
 from nnunet_logmamba.training import (TRAINERS, disable_autocast_in_forward, nnUNetTrainerGVMamba,
                                       nnUNetTrainerLoGVMamba, nnUNetTrainerLoGVMamba_JoinMiddle,
-                                      nnUNetTrainerLoGVMamba_K2, nnUNetTrainerLoGVMambaAllStages,
+                                      nnUNetTrainerLoGVMamba_K2, nnUNetTrainerLoGVMambaAllStages, nnUNetTrainerLoGVMambaPaperModes,
                                       nnUNetTrainerLVMamba)
 from nnunet_logmamba.training.trainers import parameter_groups
 
@@ -68,6 +68,7 @@ def _configuration(patch=(16, 24, 16), strides=((1, 1, 1), (2, 2, 2), (2, 2, 2),
     (nnUNetTrainerLoGVMamba_JoinMiddle, lambda b: b.join == "middle"),
     (nnUNetTrainerLoGVMamba_K2, lambda b: b.directions == 2),
     (nnUNetTrainerLoGVMambaAllStages, lambda b: b.mode in ("local", "local_global", "global")),
+    (nnUNetTrainerLoGVMambaPaperModes, lambda b: b.mode in ("local", "local_global", "global")),
 ])
 def test_trainers_build_their_variant(cls, check):
     net = cls.build_network_architecture(None, _configuration(), 1, 2, True)
@@ -87,6 +88,10 @@ def test_all_stages_trainer_puts_a_block_after_every_encoder_stage():
     every = nnUNetTrainerLoGVMambaAllStages.build_network_architecture(None, big, 1, 2, True)
     assert 0 not in [p["stage"] for p in default.log_vmamba_blocks]
     assert [p["stage"] for p in every.log_vmamba_blocks] == [0, 1, 2, 3]
+    # the paper's modes within the cap: the first stage skipped, the others as in the all-stages layout
+    capped = nnUNetTrainerLoGVMambaPaperModes.build_network_architecture(None, big, 1, 2, True)
+    assert [(p["stage"], p["mode"]) for p in capped.log_vmamba_blocks] == \
+        [(1, "local_global"), (2, "local_global"), (3, "global")]
 
 
 def test_ssm_parameters_are_kept_out_of_weight_decay():

@@ -20,7 +20,7 @@ from ..blocks import LoGVSSBlock
 from .placement import PlacementRule, stage_spatial_sizes
 
 
-PLACEMENTS = ("by_size", "all_stages")
+PLACEMENTS = ("by_size", "all_stages", "all_stages_capped")
 
 
 @dataclass(frozen=True)
@@ -44,7 +44,10 @@ class LoGVMambaConfig:
         scan_backend: selective-scan backend.
         placement: ``by_size`` (the rule above, with its cost cap) or ``all_stages`` (the official
             LoG-VMamba 3D model: a block after every encoder stage, LTX only on the first, LTX +
-            GTX on the middle ones, GTX only on the last, no cost cap).
+            GTX on the middle ones, GTX only on the last, no cost cap) or ``all_stages_capped`` (the
+            official model's modes and GTX grids, but stages over the rule's ``max_batch_tokens`` get no
+            block, as under ``by_size``: on nnU-Net's 3D plans that drops the block on the full-size map,
+            which costs more than the rest of the network).
         global_max_edge: GTX compressed grid edge per axis (``by_size``: every block;
             ``all_stages``: every block but the last, which uses ``last_global_max_edge``).
         last_global_max_edge: GTX grid edge of the last encoder stage under ``all_stages``.
@@ -148,8 +151,9 @@ def insert_log_vmamba_blocks(network: nn.Module, patch_size: Sequence[int], batc
     encoder_stages = ("none" if ndim == 2 else "all") if config.encoder_stages is None else config.encoder_stages
     if encoder_stages not in ("all", "bottleneck", "none"):
         raise ValueError(f"encoder_stages must be 'all', 'bottleneck' or 'none', got {encoder_stages!r}")
-    if config.placement == "all_stages":
-        return _insert_after_every_encoder_stage(encoder, sizes, channels, config)
+    if config.placement in ("all_stages", "all_stages_capped"):
+        cap = config.rule.max_batch_tokens if config.placement == "all_stages_capped" else None
+        return _insert_after_every_encoder_stage(encoder, sizes, channels, config, batch_size, cap)
     placed = []
     for i, size in enumerate(sizes):
         if encoder_stages == "none" or (encoder_stages == "bottleneck" and i != len(sizes) - 1):
@@ -175,15 +179,21 @@ def insert_log_vmamba_blocks(network: nn.Module, patch_size: Sequence[int], batc
 
 
 def _insert_after_every_encoder_stage(encoder: nn.Module, sizes: list[tuple[int, ...]], channels: list[int],
-                                      config: LoGVMambaConfig) -> list[dict]:
+                                      config: LoGVMambaConfig, batch_size: int = 1,
+                                      max_batch_tokens: int | None = None) -> list[dict]:
     placed = []
     for i, size in enumerate(sizes):
         if isinstance(encoder.stages[i], StageWithMamba):
+            continue
+        if max_batch_tokens is not None and math.prod(size) * max(1, int(batch_size)) > max_batch_tokens:
             continue
         mode = all_stages_mode(i, len(sizes), config.rule.variant)
         edge = config.last_global_max_edge if i == len(sizes) - 1 else config.global_max_edge
         encoder.stages[i] = StageWithMamba(encoder.stages[i], _block(channels[i], size, mode, config, edge))
         placed.append({"where": "encoder", "stage": i, "size": size, "mode": mode})
+    if not placed:
+        raise ValueError(f"no encoder stage fits max_batch_tokens={max_batch_tokens} at batch size {batch_size}; "
+                         "raise max_batch_tokens or use placement='all_stages'")
     return placed
 
 

@@ -119,6 +119,18 @@ class nnUNetTrainerLoGVMambaAllStages(nnUNetTrainerLoGVMamba):
     build_network_architecture = network_builder(log_vmamba_config)
 
 
+class nnUNetTrainerLoGVMambaPaperModes(nnUNetTrainerLoGVMamba):
+    """The official model's token modes and GTX grids, on the stages within the default's cost cap.
+
+    As ``nnUNetTrainerLoGVMambaAllStages`` (LTX + GTX on the middle stages with GTX to an 8-per-axis
+    grid, GTX only to 4 per axis on the last), but a stage whose maps hold more than the size rule's
+    ``max_batch_tokens`` positions per batch gets no block: on 3D plans, the full-size first stage.
+    """
+
+    log_vmamba_config = LoGVMambaConfig(placement="all_stages_capped", global_max_edge=8, last_global_max_edge=4)
+    build_network_architecture = network_builder(log_vmamba_config)
+
+
 class nnUNetTrainerLoGVMamba_FastReadout(nnUNetTrainerLoGVMamba):
     """The blocks' output projections learn at 10x nnU-Net's learning rate, as in the default (name kept for its checkpoints)."""
 
@@ -290,6 +302,8 @@ nnUNetTrainerLoGVMamba_UniformLR_12epochs_25iters = budget_variant(
     nnUNetTrainerLoGVMamba_UniformLR, 12, 25, 5, "Uniform learning rate at the 300-step budget.")
 nnUNetTrainerLoGVMambaAllStages_12epochs_25iters = budget_variant(
     nnUNetTrainerLoGVMambaAllStages, 12, 25, 5, "The all-stages layout at the 300-step budget.")
+nnUNetTrainerLoGVMambaPaperModes_12epochs_25iters = budget_variant(
+    nnUNetTrainerLoGVMambaPaperModes, 12, 25, 5, "The paper's modes within the cost cap at the 300-step budget.")
 nnUNetTrainerLVMamba_12epochs_25iters = budget_variant(
     nnUNetTrainerLVMamba, 12, 25, 5, "L-VMamba ablation at the 300-step budget.")
 nnUNetTrainerGVMamba_12epochs_25iters = budget_variant(
@@ -318,5 +332,6 @@ TRAINERS = {cls.__name__: cls for cls in (
     nnUNetTrainerLoGVMamba_FastReadout, nnUNetTrainerLoGVMamba_FastReadout_12epochs_25iters,
     nnUNetTrainerLoGVMamba_UniformLR, nnUNetTrainerLoGVMamba_UniformLR_12epochs_25iters,
     nnUNetTrainerGVMamba_12epochs_25iters, nnUNetTrainerLoGVMamba_40epochs_25iters, nnUNetTrainer_40epochs_25iters,
-    nnUNetTrainerLoGVMambaAllStages_40epochs_25iters)}
+    nnUNetTrainerLoGVMambaAllStages_40epochs_25iters, nnUNetTrainerLoGVMambaPaperModes,
+    nnUNetTrainerLoGVMambaPaperModes_12epochs_25iters)}
 __all__ += sorted(TRAINERS)
