@@ -134,3 +134,24 @@ def test_the_built_kernel_is_cached_for_later_processes(monkeypatch, tmp_path):
         assert available and how.startswith("loaded from")
     finally:
         cpu_kernel._load.cache_clear()
+
+
+@needs_kernel
+@pytest.mark.parametrize("groups", [None, 2, 22])
+@pytest.mark.parametrize("threads", [1, 2])
+def test_channel_blocks_that_share_B_and_C_sum_their_gradients(groups, threads):
+    """The kernel scans the channels of a group in blocks that read B, C and add dB, dC once per position:
+    22 channels (11 per group with 2 groups, one per group with 22) never fill whole blocks of 8."""
+    options = OPTION_SETS["all"]
+    inputs = make_inputs(2, 22, 16, 150, groups, torch.float32, options, seed=5)
+    before = torch.get_num_threads()
+    try:
+        torch.set_num_threads(threads)
+        y, last, grads = run("cpu_kernel", inputs, options)
+    finally:
+        torch.set_num_threads(before)
+    y_ref, last_ref, grads_ref = run("reference", inputs, options, upcast=True)
+    torch.testing.assert_close(y.double(), y_ref, rtol=6e-4, atol=2e-3)
+    torch.testing.assert_close(last.double(), last_ref, rtol=6e-4, atol=2e-3)
+    for name in grads:
+        assert_close_rel(grads[name], grads_ref[name], 2e-4, f"d{name}")

@@ -35,7 +35,7 @@ from torch.autograd.function import once_differentiable
 from ._checks import as_grouped, check_scan_inputs
 
 SOURCE = Path(__file__).with_name("cpu_scan.c")
-ABI_VERSION = 2
+ABI_VERSION = 3
 #: positions between the states the forward keeps for backward (the backward recomputes one such chunk
 #: at a time in a buffer of chunk x state floats that stays in the L1/L2 cache)
 CHUNK = 64

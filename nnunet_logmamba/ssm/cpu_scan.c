@@ -15,8 +15,9 @@
  * backward recomputes one chunk at a time into a small buffer (as mamba-ssm's CUDA kernel does) and
  * runs the adjoint recurrence g[t] = dy[t] C[t] + a[t+1] g[t+1] backwards.
  *
- * Threads (OpenMP, when the compiler has it): the forward splits the (batch, dim) pairs; the
- * backward too, each thread accumulating dB, dC, dA, dD in private buffers that are summed at the end.
+ * Work is split into blocks of up to CHANNEL_BLOCK channels of one batch element and group (they share
+ * B and C, see below). Threads (OpenMP, when the compiler has it) split the blocks; in the backward each
+ * thread accumulates dB, dC, dA, dD in private buffers that are summed at the end.
  */
 #include <math.h>
 #include <stdint.h>
@@ -28,7 +29,7 @@
 
 #define API __attribute__((visibility("default")))
 
-API int scan_abi_version(void) { return 2; }
+API int scan_abi_version(void) { return 3; }
 
 /* exp(x) in fp32 with a relative error of about 1 ulp (Cephes' expf), written out so that the state
  * loops vectorise without a vector math library (glibc's libmvec is not everywhere, and its narrow-vector
@@ -54,98 +55,138 @@ static inline __attribute__((always_inline)) float decay_exp(float x)
 static inline float step_size(float pre, int softplus) { return (softplus && pre <= 20.0f) ? log1pf(expf(pre)) : pre; }
 static inline float step_size_slope(float pre, int softplus) { return (softplus && pre <= 20.0f) ? 1.0f / (1.0f + expf(-pre)) : 1.0f; }
 
-/* One (batch, channel) pair's forward. `state` is a compile-time constant in the specialised calls below,
- * so that the state loops are fully vectorised (a runtime trip count of 8 would fall into a scalar tail). */
-static inline __attribute__((always_inline)) void forward_channel(
-    const int64_t state, int64_t length, int64_t chunk, const float *restrict ub, const float *restrict deltab,
-    float shift, int softplus, const float *restrict Ad, const float *restrict Bg, const float *restrict Cg,
-    float skip, float *restrict yb, float *restrict saved, float *restrict last, float *restrict dtbuf)
+/* Channels per block. The channels of one group share B and C; a block of them walks the sequence
+ * chunk by chunk, each channel in turn through the chunk, so that the chunk's B, C (and in the backward
+ * dB, dC) stay in the L1 cache for the whole block instead of streaming from memory once per channel.
+ * Per channel those streams are 6 x state floats per position against 3 floats of u, delta and dy: on
+ * long sequences (an nnU-Net full-size map) they bound the backward. Within a chunk each channel's loop
+ * is the plain one-channel recurrence with its state and adjoint in registers. */
+#ifndef CHANNEL_BLOCK
+#define CHANNEL_BLOCK 8
+#endif
+
+/* The forward of `nch` (<= CHANNEL_BLOCK) channels of one batch element and group. Channel k's u, delta, y
+ * start at k * length, its A at k * state, its saved states at k * nchunks * state, its last state at
+ * k * state. `state` is a compile-time constant in the specialised calls below, so that the state loops
+ * are fully vectorised (a runtime trip count of 8 would fall into a scalar tail). */
+static inline __attribute__((always_inline)) void forward_block(
+    const int64_t state, int64_t nch, int64_t length, int64_t chunk, int64_t nchunks,
+    const float *restrict ub, const float *restrict deltab, const float *restrict shift, int softplus,
+    const float *restrict Ad, const float *restrict Bg, const float *restrict Cg, const float *restrict skip,
+    float *restrict yb, float *restrict saved, float *restrict last, float *restrict dtbuf)
 {
-    float h[state];
-    for (int64_t n = 0; n < state; n++) h[n] = 0.0f;
+    for (int64_t k = 0; k < nch; k++) memset(last + k * state, 0, sizeof(float) * state);
     for (int64_t t0 = 0; t0 < length; t0 += chunk) {
         const int64_t len = (t0 + chunk < length) ? chunk : length - t0;
-        memcpy(saved + (t0 / chunk) * state, h, sizeof(float) * state);
-        /* the step sizes of the chunk first: independent positions, so the transcendentals vectorise */
-        for (int64_t i = 0; i < len; i++) dtbuf[i] = step_size(deltab[t0 + i] + shift, softplus);
-        for (int64_t i = 0; i < len; i++) {
-            const int64_t t = t0 + i;
-            const float dtt = dtbuf[i], x = dtt * ub[t];
-            const float *Bt = Bg + t * state, *Ct = Cg + t * state;
-            float acc = 0.0f;
-            for (int64_t n = 0; n < state; n++) {
-                h[n] = decay_exp(dtt * Ad[n]) * h[n] + x * Bt[n];
-                acc += Ct[n] * h[n];
+        for (int64_t k = 0; k < nch; k++) {
+            const float sh = shift ? shift[k] : 0.0f, sk = skip ? skip[k] : 0.0f;
+            const float *uk = ub + k * length, *dk = deltab + k * length, *Ak = Ad + k * state;
+            float *yk = yb + k * length;
+            float h[state];
+            memcpy(h, last + k * state, sizeof(float) * state);  /* `last` carries the state between chunks */
+            memcpy(saved + k * nchunks * state + (t0 / chunk) * state, h, sizeof(float) * state);
+            /* the step sizes of the chunk first: independent positions, so the transcendentals vectorise */
+            for (int64_t i = 0; i < len; i++) dtbuf[i] = step_size(dk[t0 + i] + sh, softplus);
+            for (int64_t i = 0; i < len; i++) {
+                const int64_t t = t0 + i;
+                const float dtt = dtbuf[i], x = dtt * uk[t];
+                const float *Bt = Bg + t * state, *Ct = Cg + t * state;
+                float acc = 0.0f;
+                for (int64_t n = 0; n < state; n++) {
+                    h[n] = decay_exp(dtt * Ak[n]) * h[n] + x * Bt[n];
+                    acc += Ct[n] * h[n];
+                }
+                yk[t] = acc + sk * uk[t];
             }
-            yb[t] = acc + skip * ub[t];
+            memcpy(last + k * state, h, sizeof(float) * state);
         }
     }
-    memcpy(last, h, sizeof(float) * state);
 }
 
-/* One (batch, channel) pair's backward: chunk by chunk from the end, the chunk's states recomputed from
- * the saved start state, then the adjoint recurrence backwards through the chunk. */
-static inline __attribute__((always_inline)) void backward_channel(
-    const int64_t state, int64_t length, int64_t chunk, const float *restrict ub, const float *restrict deltab,
-    float shift, int softplus, const float *restrict Ad, const float *restrict Bg, const float *restrict Cg,
-    float skip, const float *restrict dyb, const float *restrict dlastb, const float *restrict saved,
+/* The backward of a block of channels (layout as in forward_block): chunk by chunk from the end; for each
+ * channel of the block in turn, the chunk's states recomputed from its saved start state, then the
+ * adjoint recurrence backwards through the chunk. The adjoint and dA of every channel are carried from
+ * chunk to chunk in `carry` (2 x CHANNEL_BLOCK x state floats). */
+static inline __attribute__((always_inline)) void backward_block(
+    const int64_t state, int64_t nch, int64_t length, int64_t chunk, int64_t nchunks,
+    const float *restrict ub, const float *restrict deltab, const float *restrict shift, int softplus,
+    const float *restrict Ad, const float *restrict Bg, const float *restrict Cg, const float *restrict skip,
+    const float *restrict dyb, const float *restrict dlastb, const float *restrict saved,
     float *restrict dub, float *restrict ddeltab, float *restrict dAd, float *restrict dBg, float *restrict dCg,
     float *restrict dDd, float *restrict dbiasd, float *restrict hbuf, float *restrict abuf,
-    float *restrict dtbuf, float *restrict slopebuf)
+    float *restrict dtbuf, float *restrict slopebuf, float *restrict carry)
 {
-    const int64_t nchunks = (length + chunk - 1) / chunk;
-    float gcarry[state], dAacc[state];
-    double dDacc = 0.0, dbiasacc = 0.0;
-    for (int64_t n = 0; n < state; n++) {
-        gcarry[n] = dlastb ? dlastb[n] : 0.0f;
-        dAacc[n] = 0.0f;
+    float *gcarry = carry, *dAcarry = carry + CHANNEL_BLOCK * state;
+    double dDacc[CHANNEL_BLOCK], dbiasacc[CHANNEL_BLOCK];
+    for (int64_t k = 0; k < nch; k++) {
+        for (int64_t n = 0; n < state; n++) {
+            gcarry[k * state + n] = dlastb ? dlastb[k * state + n] : 0.0f;
+            dAcarry[k * state + n] = 0.0f;
+        }
+        dDacc[k] = 0.0;
+        dbiasacc[k] = 0.0;
     }
     for (int64_t c = nchunks - 1; c >= 0; c--) {
         const int64_t t0 = c * chunk, len = (t0 + chunk < length) ? chunk : length - t0;
-        memcpy(hbuf, saved + c * state, sizeof(float) * state);
-        for (int64_t i = 0; i < len; i++) {
-            const float pre = deltab[t0 + i] + shift;
-            dtbuf[i] = step_size(pre, softplus);
-            slopebuf[i] = step_size_slope(pre, softplus);
-        }
-        for (int64_t i = 0; i < len; i++) {
-            const int64_t t = t0 + i;
-            const float dtt = dtbuf[i], x = dtt * ub[t];
-            const float *Bt = Bg + t * state;
-            const float *hp = hbuf + i * state;
-            float *hn = hbuf + (i + 1) * state, *an = abuf + i * state;
-            for (int64_t n = 0; n < state; n++) {
-                an[n] = decay_exp(dtt * Ad[n]);
-                hn[n] = an[n] * hp[n] + x * Bt[n];
+        for (int64_t k = 0; k < nch; k++) {
+            const float sh = shift ? shift[k] : 0.0f, sk = skip ? skip[k] : 0.0f;
+            const float *uk = ub + k * length, *dk = deltab + k * length, *dyk = dyb + k * length;
+            const float *Ak = Ad + k * state;
+            float *duk = dub + k * length, *ddk = ddeltab + k * length;
+            float g[state], dAacc[state];
+            memcpy(g, gcarry + k * state, sizeof(float) * state);
+            memcpy(dAacc, dAcarry + k * state, sizeof(float) * state);
+            memcpy(hbuf, saved + k * nchunks * state + c * state, sizeof(float) * state);
+            for (int64_t i = 0; i < len; i++) {
+                const float pre = dk[t0 + i] + sh;
+                dtbuf[i] = step_size(pre, softplus);
+                slopebuf[i] = step_size_slope(pre, softplus);
             }
-        }
-        for (int64_t i = len - 1; i >= 0; i--) {
-            const int64_t t = t0 + i;
-            const float dyt = dyb[t], dtt = dtbuf[i], ut = ub[t], x = dtt * ut;
-            const float *Bt = Bg + t * state, *Ct = Cg + t * state;
-            float *dBt = dBg + t * state, *dCt = dCg + t * state;
-            const float *hp = hbuf + i * state, *hn = hbuf + (i + 1) * state, *an = abuf + i * state;
-            float s = 0.0f, sw = 0.0f;
-            for (int64_t n = 0; n < state; n++) {
-                const float gn = dyt * Ct[n] + gcarry[n];
-                dCt[n] += dyt * hn[n];
-                dBt[n] += gn * x;
-                s += gn * Bt[n];
-                const float w = gn * an[n] * hp[n];
-                sw += w * Ad[n];
-                dAacc[n] += w * dtt;
-                gcarry[n] = an[n] * gn;
+            for (int64_t i = 0; i < len; i++) {
+                const float dtt = dtbuf[i], x = dtt * uk[t0 + i];
+                const float *Bt = Bg + (t0 + i) * state;
+                const float *hp = hbuf + i * state;
+                float *hn = hbuf + (i + 1) * state, *an = abuf + i * state;
+                for (int64_t n = 0; n < state; n++) {
+                    an[n] = decay_exp(dtt * Ak[n]);
+                    hn[n] = an[n] * hp[n] + x * Bt[n];
+                }
             }
-            dub[t] = dtt * s + skip * dyt;
-            const float dpre = (ut * s + sw) * slopebuf[i];
-            ddeltab[t] = dpre;
-            dbiasacc += dpre;
-            dDacc += (double)dyt * ut;
+            double dDk = 0.0, dbiask = 0.0;
+            for (int64_t i = len - 1; i >= 0; i--) {
+                const int64_t t = t0 + i;
+                const float dyt = dyk[t], dtt = dtbuf[i], ut = uk[t], x = dtt * ut;
+                const float *Bt = Bg + t * state, *Ct = Cg + t * state;
+                float *dBt = dBg + t * state, *dCt = dCg + t * state;
+                const float *hp = hbuf + i * state, *hn = hbuf + (i + 1) * state, *an = abuf + i * state;
+                float s = 0.0f, sw = 0.0f;
+                for (int64_t n = 0; n < state; n++) {
+                    const float gn = dyt * Ct[n] + g[n];
+                    dCt[n] += dyt * hn[n];
+                    dBt[n] += gn * x;
+                    s += gn * Bt[n];
+                    const float w = gn * an[n] * hp[n];
+                    sw += w * Ak[n];
+                    dAacc[n] += w * dtt;
+                    g[n] = an[n] * gn;
+                }
+                duk[t] = dtt * s + sk * dyt;
+                const float dpre = (ut * s + sw) * slopebuf[i];
+                ddk[t] = dpre;
+                dbiask += dpre;
+                dDk += (double)dyt * ut;
+            }
+            dDacc[k] += dDk;
+            dbiasacc[k] += dbiask;
+            memcpy(gcarry + k * state, g, sizeof(float) * state);
+            memcpy(dAcarry + k * state, dAacc, sizeof(float) * state);
         }
     }
-    for (int64_t n = 0; n < state; n++) dAd[n] += dAacc[n];
-    if (dDd) *dDd += (float)dDacc;
-    if (dbiasd) *dbiasd += (float)dbiasacc;
+    for (int64_t k = 0; k < nch; k++) {
+        for (int64_t n = 0; n < state; n++) dAd[k * state + n] += dAcarry[k * state + n];
+        if (dDd) dDd[k] += (float)dDacc[k];
+        if (dbiasd) dbiasd[k] += (float)dbiasacc[k];
+    }
 }
 
 /* state sizes with a specialised (fully vectorised) body; others take the generic one */
@@ -158,6 +199,18 @@ static inline __attribute__((always_inline)) void backward_channel(
     default: { const int64_t st = state; call; }     \
     }
 
+/* The work units of both passes: (batch, group, block of up to CHANNEL_BLOCK channels of the group). */
+static inline void unit_channels(int64_t unit, int64_t dim, int64_t groups, int64_t *b, int64_t *g, int64_t *d0,
+                                 int64_t *nch)
+{
+    const int64_t heads = dim / groups, blocks = (heads + CHANNEL_BLOCK - 1) / CHANNEL_BLOCK;
+    const int64_t blk = unit % blocks;
+    *g = (unit / blocks) % groups;
+    *b = unit / (blocks * groups);
+    *d0 = *g * heads + blk * CHANNEL_BLOCK;
+    *nch = (heads - blk * CHANNEL_BLOCK < CHANNEL_BLOCK) ? heads - blk * CHANNEL_BLOCK : CHANNEL_BLOCK;
+}
+
 API void scan_forward(int64_t batch, int64_t dim, int64_t length, int64_t state, int64_t groups, int64_t chunk,
                       const float *restrict u, const float *restrict delta, const float *restrict bias, int softplus,
                       const float *restrict A, const float *restrict Bm, const float *restrict Cm,
@@ -166,16 +219,18 @@ API void scan_forward(int64_t batch, int64_t dim, int64_t length, int64_t state,
 {
     const int64_t heads = dim / groups;
     const int64_t nchunks = (length + chunk - 1) / chunk;
+    const int64_t units = batch * groups * ((heads + CHANNEL_BLOCK - 1) / CHANNEL_BLOCK);
     (void)threads;
 #pragma omp parallel for schedule(static) num_threads(threads) if (threads > 1)
-    for (int64_t bd = 0; bd < batch * dim; bd++) {
-        const int64_t b = bd / dim, d = bd % dim, g = d / heads;
-        const int64_t goff = (b * groups + g) * length * state;
+    for (int64_t unit = 0; unit < units; unit++) {
+        int64_t b, g, d0, nch;
+        unit_channels(unit, dim, groups, &b, &g, &d0, &nch);
+        const int64_t bd = b * dim + d0, goff = (b * groups + g) * length * state;
         float dtbuf[chunk];
-        DISPATCH_STATE(forward_channel(st, length, chunk, u + bd * length, delta + bd * length, bias ? bias[d] : 0.0f,
-                                       softplus, A + d * state, Bm + goff, Cm + goff, Dskip ? Dskip[d] : 0.0f,
-                                       y + bd * length, chunk_states + bd * nchunks * state,
-                                       last_state + bd * state, dtbuf))
+        DISPATCH_STATE(forward_block(st, nch, length, chunk, nchunks, u + bd * length, delta + bd * length,
+                                     bias ? bias + d0 : NULL, softplus, A + d0 * state, Bm + goff, Cm + goff,
+                                     Dskip ? Dskip + d0 : NULL, y + bd * length, chunk_states + bd * nchunks * state,
+                                     last_state + bd * state, dtbuf))
     }
 }
 
@@ -189,6 +244,7 @@ API void scan_backward(int64_t batch, int64_t dim, int64_t length, int64_t state
 {
     const int64_t heads = dim / groups;
     const int64_t nchunks = (length + chunk - 1) / chunk;
+    const int64_t units = batch * groups * ((heads + CHANNEL_BLOCK - 1) / CHANNEL_BLOCK);
     const int64_t bc_size = batch * groups * length * state;
     int nthreads = 1;
 #ifdef _OPENMP
@@ -218,19 +274,21 @@ API void scan_backward(int64_t batch, int64_t dim, int64_t length, int64_t state
         float *hbuf = malloc(sizeof(float) * (size_t)(chunk + 1) * state);
         float *abuf = malloc(sizeof(float) * (size_t)chunk * state);
         float *dtbuf = malloc(sizeof(float) * (size_t)chunk), *slopebuf = malloc(sizeof(float) * (size_t)chunk);
+        float *carry = malloc(sizeof(float) * (size_t)2 * CHANNEL_BLOCK * state);
 #pragma omp for schedule(static)
-        for (int64_t bd = 0; bd < batch * dim; bd++) {
-            const int64_t b = bd / dim, d = bd % dim, g = d / heads;
-            const int64_t goff = (b * groups + g) * length * state;
-            DISPATCH_STATE(backward_channel(st, length, chunk, u + bd * length, delta + bd * length,
-                                            bias ? bias[d] : 0.0f, softplus, A + d * state, Bm + goff, Cm + goff,
-                                            Dskip ? Dskip[d] : 0.0f, dy + bd * length,
-                                            dlast ? dlast + bd * state : NULL, chunk_states + bd * nchunks * state,
-                                            du + bd * length, ddelta + bd * length, mydA + d * state, mydB + goff,
-                                            mydC + goff, (Dskip && mydD) ? mydD + d : NULL,
-                                            (bias && mybias) ? mybias + d : NULL, hbuf, abuf, dtbuf, slopebuf))
+        for (int64_t unit = 0; unit < units; unit++) {
+            int64_t b, g, d0, nch;
+            unit_channels(unit, dim, groups, &b, &g, &d0, &nch);
+            const int64_t bd = b * dim + d0, goff = (b * groups + g) * length * state;
+            DISPATCH_STATE(backward_block(st, nch, length, chunk, nchunks, u + bd * length, delta + bd * length,
+                                          bias ? bias + d0 : NULL, softplus, A + d0 * state, Bm + goff, Cm + goff,
+                                          Dskip ? Dskip + d0 : NULL, dy + bd * length,
+                                          dlast ? dlast + bd * state : NULL, chunk_states + bd * nchunks * state,
+                                          du + bd * length, ddelta + bd * length, mydA + d0 * state, mydB + goff,
+                                          mydC + goff, (Dskip && mydD) ? mydD + d0 : NULL,
+                                          (bias && mybias) ? mybias + d0 : NULL, hbuf, abuf, dtbuf, slopebuf, carry))
         }
-        free(hbuf); free(abuf); free(dtbuf); free(slopebuf);
+        free(hbuf); free(abuf); free(dtbuf); free(slopebuf); free(carry);
     }
     if (priv) {
         for (int k = 0; k < nthreads - 1; k++) {
