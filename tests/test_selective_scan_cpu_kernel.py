@@ -137,19 +137,47 @@ def test_the_built_kernel_is_cached_for_later_processes(monkeypatch, tmp_path):
 
 
 @needs_kernel
-@pytest.mark.parametrize("groups", [None, 2, 22])
-@pytest.mark.parametrize("threads", [1, 2])
+@pytest.mark.parametrize("groups", [None, 2, 130])
+@pytest.mark.parametrize("threads", [1, 3])
 def test_channel_blocks_that_share_B_and_C_sum_their_gradients(groups, threads):
-    """The kernel scans the channels of a group in blocks that read B, C and add dB, dC once per position:
-    22 channels (11 per group with 2 groups, one per group with 22) never fill whole blocks of 8."""
+    """The kernel scans the channels of a group in blocks (at most 64, more blocks when threads need work)
+    that read B, C and add dB, dC once per position: 130 channels make blocks of unequal width (65 per
+    group with 2 groups; one channel per group with 130)."""
     options = OPTION_SETS["all"]
-    inputs = make_inputs(2, 22, 16, 150, groups, torch.float32, options, seed=5)
+    inputs = make_inputs(2, 130, 16, 150, groups, torch.float32, options, seed=5)
     before = torch.get_num_threads()
     try:
         torch.set_num_threads(threads)
         y, last, grads = run("cpu_kernel", inputs, options)
     finally:
         torch.set_num_threads(before)
+    y_ref, last_ref, grads_ref = run("reference", inputs, options, upcast=True)
+    torch.testing.assert_close(y.double(), y_ref, rtol=6e-4, atol=2e-3)
+    torch.testing.assert_close(last.double(), last_ref, rtol=6e-4, atol=2e-3)
+    for name in grads:
+        assert_close_rel(grads[name], grads_ref[name], 2e-4, f"d{name}")
+
+
+@needs_kernel
+@pytest.mark.parametrize("groups", [None, 2])
+@pytest.mark.parametrize("threads", [1, 2])
+def test_tokens_stored_channels_last_are_scanned_in_place(groups, threads):
+    """u, delta, z as (batch, length, dim) memory viewed as (batch, dim, length) (tokens out of a linear
+    layer): same results as the reference, and y comes back in that layout (no transposed copy after)."""
+    options = OPTION_SETS["all"]
+    inputs = make_inputs(2, 22, 16, 150, groups, torch.float32, options, seed=8)
+    stored = {k: (v.detach().transpose(1, 2).contiguous().transpose(1, 2).requires_grad_()
+                  if k in ("u", "delta", "z") else v) for k, v in inputs.items()}
+    assert cpu_kernel.is_channels_last(stored["u"]) and not cpu_kernel.is_channels_last(inputs["u"])
+    before = torch.get_num_threads()
+    try:
+        torch.set_num_threads(threads)
+        y, last, grads = run("cpu_kernel", stored, options)
+        plain = selective_scan(stored["u"], stored["delta"], stored["A"], stored["B"], stored["C"],
+                               backend="cpu_kernel")
+    finally:
+        torch.set_num_threads(before)
+    assert cpu_kernel.is_channels_last(plain)
     y_ref, last_ref, grads_ref = run("reference", inputs, options, upcast=True)
     torch.testing.assert_close(y.double(), y_ref, rtol=6e-4, atol=2e-3)
     torch.testing.assert_close(last.double(), last_ref, rtol=6e-4, atol=2e-3)

@@ -39,19 +39,26 @@ def build_routes(tokens: torch.Tensor, global_tokens: torch.Tensor | None, direc
         join: join order (see :mod:`.token_join`).
 
     Returns:
-        ``(batch, K, channels, L + G)`` with ``L = prod(spatial)``.
+        ``(batch, K, channels, L + G)`` with ``L = prod(spatial)``, stored as ``(batch, L + G, K, channels)``:
+        every position's tokens of all routes side by side, the layout in which the scan's input
+        projections are one matrix product and the scan reads them without a transposed copy.
+        Tokens stored channels last (as :func:`.token_extractors.unfold_neighbourhood` returns them)
+        with one route and no global tokens are returned as a view.
     """
     check_directions(directions)
     ndim = tokens.dim() - 2
-    forward = join_tokens(tokens.flatten(2), global_tokens, join)
+    # joined and stacked as (batch, tokens, channels)
+    glob = None if global_tokens is None else global_tokens.transpose(1, 2)
+    forward = join_tokens(tokens.flatten(2).transpose(1, 2), glob, join, dim=-2)
     routes = [forward]
     if directions >= 2:
-        routes.append(forward.flip(-1))
+        routes.append(forward.flip(-2))
     if directions == 4:
-        transposed = tokens.permute(_transpose_order(ndim)).flatten(2)
-        transposed = join_tokens(transposed, global_tokens, join)
-        routes.extend([transposed, transposed.flip(-1)])
-    return torch.stack(routes, dim=1)
+        transposed = tokens.permute(_transpose_order(ndim)).flatten(2).transpose(1, 2)
+        transposed = join_tokens(transposed, glob, join, dim=-2)
+        routes.extend([transposed, transposed.flip(-2)])
+    stacked = forward.unsqueeze(2) if directions == 1 else torch.stack(routes, dim=2)
+    return stacked.permute(0, 2, 3, 1)
 
 
 def merge_routes(sequences: torch.Tensor, spatial_size: tuple[int, ...], num_global: int,
@@ -64,18 +71,22 @@ def merge_routes(sequences: torch.Tensor, spatial_size: tuple[int, ...], num_glo
         num_global: ``G``.
 
     Returns:
-        ``(batch, channels, L)`` in row-major order.
+        ``(batch, channels, L)`` in row-major order, stored as ``(batch, L, channels)`` (a view of
+        ``sequences`` when it is stored as :func:`build_routes` stores it, with one route and no global
+        tokens).
     """
     directions = sequences.shape[1]
     check_directions(directions)
     ndim = len(spatial_size)
-    forward = split_local(sequences[:, 0], num_global, join)
+    routes = sequences.transpose(-1, -2)  # (batch, K, L + G, channels)
+    forward = split_local(routes[:, 0], num_global, join, dim=-2)
     if directions >= 2:
-        forward = forward + split_local(sequences[:, 1].flip(-1), num_global, join)
+        forward = forward + split_local(routes[:, 1].flip(-2), num_global, join, dim=-2)
     if directions == 4:
-        transposed = split_local(sequences[:, 2], num_global, join)
-        transposed = transposed + split_local(sequences[:, 3].flip(-1), num_global, join)
-        batch, channels = transposed.shape[:2]
-        transposed = transposed.reshape(batch, channels, *reversed(spatial_size))
-        forward = forward + transposed.permute(_transpose_order(ndim)).flatten(2)
-    return forward
+        transposed = split_local(routes[:, 2], num_global, join, dim=-2)
+        transposed = transposed + split_local(routes[:, 3].flip(-2), num_global, join, dim=-2)
+        batch, channels = transposed.shape[0], transposed.shape[-1]
+        transposed = transposed.reshape(batch, *reversed(spatial_size), channels)
+        order = [0] + list(range(ndim, 0, -1)) + [ndim + 1]  # the spatial axes back in row-major order
+        forward = forward + transposed.permute(order).reshape(batch, -1, channels)
+    return forward.transpose(1, 2)

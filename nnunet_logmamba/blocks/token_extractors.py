@@ -40,9 +40,10 @@ def unfold_neighbourhood(x: torch.Tensor, kernel_size: int = 3) -> torch.Tensor:
         kernel_size: odd neighbourhood edge ``k``.
 
     Returns:
-        ``(batch, channels * k**d, *spatial)``. Channel ``c * k**d + j`` holds input channel ``c``
-        shifted by the ``j``-th offset of the neighbourhood in row-major order (offsets ``-k//2 ..
-        k//2`` per axis, first axis slowest); positions outside the map read zero.
+        ``(batch, channels * k**d, *spatial)``, stored channels last (the layout in which the tokens are
+        projected and scanned). Channel ``c * k**d + j`` holds input channel ``c`` shifted by the
+        ``j``-th offset of the neighbourhood in row-major order (offsets ``-k//2 .. k//2`` per axis,
+        first axis slowest); positions outside the map read zero.
     """
     if kernel_size < 1 or kernel_size % 2 == 0:
         raise ValueError(f"kernel_size must be a positive odd number, got {kernel_size}")
@@ -50,13 +51,13 @@ def unfold_neighbourhood(x: torch.Tensor, kernel_size: int = 3) -> torch.Tensor:
     ndim = len(spatial)
     conv_for_ndim(ndim)
     half = kernel_size // 2
-    padded = F.pad(x, [half] * (2 * ndim))
+    padded = F.pad(x.movedim(1, -1), [0, 0] + [half] * (2 * ndim))  # (batch, *spatial + 2 half, channels)
     shifted = []
     for offset in itertools.product(range(kernel_size), repeat=ndim):
-        index = (slice(None), slice(None)) + tuple(slice(o, o + s) for o, s in zip(offset, spatial))
+        index = (slice(None),) + tuple(slice(o, o + s) for o, s in zip(offset, spatial))
         shifted.append(padded[index])
-    stacked = torch.stack(shifted, dim=2)  # (batch, channels, k**d, *spatial)
-    return stacked.flatten(1, 2)
+    stacked = torch.stack(shifted, dim=-1)  # (batch, *spatial, channels, k**d)
+    return stacked.flatten(-2).movedim(-1, 1)
 
 
 class LocalTokenExtractor(nn.Module):

@@ -57,21 +57,25 @@ def join_permutation(num_local: int, num_global: int, join: str = "interleaved")
     return list(_order(num_local, num_global, join))
 
 
-def join_tokens(local: torch.Tensor, global_tokens: torch.Tensor | None, join: str = "interleaved") -> torch.Tensor:
-    """Join ``local`` ``(..., L)`` and ``global_tokens`` ``(..., G)`` along the last axis.
+def join_tokens(local: torch.Tensor, global_tokens: torch.Tensor | None, join: str = "interleaved",
+                dim: int = -1) -> torch.Tensor:
+    """Join ``local`` (``L`` tokens along ``dim``) and ``global_tokens`` (``G`` along ``dim``) along ``dim``.
 
-    Leading axes must match. Returns ``(..., L + G)``; with no global tokens, ``local`` itself.
+    The other axes must match. Returns ``L + G`` tokens along ``dim``; with no global tokens, ``local``
+    itself. ``dim=-2`` joins sequences stored as ``(..., tokens, channels)``, keeping that layout.
     """
-    if global_tokens is None or global_tokens.shape[-1] == 0:
+    if global_tokens is None or global_tokens.shape[dim] == 0:
         if join not in JOIN_ORDERS:
             raise ValueError(f"unknown join order {join!r}; choose one of {JOIN_ORDERS}")
         return local
-    if local.shape[:-1] != global_tokens.shape[:-1]:
+    others = [s for i, s in enumerate(local.shape) if i != dim % local.dim()]
+    if local.dim() != global_tokens.dim() or others != [s for i, s in enumerate(global_tokens.shape)
+                                                         if i != dim % global_tokens.dim()]:
         raise ValueError(f"local tokens {tuple(local.shape)} and global tokens {tuple(global_tokens.shape)} "
-                         "must agree on every axis but the last")
-    order = join_permutation(local.shape[-1], global_tokens.shape[-1], join)
+                         f"must agree on every axis but the token axis ({dim})")
+    order = join_permutation(local.shape[dim], global_tokens.shape[dim], join)
     index = torch.tensor(order, device=local.device)
-    return torch.cat([local, global_tokens], dim=-1).index_select(-1, index)
+    return torch.cat([local, global_tokens], dim=dim).index_select(dim, index)
 
 
 def local_positions(num_local: int, num_global: int, join: str = "interleaved") -> list[int]:
@@ -84,10 +88,10 @@ def local_positions(num_local: int, num_global: int, join: str = "interleaved") 
     return positions
 
 
-def split_local(joined: torch.Tensor, num_global: int, join: str = "interleaved") -> torch.Tensor:
-    """Inverse of :func:`join_tokens` for the local part: ``(..., L + G)`` -> ``(..., L)``."""
+def split_local(joined: torch.Tensor, num_global: int, join: str = "interleaved", dim: int = -1) -> torch.Tensor:
+    """Inverse of :func:`join_tokens` for the local part: ``L + G`` tokens along ``dim`` -> ``L``."""
     if num_global == 0:
         return joined
-    num_local = joined.shape[-1] - num_global
+    num_local = joined.shape[dim] - num_global
     index = torch.tensor(local_positions(num_local, num_global, join), device=joined.device)
-    return joined.index_select(-1, index)
+    return joined.index_select(dim, index)

@@ -140,19 +140,24 @@ class LoGVSSBlock(nn.Module):
         return local, (self.global_tokens(squeezed) if self.global_tokens is not None else None)
 
     def _scan(self, sequences: torch.Tensor) -> torch.Tensor:
-        """``(batch, K, dim, length)`` -> same, the K routes scanned with their own parameters, fp32."""
+        """``(batch, K, dim, length)`` -> same, the K routes scanned with their own parameters, fp32.
+
+        Works in the layout :func:`.scan_routes.build_routes` stores routes in, ``(batch, length, K, dim)``:
+        the projections are then matrix products over all positions at once, and the scan reads the
+        tokens and writes its output there without transposed copies (other layouts are copied once).
+        """
         batch, directions, dim, length = sequences.shape
         with torch.autocast(device_type=sequences.device.type, enabled=False):
-            xs = sequences.float()
-            projected = torch.einsum("bkdl,kcd->bkcl", xs, self.x_proj_weight.float())
-            dts, b, c = projected.split([self.dt_rank, self.state_size, self.state_size], dim=2)
-            dts = torch.einsum("bkrl,kdr->bkdl", dts, self.dt_proj_weight.float())
-            y = selective_scan(xs.reshape(batch, directions * dim, length),
-                               dts.reshape(batch, directions * dim, length),
-                               -torch.exp(self.A_log.float()), b.contiguous(), c.contiguous(),
+            xs = sequences.float().permute(0, 3, 1, 2)  # (batch, length, K, dim)
+            projected = torch.einsum("blkd,kcd->blkc", xs, self.x_proj_weight.float())
+            dts, b, c = projected.split([self.dt_rank, self.state_size, self.state_size], dim=-1)
+            dts = torch.einsum("blkr,kdr->blkd", dts, self.dt_proj_weight.float())
+            y = selective_scan(xs.reshape(batch, length, directions * dim).transpose(1, 2),
+                               dts.reshape(batch, length, directions * dim).transpose(1, 2),
+                               -torch.exp(self.A_log.float()), b.permute(0, 2, 3, 1), c.permute(0, 2, 3, 1),
                                D=self.D.float(), delta_bias=self.dt_bias.float().flatten(),
                                delta_softplus=True, backend=self.scan_backend)
-        return y.reshape(batch, directions, dim, length)
+        return y.transpose(1, 2).reshape(batch, length, directions, dim).permute(0, 2, 3, 1)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         if x.dim() != self.ndim + 2 or tuple(x.shape[2:]) != self.spatial_size:

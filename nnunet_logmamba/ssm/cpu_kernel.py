@@ -139,9 +139,9 @@ def _load() -> tuple[ctypes.CDLL | None, str]:
     if lib.scan_abi_version() != ABI_VERSION:
         return None, f"{target} has ABI {lib.scan_abi_version()}, expected {ABI_VERSION}"
     i64, ptr, cint = ctypes.c_int64, ctypes.c_void_p, ctypes.c_int
-    lib.scan_forward.argtypes = [i64] * 6 + [ptr, ptr, ptr, cint] + [ptr] * 7 + [cint]
+    lib.scan_forward.argtypes = [i64] * 6 + [ptr, ptr, ptr, cint] + [ptr] * 7 + [cint, cint]
     lib.scan_forward.restype = None
-    lib.scan_backward.argtypes = [i64] * 6 + [ptr, ptr, ptr, cint] + [ptr] * 14 + [cint]
+    lib.scan_backward.argtypes = [i64] * 6 + [ptr, ptr, ptr, cint] + [ptr] * 14 + [cint, cint]
     lib.scan_backward.restype = None
     return lib, how
 
@@ -161,24 +161,44 @@ def _ptr(t: torch.Tensor | None) -> int | None:
     return None if t is None else t.data_ptr()
 
 
+def is_channels_last(u: torch.Tensor) -> bool:
+    """Whether ``u`` (batch, dim, length) is stored as (batch, length, dim), as tokens that come out of a
+    linear layer and are transposed to the scan's axis order are."""
+    return u.dim() == 3 and not u.is_contiguous() and u.transpose(1, 2).is_contiguous()
+
+
+def in_layout(t: torch.Tensor, channels_last: bool) -> torch.Tensor:
+    """``t`` (batch, dim, length) stored contiguously in the kernel's layout (a copy only when it is not)."""
+    return t.transpose(1, 2).contiguous().transpose(1, 2) if channels_last else t.contiguous()
+
+
+def empty_in_layout(t: torch.Tensor, channels_last: bool) -> torch.Tensor:
+    """An uninitialised tensor of ``t``'s shape and dtype in the kernel's layout."""
+    if channels_last:
+        return t.new_empty(t.shape[0], t.shape[2], t.shape[1]).transpose(1, 2)
+    return t.new_empty(t.shape)
+
+
 class _CpuScan(torch.autograd.Function):
-    """y, last = scan(u, delta, A, B, C, D, delta_bias) on fp32 contiguous tensors, B and C as
-    (batch, groups, length, state); softplus of ``delta + delta_bias`` inside the kernel."""
+    """y, last = scan(u, delta, A, B, C, D, delta_bias) on fp32 tensors, B and C as contiguous
+    (batch, groups, length, state), u and delta (batch, dim, length) stored in the layout ``channels_last``
+    says (see :func:`in_layout`); y comes out in that layout too. Softplus of ``delta + delta_bias``
+    inside the kernel."""
 
     @staticmethod
-    def forward(ctx, u, delta, A, Bt, Ct, D, bias, softplus):
+    def forward(ctx, u, delta, A, Bt, Ct, D, bias, softplus, channels_last):
         lib = _load()[0]
         batch, dim, length = u.shape
         groups, state = Bt.shape[1], Bt.shape[3]
         nchunks = -(-length // CHUNK)
-        y = torch.empty_like(u)
+        y = empty_in_layout(u, channels_last)
         states = u.new_empty(batch, dim, nchunks, state)
         last = u.new_empty(batch, dim, state)
         lib.scan_forward(batch, dim, length, state, groups, CHUNK, _ptr(u), _ptr(delta), _ptr(bias), int(softplus),
                          _ptr(A), _ptr(Bt), _ptr(Ct), _ptr(D), _ptr(y), _ptr(states), _ptr(last),
-                         torch.get_num_threads())
+                         int(channels_last), torch.get_num_threads())
         ctx.save_for_backward(u, delta, A, Bt, Ct, D, bias, states)
-        ctx.softplus = softplus
+        ctx.softplus, ctx.channels_last = softplus, channels_last
         return y, last
 
     @staticmethod
@@ -188,9 +208,10 @@ class _CpuScan(torch.autograd.Function):
         u, delta, A, Bt, Ct, D, bias, states = ctx.saved_tensors
         batch, dim, length = u.shape
         groups, state = Bt.shape[1], Bt.shape[3]
-        dy = torch.zeros_like(u) if dy is None else dy.float().contiguous()
+        layout = ctx.channels_last
+        dy = torch.zeros_like(u) if dy is None else in_layout(dy.float(), layout)
         dlast = None if dlast is None else dlast.float().contiguous()
-        du, ddelta = torch.empty_like(u), torch.empty_like(delta)
+        du, ddelta = empty_in_layout(u, layout), empty_in_layout(delta, layout)
         dA = torch.zeros_like(A)
         dB, dC = torch.zeros_like(Bt), torch.zeros_like(Ct)
         dD = None if D is None else torch.zeros_like(D)
@@ -198,8 +219,8 @@ class _CpuScan(torch.autograd.Function):
         lib.scan_backward(batch, dim, length, state, groups, CHUNK, _ptr(u), _ptr(delta), _ptr(bias),
                           int(ctx.softplus), _ptr(A), _ptr(Bt), _ptr(Ct), _ptr(D), _ptr(dy), _ptr(dlast),
                           _ptr(states), _ptr(du), _ptr(ddelta), _ptr(dA), _ptr(dB), _ptr(dC), _ptr(dD), _ptr(dbias),
-                          torch.get_num_threads())
-        return du, ddelta, dA, dB, dC, dD, dbias, None
+                          int(layout), torch.get_num_threads())
+        return du, ddelta, dA, dB, dC, dD, dbias, None, None
 
 
 def selective_scan_cpu_kernel(u, delta, A, B, C, D=None, z=None, delta_bias=None,
@@ -218,9 +239,12 @@ def selective_scan_cpu_kernel(u, delta, A, B, C, D=None, z=None, delta_bias=None
         # the state axis last: it is the kernel's vector axis
         Bt = as_grouped(B).float().transpose(-1, -2).contiguous()
         Ct = as_grouped(C).float().transpose(-1, -2).contiguous()
-        y, last = _CpuScan.apply(u.float().contiguous(), delta.float().contiguous(), A.float().contiguous(), Bt, Ct,
-                                 None if D is None else D.float().contiguous(),
-                                 None if delta_bias is None else delta_bias.float().contiguous(), bool(delta_softplus))
+        # tokens stored channels last (from a linear layer) are scanned in place, without transposed copies
+        channels_last = is_channels_last(u)
+        y, last = _CpuScan.apply(in_layout(u.float(), channels_last), in_layout(delta.float(), channels_last),
+                                 A.float().contiguous(), Bt, Ct, None if D is None else D.float().contiguous(),
+                                 None if delta_bias is None else delta_bias.float().contiguous(), bool(delta_softplus),
+                                 channels_last)
         out = y * F.silu(z.float()) if z is not None else y
     out = out.to(u.dtype)
     return (out, last) if return_last_state else out

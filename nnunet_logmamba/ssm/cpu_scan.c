@@ -10,8 +10,9 @@
  *     y[t]   = sum_n C[g,t,n] * h[t,n] + Dskip[d] * u[t]
  *
  * The z gate is applied outside (PyTorch autograd). B and C come in as
- * (batch, groups, length, state) so that the state is the contiguous, vectorised axis; u, dt, y as
- * (batch, dim, length). The forward keeps the state at the start of every `chunk` positions; the
+ * (batch, groups, length, state) so that the state is the contiguous, vectorised axis; u, dt, y (and their
+ * gradients) as (batch, dim, length), or with `channels_last` as (batch, length, dim), the layout of
+ * tokens that come from and go to linear layers (no transposed copies on either side). The forward keeps the state at the start of every `chunk` positions; the
  * backward recomputes one chunk at a time into a small buffer (as mamba-ssm's CUDA kernel does) and
  * runs the adjoint recurrence g[t] = dy[t] C[t] + a[t+1] g[t+1] backwards.
  *
@@ -55,67 +56,96 @@ static inline __attribute__((always_inline)) float decay_exp(float x)
 static inline float step_size(float pre, int softplus) { return (softplus && pre <= 20.0f) ? log1pf(expf(pre)) : pre; }
 static inline float step_size_slope(float pre, int softplus) { return (softplus && pre <= 20.0f) ? 1.0f / (1.0f + expf(-pre)) : 1.0f; }
 
-/* Channels per block. The channels of one group share B and C; a block of them walks the sequence
+/* Most channels per block. The channels of one group share B and C; a block of them walks the sequence
  * chunk by chunk, each channel in turn through the chunk, so that the chunk's B, C (and in the backward
- * dB, dC) stay in the L1 cache for the whole block instead of streaming from memory once per channel.
+ * dB, dC) are read once per block, from the cache, instead of streaming from memory once per channel.
  * Per channel those streams are 6 x state floats per position against 3 floats of u, delta and dy: on
  * long sequences (an nnU-Net full-size map) they bound the backward. Within a chunk each channel's loop
- * is the plain one-channel recurrence with its state and adjoint in registers. */
+ * is the plain one-channel recurrence with its state and adjoint in registers. Blocks are as wide as
+ * this allows unless the threads need more of them (see channel_block); wide blocks also read tokens
+ * stored channels last a whole cache line at a time. */
 #ifndef CHANNEL_BLOCK
-#define CHANNEL_BLOCK 8
+#define CHANNEL_BLOCK 64
 #endif
 
+/* Copies between a chunk of `nch` channels (channel k at k * cs, position t at t * ps) and a buffer that
+ * holds them at unit stride (channel k at k * chunk): u, delta, dy come from and y, du, ddelta go to
+ * either layout, while the recurrences read and write only the buffers (strided, the step sizes' softplus
+ * would not vectorise and every position would touch its own cache line). */
+static inline void stage_in(float *restrict buf, const float *restrict src, int64_t nch, int64_t len,
+                            int64_t chunk, int64_t cs, int64_t ps)
+{
+    for (int64_t k = 0; k < nch; k++)
+        for (int64_t i = 0; i < len; i++) buf[k * chunk + i] = src[k * cs + i * ps];
+}
+
+static inline void stage_out(float *restrict dst, const float *restrict buf, int64_t nch, int64_t len,
+                             int64_t chunk, int64_t cs, int64_t ps)
+{
+    for (int64_t k = 0; k < nch; k++)
+        for (int64_t i = 0; i < len; i++) dst[k * cs + i * ps] = buf[k * chunk + i];
+}
+
 /* The forward of `nch` (<= CHANNEL_BLOCK) channels of one batch element and group. Channel k's u, delta, y
- * start at k * length, its A at k * state, its saved states at k * nchunks * state, its last state at
- * k * state. `state` is a compile-time constant in the specialised calls below, so that the state loops
- * are fully vectorised (a runtime trip count of 8 would fall into a scalar tail). */
+ * start at k * cs and step ps per position (cs = length, ps = 1 channels first; cs = 1, ps = dim channels
+ * last), its A at k * state, its saved states at k * nchunks * state, its last state at k * state.
+ * `stage` holds 3 x nch x chunk floats. `state` is a compile-time constant in the specialised
+ * calls below, so that the state loops are fully vectorised (a runtime trip count of 8 would fall into a
+ * scalar tail). */
 static inline __attribute__((always_inline)) void forward_block(
-    const int64_t state, int64_t nch, int64_t length, int64_t chunk, int64_t nchunks,
+    const int64_t state, int64_t nch, int64_t length, int64_t chunk, int64_t nchunks, int64_t cs, int64_t ps,
     const float *restrict ub, const float *restrict deltab, const float *restrict shift, int softplus,
     const float *restrict Ad, const float *restrict Bg, const float *restrict Cg, const float *restrict skip,
-    float *restrict yb, float *restrict saved, float *restrict last, float *restrict dtbuf)
+    float *restrict yb, float *restrict saved, float *restrict last, float *restrict stage)
 {
+    float *ubuf = stage, *dtbuf = stage + nch * chunk, *ybuf = stage + 2 * nch * chunk;
     for (int64_t k = 0; k < nch; k++) memset(last + k * state, 0, sizeof(float) * state);
     for (int64_t t0 = 0; t0 < length; t0 += chunk) {
         const int64_t len = (t0 + chunk < length) ? chunk : length - t0;
+        stage_in(ubuf, ub + t0 * ps, nch, len, chunk, cs, ps);
+        stage_in(dtbuf, deltab + t0 * ps, nch, len, chunk, cs, ps);
         for (int64_t k = 0; k < nch; k++) {
             const float sh = shift ? shift[k] : 0.0f, sk = skip ? skip[k] : 0.0f;
-            const float *uk = ub + k * length, *dk = deltab + k * length, *Ak = Ad + k * state;
-            float *yk = yb + k * length;
+            const float *uk = ubuf + k * chunk, *Ak = Ad + k * state;
+            float *dtk = dtbuf + k * chunk, *yk = ybuf + k * chunk;
             float h[state];
             memcpy(h, last + k * state, sizeof(float) * state);  /* `last` carries the state between chunks */
             memcpy(saved + k * nchunks * state + (t0 / chunk) * state, h, sizeof(float) * state);
             /* the step sizes of the chunk first: independent positions, so the transcendentals vectorise */
-            for (int64_t i = 0; i < len; i++) dtbuf[i] = step_size(dk[t0 + i] + sh, softplus);
+            for (int64_t i = 0; i < len; i++) dtk[i] = step_size(dtk[i] + sh, softplus);
             for (int64_t i = 0; i < len; i++) {
-                const int64_t t = t0 + i;
-                const float dtt = dtbuf[i], x = dtt * uk[t];
-                const float *Bt = Bg + t * state, *Ct = Cg + t * state;
+                const float dtt = dtk[i], x = dtt * uk[i];
+                const float *Bt = Bg + (t0 + i) * state, *Ct = Cg + (t0 + i) * state;
                 float acc = 0.0f;
                 for (int64_t n = 0; n < state; n++) {
                     h[n] = decay_exp(dtt * Ak[n]) * h[n] + x * Bt[n];
                     acc += Ct[n] * h[n];
                 }
-                yk[t] = acc + sk * uk[t];
+                yk[i] = acc + sk * uk[i];
             }
             memcpy(last + k * state, h, sizeof(float) * state);
         }
+        stage_out(yb + t0 * ps, ybuf, nch, len, chunk, cs, ps);
     }
 }
 
 /* The backward of a block of channels (layout as in forward_block): chunk by chunk from the end; for each
  * channel of the block in turn, the chunk's states recomputed from its saved start state, then the
  * adjoint recurrence backwards through the chunk. The adjoint and dA of every channel are carried from
- * chunk to chunk in `carry` (2 x CHANNEL_BLOCK x state floats). */
+ * chunk to chunk in `carry` (2 x CHANNEL_BLOCK x state floats); `stage` holds 6 x nch x chunk floats,
+ * `hbuf` (chunk + 1) x state and `abuf` chunk x state. */
 static inline __attribute__((always_inline)) void backward_block(
-    const int64_t state, int64_t nch, int64_t length, int64_t chunk, int64_t nchunks,
+    const int64_t state, int64_t nch, int64_t length, int64_t chunk, int64_t nchunks, int64_t cs, int64_t ps,
     const float *restrict ub, const float *restrict deltab, const float *restrict shift, int softplus,
     const float *restrict Ad, const float *restrict Bg, const float *restrict Cg, const float *restrict skip,
     const float *restrict dyb, const float *restrict dlastb, const float *restrict saved,
     float *restrict dub, float *restrict ddeltab, float *restrict dAd, float *restrict dBg, float *restrict dCg,
     float *restrict dDd, float *restrict dbiasd, float *restrict hbuf, float *restrict abuf,
-    float *restrict dtbuf, float *restrict slopebuf, float *restrict carry)
+    float *restrict stage, float *restrict carry)
 {
+    const int64_t tile = nch * chunk;
+    float *ubuf = stage, *dybuf = stage + tile, *dtbuf = stage + 2 * tile, *slopebuf = stage + 3 * tile;
+    float *dubuf = stage + 4 * tile, *ddbuf = stage + 5 * tile;
     float *gcarry = carry, *dAcarry = carry + CHANNEL_BLOCK * state;
     double dDacc[CHANNEL_BLOCK], dbiasacc[CHANNEL_BLOCK];
     for (int64_t k = 0; k < nch; k++) {
@@ -128,22 +158,25 @@ static inline __attribute__((always_inline)) void backward_block(
     }
     for (int64_t c = nchunks - 1; c >= 0; c--) {
         const int64_t t0 = c * chunk, len = (t0 + chunk < length) ? chunk : length - t0;
+        stage_in(ubuf, ub + t0 * ps, nch, len, chunk, cs, ps);
+        stage_in(dybuf, dyb + t0 * ps, nch, len, chunk, cs, ps);
+        stage_in(slopebuf, deltab + t0 * ps, nch, len, chunk, cs, ps);
         for (int64_t k = 0; k < nch; k++) {
             const float sh = shift ? shift[k] : 0.0f, sk = skip ? skip[k] : 0.0f;
-            const float *uk = ub + k * length, *dk = deltab + k * length, *dyk = dyb + k * length;
-            const float *Ak = Ad + k * state;
-            float *duk = dub + k * length, *ddk = ddeltab + k * length;
+            const float *uk = ubuf + k * chunk, *dyk = dybuf + k * chunk, *Ak = Ad + k * state;
+            float *dtk = dtbuf + k * chunk, *slk = slopebuf + k * chunk;
+            float *duk = dubuf + k * chunk, *ddk = ddbuf + k * chunk;
             float g[state], dAacc[state];
             memcpy(g, gcarry + k * state, sizeof(float) * state);
             memcpy(dAacc, dAcarry + k * state, sizeof(float) * state);
             memcpy(hbuf, saved + k * nchunks * state + c * state, sizeof(float) * state);
             for (int64_t i = 0; i < len; i++) {
-                const float pre = dk[t0 + i] + sh;
-                dtbuf[i] = step_size(pre, softplus);
-                slopebuf[i] = step_size_slope(pre, softplus);
+                const float pre = slk[i] + sh;
+                dtk[i] = step_size(pre, softplus);
+                slk[i] = step_size_slope(pre, softplus);
             }
             for (int64_t i = 0; i < len; i++) {
-                const float dtt = dtbuf[i], x = dtt * uk[t0 + i];
+                const float dtt = dtk[i], x = dtt * uk[i];
                 const float *Bt = Bg + (t0 + i) * state;
                 const float *hp = hbuf + i * state;
                 float *hn = hbuf + (i + 1) * state, *an = abuf + i * state;
@@ -155,7 +188,7 @@ static inline __attribute__((always_inline)) void backward_block(
             double dDk = 0.0, dbiask = 0.0;
             for (int64_t i = len - 1; i >= 0; i--) {
                 const int64_t t = t0 + i;
-                const float dyt = dyk[t], dtt = dtbuf[i], ut = uk[t], x = dtt * ut;
+                const float dyt = dyk[i], dtt = dtk[i], ut = uk[i], x = dtt * ut;
                 const float *Bt = Bg + t * state, *Ct = Cg + t * state;
                 float *dBt = dBg + t * state, *dCt = dCg + t * state;
                 const float *hp = hbuf + i * state, *hn = hbuf + (i + 1) * state, *an = abuf + i * state;
@@ -170,9 +203,9 @@ static inline __attribute__((always_inline)) void backward_block(
                     dAacc[n] += w * dtt;
                     g[n] = an[n] * gn;
                 }
-                duk[t] = dtt * s + sk * dyt;
-                const float dpre = (ut * s + sw) * slopebuf[i];
-                ddk[t] = dpre;
+                duk[i] = dtt * s + sk * dyt;
+                const float dpre = (ut * s + sw) * slk[i];
+                ddk[i] = dpre;
                 dbiask += dpre;
                 dDk += (double)dyt * ut;
             }
@@ -181,6 +214,8 @@ static inline __attribute__((always_inline)) void backward_block(
             memcpy(gcarry + k * state, g, sizeof(float) * state);
             memcpy(dAcarry + k * state, dAacc, sizeof(float) * state);
         }
+        stage_out(dub + t0 * ps, dubuf, nch, len, chunk, cs, ps);
+        stage_out(ddeltab + t0 * ps, ddbuf, nch, len, chunk, cs, ps);
     }
     for (int64_t k = 0; k < nch; k++) {
         for (int64_t n = 0; n < state; n++) dAd[k * state + n] += dAcarry[k * state + n];
@@ -199,38 +234,54 @@ static inline __attribute__((always_inline)) void backward_block(
     default: { const int64_t st = state; call; }     \
     }
 
-/* The work units of both passes: (batch, group, block of up to CHANNEL_BLOCK channels of the group). */
-static inline void unit_channels(int64_t unit, int64_t dim, int64_t groups, int64_t *b, int64_t *g, int64_t *d0,
-                                 int64_t *nch)
+/* Channels per block: as many as CHANNEL_BLOCK allows, but at least two blocks per thread in all (when
+ * the channels allow) so that the threads share the work evenly. */
+static inline int64_t channel_block(int64_t batch, int64_t groups, int64_t heads, int threads)
 {
-    const int64_t heads = dim / groups, blocks = (heads + CHANNEL_BLOCK - 1) / CHANNEL_BLOCK;
+    int64_t blocks = (heads + CHANNEL_BLOCK - 1) / CHANNEL_BLOCK;
+    while (threads > 1 && batch * groups * blocks < 2 * (int64_t)threads && blocks < heads) blocks++;
+    return (heads + blocks - 1) / blocks;
+}
+
+/* The work units of both passes: (batch, group, block of up to `block` channels of the group). */
+static inline void unit_channels(int64_t unit, int64_t dim, int64_t groups, int64_t block, int64_t *b, int64_t *g,
+                                 int64_t *d0, int64_t *nch)
+{
+    const int64_t heads = dim / groups, blocks = (heads + block - 1) / block;
     const int64_t blk = unit % blocks;
     *g = (unit / blocks) % groups;
     *b = unit / (blocks * groups);
-    *d0 = *g * heads + blk * CHANNEL_BLOCK;
-    *nch = (heads - blk * CHANNEL_BLOCK < CHANNEL_BLOCK) ? heads - blk * CHANNEL_BLOCK : CHANNEL_BLOCK;
+    *d0 = *g * heads + blk * block;
+    *nch = (heads - blk * block < block) ? heads - blk * block : block;
 }
 
 API void scan_forward(int64_t batch, int64_t dim, int64_t length, int64_t state, int64_t groups, int64_t chunk,
                       const float *restrict u, const float *restrict delta, const float *restrict bias, int softplus,
                       const float *restrict A, const float *restrict Bm, const float *restrict Cm,
                       const float *restrict Dskip, float *restrict y, float *restrict chunk_states,
-                      float *restrict last_state, int threads)
+                      float *restrict last_state, int channels_last, int threads)
 {
     const int64_t heads = dim / groups;
     const int64_t nchunks = (length + chunk - 1) / chunk;
-    const int64_t units = batch * groups * ((heads + CHANNEL_BLOCK - 1) / CHANNEL_BLOCK);
+    const int64_t block = channel_block(batch, groups, heads, threads);
+    const int64_t units = batch * groups * ((heads + block - 1) / block);
+    const int64_t cs = channels_last ? 1 : length, ps = channels_last ? dim : 1;
     (void)threads;
-#pragma omp parallel for schedule(static) num_threads(threads) if (threads > 1)
-    for (int64_t unit = 0; unit < units; unit++) {
-        int64_t b, g, d0, nch;
-        unit_channels(unit, dim, groups, &b, &g, &d0, &nch);
-        const int64_t bd = b * dim + d0, goff = (b * groups + g) * length * state;
-        float dtbuf[chunk];
-        DISPATCH_STATE(forward_block(st, nch, length, chunk, nchunks, u + bd * length, delta + bd * length,
-                                     bias ? bias + d0 : NULL, softplus, A + d0 * state, Bm + goff, Cm + goff,
-                                     Dskip ? Dskip + d0 : NULL, y + bd * length, chunk_states + bd * nchunks * state,
-                                     last_state + bd * state, dtbuf))
+#pragma omp parallel num_threads(threads) if (threads > 1)
+    {
+        float *stage = malloc(sizeof(float) * (size_t)3 * block * chunk);
+#pragma omp for schedule(static)
+        for (int64_t unit = 0; unit < units; unit++) {
+            int64_t b, g, d0, nch;
+            unit_channels(unit, dim, groups, block, &b, &g, &d0, &nch);
+            const int64_t bd = b * dim + d0, goff = (b * groups + g) * length * state;
+            const int64_t off = b * dim * length + d0 * cs;
+            DISPATCH_STATE(forward_block(st, nch, length, chunk, nchunks, cs, ps, u + off, delta + off,
+                                         bias ? bias + d0 : NULL, softplus, A + d0 * state, Bm + goff, Cm + goff,
+                                         Dskip ? Dskip + d0 : NULL, y + off, chunk_states + bd * nchunks * state,
+                                         last_state + bd * state, stage))
+        }
+        free(stage);
     }
 }
 
@@ -240,11 +291,11 @@ API void scan_backward(int64_t batch, int64_t dim, int64_t length, int64_t state
                        const float *restrict Dskip, const float *restrict dy, const float *restrict dlast,
                        const float *restrict chunk_states, float *restrict du, float *restrict ddelta,
                        float *restrict dA, float *restrict dB, float *restrict dC, float *restrict dD,
-                       float *restrict dbias, int threads)
+                       float *restrict dbias, int channels_last, int threads)
 {
     const int64_t heads = dim / groups;
     const int64_t nchunks = (length + chunk - 1) / chunk;
-    const int64_t units = batch * groups * ((heads + CHANNEL_BLOCK - 1) / CHANNEL_BLOCK);
+    const int64_t cs = channels_last ? 1 : length, ps = channels_last ? dim : 1;
     const int64_t bc_size = batch * groups * length * state;
     int nthreads = 1;
 #ifdef _OPENMP
@@ -252,6 +303,8 @@ API void scan_backward(int64_t batch, int64_t dim, int64_t length, int64_t state
 #else
     (void)threads;
 #endif
+    const int64_t block = channel_block(batch, groups, heads, nthreads);
+    const int64_t units = batch * groups * ((heads + block - 1) / block);
     /* thread 0 accumulates straight into the outputs, the others into private copies of dB, dC, dA, dD, dbias */
     const int64_t priv_size = 2 * bc_size + dim * state + 2 * dim;
     float *priv = NULL;
@@ -273,22 +326,23 @@ API void scan_backward(int64_t batch, int64_t dim, int64_t length, int64_t state
         }
         float *hbuf = malloc(sizeof(float) * (size_t)(chunk + 1) * state);
         float *abuf = malloc(sizeof(float) * (size_t)chunk * state);
-        float *dtbuf = malloc(sizeof(float) * (size_t)chunk), *slopebuf = malloc(sizeof(float) * (size_t)chunk);
+        float *stage = malloc(sizeof(float) * (size_t)6 * block * chunk);
         float *carry = malloc(sizeof(float) * (size_t)2 * CHANNEL_BLOCK * state);
 #pragma omp for schedule(static)
         for (int64_t unit = 0; unit < units; unit++) {
             int64_t b, g, d0, nch;
-            unit_channels(unit, dim, groups, &b, &g, &d0, &nch);
+            unit_channels(unit, dim, groups, block, &b, &g, &d0, &nch);
             const int64_t bd = b * dim + d0, goff = (b * groups + g) * length * state;
-            DISPATCH_STATE(backward_block(st, nch, length, chunk, nchunks, u + bd * length, delta + bd * length,
+            const int64_t off = b * dim * length + d0 * cs;
+            DISPATCH_STATE(backward_block(st, nch, length, chunk, nchunks, cs, ps, u + off, delta + off,
                                           bias ? bias + d0 : NULL, softplus, A + d0 * state, Bm + goff, Cm + goff,
-                                          Dskip ? Dskip + d0 : NULL, dy + bd * length,
+                                          Dskip ? Dskip + d0 : NULL, dy + off,
                                           dlast ? dlast + bd * state : NULL, chunk_states + bd * nchunks * state,
-                                          du + bd * length, ddelta + bd * length, mydA + d0 * state, mydB + goff,
+                                          du + off, ddelta + off, mydA + d0 * state, mydB + goff,
                                           mydC + goff, (Dskip && mydD) ? mydD + d0 : NULL,
-                                          (bias && mybias) ? mybias + d0 : NULL, hbuf, abuf, dtbuf, slopebuf, carry))
+                                          (bias && mybias) ? mybias + d0 : NULL, hbuf, abuf, stage, carry))
         }
-        free(hbuf); free(abuf); free(dtbuf); free(slopebuf); free(carry);
+        free(hbuf); free(abuf); free(stage); free(carry);
     }
     if (priv) {
         for (int k = 0; k < nthreads - 1; k++) {
