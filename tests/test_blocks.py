@@ -105,6 +105,36 @@ def test_scan_routes_round_trip(directions, spatial):
         torch.testing.assert_close(split_local(routes[:, 2], 3, "interleaved"), transposed)
 
 
+@pytest.mark.parametrize("spatial", [(6, 5), (3, 4, 5)])
+def test_one_route_of_local_tokens_reaches_the_scan_and_comes_back_without_a_copy(spatial):
+    """The LTX tokens are unfolded channels last and a single route without global tokens is a view of them,
+    stored (batch, length, route, channels): the scan reads them in place, and its output, stored the same
+    way, is merged back without a copy (on the full-size nnU-Net maps those copies cost as much as the
+    scan's projections)."""
+    squeezed = torch.randn(2, 2, *spatial)
+    tokens = unfold_neighbourhood(squeezed, 3)
+    assert tokens.movedim(1, -1).is_contiguous()
+    routes = build_routes(tokens, None, 1, "interleaved")
+    assert routes.data_ptr() == tokens.data_ptr() and routes.permute(0, 3, 1, 2).is_contiguous()
+    merged = merge_routes(routes, spatial, 0, "interleaved")
+    assert merged.data_ptr() == tokens.data_ptr()
+    torch.testing.assert_close(merged, tokens.flatten(2))
+    # with global tokens and 2 routes the layout is the same (joined and stacked once)
+    glob = torch.randn(2, tokens.shape[1], 3)
+    routes = build_routes(tokens, glob, 2, "split")
+    assert routes.permute(0, 3, 1, 2).is_contiguous()
+    torch.testing.assert_close(merge_routes(routes, spatial, 3, "split"), 2 * tokens.flatten(2))
+
+
+def test_join_along_another_axis_keeps_the_layout():
+    local, glob = torch.randn(2, 7, 4), torch.randn(2, 3, 4)
+    joined = join_tokens(local, glob, "interleaved", dim=-2)
+    torch.testing.assert_close(joined, join_tokens(local.transpose(1, 2), glob.transpose(1, 2)).transpose(1, 2))
+    torch.testing.assert_close(split_local(joined, 3, "interleaved", dim=-2), local)
+    with pytest.raises(ValueError, match="token axis"):
+        join_tokens(local, torch.randn(2, 3, 5), dim=-2)
+
+
 def test_global_compression_is_derived_from_the_size():
     assert global_compression((40, 56, 40)) == ((10, 14, 10), (4, 4, 4))
     assert global_compression((5, 28, 3)) == ((2, 7, 1), (3, 4, 3))
