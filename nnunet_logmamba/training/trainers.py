@@ -310,6 +310,8 @@ nnUNetTrainerGVMamba_12epochs_25iters = budget_variant(
     nnUNetTrainerGVMamba, 12, 25, 5, "G-VMamba ablation at the 300-step budget.")
 nnUNetTrainer_12epochs_25iters = budget_variant(
     nnUNetTrainer, 12, 25, 5, "The plain nnU-Net baseline at the 300-step budget.")
+nnUNetTrainer_18epochs_25iters = budget_variant(
+    nnUNetTrainer, 18, 25, 5, "Plain nnU-Net given the CPU wall time of the all-stages layout's 300 steps (1.5x: 450 steps).")
 nnUNetTrainerLoGVMamba_40epochs_25iters = budget_variant(
     nnUNetTrainerLoGVMamba, 40, 25, 5, "1000-step CPU budget: 40 epochs of 25 iterations.")
 nnUNetTrainer_40epochs_25iters = budget_variant(
@@ -333,5 +335,5 @@ TRAINERS = {cls.__name__: cls for cls in (
     nnUNetTrainerLoGVMamba_UniformLR, nnUNetTrainerLoGVMamba_UniformLR_12epochs_25iters,
     nnUNetTrainerGVMamba_12epochs_25iters, nnUNetTrainerLoGVMamba_40epochs_25iters, nnUNetTrainer_40epochs_25iters,
     nnUNetTrainerLoGVMambaAllStages_40epochs_25iters, nnUNetTrainerLoGVMambaPaperModes,
-    nnUNetTrainerLoGVMambaPaperModes_12epochs_25iters)}
+    nnUNetTrainerLoGVMambaPaperModes_12epochs_25iters, nnUNetTrainer_18epochs_25iters)}
 __all__ += sorted(TRAINERS)
