@@ -243,16 +243,26 @@ static inline int64_t channel_block(int64_t batch, int64_t groups, int64_t heads
     return (heads + blocks - 1) / blocks;
 }
 
-/* The work units of both passes: (batch, group, block of up to `block` channels of the group). */
-static inline void unit_channels(int64_t unit, int64_t dim, int64_t groups, int64_t block, int64_t *b, int64_t *g,
-                                 int64_t *d0, int64_t *nch)
+/* A work unit of both passes: a batch element, a group and a block of up to `block` of the group's channels. */
+struct work_unit {
+    int64_t d0, nch;  /* first channel, channels */
+    int64_t bd;       /* (batch, first channel) pair: index of its saved and last states */
+    int64_t goff;     /* offset of the group's B, C (and dB, dC) */
+    int64_t off;      /* offset of the first channel's u, delta, y (and gradients) */
+};
+
+static inline struct work_unit work_unit_at(int64_t unit, int64_t dim, int64_t length, int64_t state, int64_t groups,
+                                            int64_t block, int64_t cs)
 {
     const int64_t heads = dim / groups, blocks = (heads + block - 1) / block;
-    const int64_t blk = unit % blocks;
-    *g = (unit / blocks) % groups;
-    *b = unit / (blocks * groups);
-    *d0 = *g * heads + blk * block;
-    *nch = (heads - blk * block < block) ? heads - blk * block : block;
+    const int64_t blk = unit % blocks, g = (unit / blocks) % groups, b = unit / (blocks * groups);
+    struct work_unit w;
+    w.d0 = g * heads + blk * block;
+    w.nch = (heads - blk * block < block) ? heads - blk * block : block;
+    w.bd = b * dim + w.d0;
+    w.goff = (b * groups + g) * length * state;
+    w.off = b * dim * length + w.d0 * cs;
+    return w;
 }
 
 API void scan_forward(int64_t batch, int64_t dim, int64_t length, int64_t state, int64_t groups, int64_t chunk,
@@ -272,14 +282,11 @@ API void scan_forward(int64_t batch, int64_t dim, int64_t length, int64_t state,
         float *stage = malloc(sizeof(float) * (size_t)3 * block * chunk);
 #pragma omp for schedule(static)
         for (int64_t unit = 0; unit < units; unit++) {
-            int64_t b, g, d0, nch;
-            unit_channels(unit, dim, groups, block, &b, &g, &d0, &nch);
-            const int64_t bd = b * dim + d0, goff = (b * groups + g) * length * state;
-            const int64_t off = b * dim * length + d0 * cs;
-            DISPATCH_STATE(forward_block(st, nch, length, chunk, nchunks, cs, ps, u + off, delta + off,
-                                         bias ? bias + d0 : NULL, softplus, A + d0 * state, Bm + goff, Cm + goff,
-                                         Dskip ? Dskip + d0 : NULL, y + off, chunk_states + bd * nchunks * state,
-                                         last_state + bd * state, stage))
+            const struct work_unit w = work_unit_at(unit, dim, length, state, groups, block, cs);
+            DISPATCH_STATE(forward_block(st, w.nch, length, chunk, nchunks, cs, ps, u + w.off, delta + w.off,
+                                         bias ? bias + w.d0 : NULL, softplus, A + w.d0 * state, Bm + w.goff,
+                                         Cm + w.goff, Dskip ? Dskip + w.d0 : NULL, y + w.off,
+                                         chunk_states + w.bd * nchunks * state, last_state + w.bd * state, stage))
         }
         free(stage);
     }
@@ -330,17 +337,14 @@ API void scan_backward(int64_t batch, int64_t dim, int64_t length, int64_t state
         float *carry = malloc(sizeof(float) * (size_t)2 * CHANNEL_BLOCK * state);
 #pragma omp for schedule(static)
         for (int64_t unit = 0; unit < units; unit++) {
-            int64_t b, g, d0, nch;
-            unit_channels(unit, dim, groups, block, &b, &g, &d0, &nch);
-            const int64_t bd = b * dim + d0, goff = (b * groups + g) * length * state;
-            const int64_t off = b * dim * length + d0 * cs;
-            DISPATCH_STATE(backward_block(st, nch, length, chunk, nchunks, cs, ps, u + off, delta + off,
-                                          bias ? bias + d0 : NULL, softplus, A + d0 * state, Bm + goff, Cm + goff,
-                                          Dskip ? Dskip + d0 : NULL, dy + off,
-                                          dlast ? dlast + bd * state : NULL, chunk_states + bd * nchunks * state,
-                                          du + off, ddelta + off, mydA + d0 * state, mydB + goff,
-                                          mydC + goff, (Dskip && mydD) ? mydD + d0 : NULL,
-                                          (bias && mybias) ? mybias + d0 : NULL, hbuf, abuf, stage, carry))
+            const struct work_unit w = work_unit_at(unit, dim, length, state, groups, block, cs);
+            DISPATCH_STATE(backward_block(st, w.nch, length, chunk, nchunks, cs, ps, u + w.off, delta + w.off,
+                                          bias ? bias + w.d0 : NULL, softplus, A + w.d0 * state, Bm + w.goff,
+                                          Cm + w.goff, Dskip ? Dskip + w.d0 : NULL, dy + w.off,
+                                          dlast ? dlast + w.bd * state : NULL, chunk_states + w.bd * nchunks * state,
+                                          du + w.off, ddelta + w.off, mydA + w.d0 * state, mydB + w.goff,
+                                          mydC + w.goff, (Dskip && mydD) ? mydD + w.d0 : NULL,
+                                          (bias && mybias) ? mybias + w.d0 : NULL, hbuf, abuf, stage, carry))
         }
         free(hbuf); free(abuf); free(stage); free(carry);
     }
