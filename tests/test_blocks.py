@@ -184,6 +184,46 @@ def test_block_forward_backward_every_parameter_gets_a_gradient(mode, directions
     assert x.grad.abs().sum() > 0
 
 
+def _local_block_written_out(block, x):
+    """The 2D L-VMamba block (one route, no global tokens) computed step by step from its parameters, with
+    torch's own unfold and the reference scan on contiguous (batch, channels, length) tensors: an independent
+    check of the block's layouts (channels-last tokens, routes stored (batch, length, K, channels))."""
+    from nnunet_logmamba.ssm import selective_scan
+
+    batch, channels, height, width = x.shape
+    h = block.in_proj(block.norm(x.permute(0, 2, 3, 1)))
+    inner, gate = h.chunk(2, dim=-1)
+    squeezed = F.silu(block.local_tokens.squeeze(inner.permute(0, 3, 1, 2)))
+    tokens = F.unfold(squeezed, 3, padding=1)  # (batch, squeezed * 9, length), channel c * 9 + offset
+    projected = torch.einsum("cd,bdl->bcl", block.x_proj_weight[0], tokens)
+    dts, b, c = projected.split([block.dt_rank, block.state_size, block.state_size], dim=1)
+    dts = torch.einsum("dr,brl->bdl", block.dt_proj_weight[0], dts)
+    y = selective_scan(tokens.contiguous(), dts.contiguous(), -torch.exp(block.A_log), b.contiguous(), c.contiguous(),
+                       D=block.D, delta_bias=block.dt_bias.flatten(), delta_softplus=True, backend="reference")
+    y = y.transpose(1, 2).reshape(batch, height, width, -1)
+    y = block.out_norm(block.back_proj(y)) * F.silu(gate)
+    return x + block.out_proj(y).permute(0, 3, 1, 2)
+
+
+@pytest.mark.parametrize("backend", ["cpu_kernel", "torch", "reference"])
+def test_local_block_matches_its_computation_written_out(backend):
+    from nnunet_logmamba.ssm import available_backends
+
+    if backend not in available_backends("cpu"):
+        pytest.skip(f"{backend} is not available here")
+    torch.manual_seed(0)
+    block = LoGVSSBlock(16, (7, 9), mode="local", squeeze=4, zero_init_residual=False, scan_backend=backend)
+    x = torch.randn(2, 16, 7, 9, requires_grad=True)
+    y = block(x)
+    expected = _local_block_written_out(block, x)
+    torch.testing.assert_close(y, expected, rtol=1e-4, atol=1e-5)
+    weights = torch.randn_like(y)
+    grads = torch.autograd.grad((y * weights).sum(), [x, *block.parameters()])
+    expected_grads = torch.autograd.grad((expected * weights).sum(), [x, *block.parameters()])
+    for got, want in zip(grads, expected_grads):
+        torch.testing.assert_close(got, want, rtol=1e-3, atol=1e-5)
+
+
 def test_block_without_zero_init_contributes_at_once():
     torch.manual_seed(0)
     block = LoGVSSBlock(16, (6, 8), zero_init_residual=False, squeeze=4)

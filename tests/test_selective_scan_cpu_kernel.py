@@ -141,8 +141,8 @@ def test_the_built_kernel_is_cached_for_later_processes(monkeypatch, tmp_path):
 @pytest.mark.parametrize("threads", [1, 3])
 def test_channel_blocks_that_share_B_and_C_sum_their_gradients(groups, threads):
     """The kernel scans the channels of a group in blocks (at most 64, more blocks when threads need work)
-    that read B, C and add dB, dC once per position: 130 channels make blocks of unequal width (65 per
-    group with 2 groups; one channel per group with 130)."""
+    that read B, C and add dB, dC once per position: 130 channels make blocks of unequal width (44, 44, 42
+    with one group and one thread; 33 and 32 per group with 2 groups; one channel per group with 130)."""
     options = OPTION_SETS["all"]
     inputs = make_inputs(2, 130, 16, 150, groups, torch.float32, options, seed=5)
     before = torch.get_num_threads()
@@ -183,3 +183,13 @@ def test_tokens_stored_channels_last_are_scanned_in_place(groups, threads):
     torch.testing.assert_close(last.double(), last_ref, rtol=6e-4, atol=2e-3)
     for name in grads:
         assert_close_rel(grads[name], grads_ref[name], 2e-4, f"d{name}")
+
+
+@needs_kernel
+def test_no_channels_is_an_empty_scan_not_a_crash():
+    u = torch.zeros(1, 0, 5, requires_grad=True)
+    y = selective_scan(u, torch.zeros(1, 0, 5), torch.zeros(0, 4), torch.zeros(1, 4, 5), torch.zeros(1, 4, 5),
+                       backend="cpu_kernel")
+    assert y.shape == (1, 0, 5)
+    y.sum().backward()
+    assert u.grad.shape == (1, 0, 5)

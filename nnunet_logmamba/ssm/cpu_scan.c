@@ -238,6 +238,7 @@ static inline __attribute__((always_inline)) void backward_block(
  * the channels allow) so that the threads share the work evenly. */
 static inline int64_t channel_block(int64_t batch, int64_t groups, int64_t heads, int threads)
 {
+    if (heads < 1) return 1;  /* no channels: no work units, but no division by zero either */
     int64_t blocks = (heads + CHANNEL_BLOCK - 1) / CHANNEL_BLOCK;
     while (threads > 1 && batch * groups * blocks < 2 * (int64_t)threads && blocks < heads) blocks++;
     return (heads + blocks - 1) / blocks;
