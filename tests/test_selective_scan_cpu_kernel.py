@@ -136,6 +136,23 @@ def test_the_built_kernel_is_cached_for_later_processes(monkeypatch, tmp_path):
         cpu_kernel._load.cache_clear()
 
 
+def _kernel_matches_reference(inputs, options, threads, stored=None):
+    """The kernel on ``stored`` (default: ``inputs``) with ``threads`` threads against the fp64 reference on
+    ``inputs``: output, last state, every gradient. Returns the kernel's output."""
+    before = torch.get_num_threads()
+    try:
+        torch.set_num_threads(threads)
+        y, last, grads = run("cpu_kernel", inputs if stored is None else stored, options)
+    finally:
+        torch.set_num_threads(before)
+    y_ref, last_ref, grads_ref = run("reference", inputs, options, upcast=True)
+    torch.testing.assert_close(y.double(), y_ref, rtol=6e-4, atol=2e-3)
+    torch.testing.assert_close(last.double(), last_ref, rtol=6e-4, atol=2e-3)
+    for name in grads:
+        assert_close_rel(grads[name], grads_ref[name], 2e-4, f"d{name}")
+    return y
+
+
 @needs_kernel
 @pytest.mark.parametrize("groups", [None, 2, 130])
 @pytest.mark.parametrize("threads", [1, 3])
@@ -144,18 +161,7 @@ def test_channel_blocks_that_share_B_and_C_sum_their_gradients(groups, threads):
     that read B, C and add dB, dC once per position: 130 channels make blocks of unequal width (44, 44, 42
     with one group and one thread; 33 and 32 per group with 2 groups; one channel per group with 130)."""
     options = OPTION_SETS["all"]
-    inputs = make_inputs(2, 130, 16, 150, groups, torch.float32, options, seed=5)
-    before = torch.get_num_threads()
-    try:
-        torch.set_num_threads(threads)
-        y, last, grads = run("cpu_kernel", inputs, options)
-    finally:
-        torch.set_num_threads(before)
-    y_ref, last_ref, grads_ref = run("reference", inputs, options, upcast=True)
-    torch.testing.assert_close(y.double(), y_ref, rtol=6e-4, atol=2e-3)
-    torch.testing.assert_close(last.double(), last_ref, rtol=6e-4, atol=2e-3)
-    for name in grads:
-        assert_close_rel(grads[name], grads_ref[name], 2e-4, f"d{name}")
+    _kernel_matches_reference(make_inputs(2, 130, 16, 150, groups, torch.float32, options, seed=5), options, threads)
 
 
 @needs_kernel
@@ -163,26 +169,16 @@ def test_channel_blocks_that_share_B_and_C_sum_their_gradients(groups, threads):
 @pytest.mark.parametrize("threads", [1, 2])
 def test_tokens_stored_channels_last_are_scanned_in_place(groups, threads):
     """u, delta, z as (batch, length, dim) memory viewed as (batch, dim, length) (tokens out of a linear
-    layer): same results as the reference, and y comes back in that layout (no transposed copy after)."""
+    layer): same results as the reference, and y comes back in that layout (no transposed copy after).
+    70 channels: more than one block with one group, blocks of 35 with two."""
     options = OPTION_SETS["all"]
-    inputs = make_inputs(2, 22, 16, 150, groups, torch.float32, options, seed=8)
+    inputs = make_inputs(2, 70, 16, 150, groups, torch.float32, options, seed=8)
     stored = {k: (v.detach().transpose(1, 2).contiguous().transpose(1, 2).requires_grad_()
                   if k in ("u", "delta", "z") else v) for k, v in inputs.items()}
     assert cpu_kernel.is_channels_last(stored["u"]) and not cpu_kernel.is_channels_last(inputs["u"])
-    before = torch.get_num_threads()
-    try:
-        torch.set_num_threads(threads)
-        y, last, grads = run("cpu_kernel", stored, options)
-        plain = selective_scan(stored["u"], stored["delta"], stored["A"], stored["B"], stored["C"],
-                               backend="cpu_kernel")
-    finally:
-        torch.set_num_threads(before)
+    _kernel_matches_reference(inputs, options, threads, stored)
+    plain = selective_scan(stored["u"], stored["delta"], stored["A"], stored["B"], stored["C"], backend="cpu_kernel")
     assert cpu_kernel.is_channels_last(plain)
-    y_ref, last_ref, grads_ref = run("reference", inputs, options, upcast=True)
-    torch.testing.assert_close(y.double(), y_ref, rtol=6e-4, atol=2e-3)
-    torch.testing.assert_close(last.double(), last_ref, rtol=6e-4, atol=2e-3)
-    for name in grads:
-        assert_close_rel(grads[name], grads_ref[name], 2e-4, f"d{name}")
 
 
 @needs_kernel
