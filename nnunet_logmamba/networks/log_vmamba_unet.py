@@ -152,8 +152,8 @@ def insert_log_vmamba_blocks(network: nn.Module, patch_size: Sequence[int], batc
     if encoder_stages not in ("all", "bottleneck", "none"):
         raise ValueError(f"encoder_stages must be 'all', 'bottleneck' or 'none', got {encoder_stages!r}")
     if config.placement in ("all_stages", "all_stages_capped"):
-        cap = config.rule.max_batch_tokens if config.placement == "all_stages_capped" else None
-        return _insert_after_every_encoder_stage(encoder, sizes, channels, config, batch_size, cap)
+        return _insert_after_every_encoder_stage(encoder, sizes, channels, config, batch_size,
+                                                 capped=config.placement == "all_stages_capped")
     placed = []
     for i, size in enumerate(sizes):
         if encoder_stages == "none" or (encoder_stages == "bottleneck" and i != len(sizes) - 1):
@@ -180,20 +180,20 @@ def insert_log_vmamba_blocks(network: nn.Module, patch_size: Sequence[int], batc
 
 def _insert_after_every_encoder_stage(encoder: nn.Module, sizes: list[tuple[int, ...]], channels: list[int],
                                       config: LoGVMambaConfig, batch_size: int = 1,
-                                      max_batch_tokens: int | None = None) -> list[dict]:
+                                      capped: bool = False) -> list[dict]:
     placed = []
     for i, size in enumerate(sizes):
         if isinstance(encoder.stages[i], StageWithMamba):
             continue
-        if max_batch_tokens is not None and math.prod(size) * max(1, int(batch_size)) > max_batch_tokens:
+        if capped and not config.rule.within_cost_cap(size, batch_size):
             continue
         mode = all_stages_mode(i, len(sizes), config.rule.variant)
         edge = config.last_global_max_edge if i == len(sizes) - 1 else config.global_max_edge
         encoder.stages[i] = StageWithMamba(encoder.stages[i], _block(channels[i], size, mode, config, edge))
         placed.append({"where": "encoder", "stage": i, "size": size, "mode": mode})
     if not placed:
-        raise ValueError(f"no encoder stage fits max_batch_tokens={max_batch_tokens} at batch size {batch_size}; "
-                         "raise max_batch_tokens or use placement='all_stages'")
+        raise ValueError(f"no encoder stage fits max_batch_tokens={config.rule.max_batch_tokens} at batch size "
+                         f"{batch_size}; raise max_batch_tokens or use placement='all_stages'")
     return placed
 
 

@@ -45,11 +45,15 @@ class PlacementRule:
         if self.max_batch_tokens < 1:
             raise ValueError(f"max_batch_tokens must be >= 1, got {self.max_batch_tokens}")
 
+    def within_cost_cap(self, spatial_size: Sequence[int], batch_size: int = 1) -> bool:
+        """Whether maps of ``spatial_size`` in batches of ``batch_size`` hold at most ``max_batch_tokens`` positions."""
+        return math.prod(int(s) for s in spatial_size) * max(1, int(batch_size)) <= self.max_batch_tokens
+
     def mode_for(self, spatial_size: Sequence[int], batch_size: int = 1) -> str | None:
         """Token mode for maps of ``spatial_size`` in batches of ``batch_size``, or None for no block."""
-        tokens = math.prod(int(s) for s in spatial_size)
-        if tokens * max(1, int(batch_size)) > self.max_batch_tokens:
+        if not self.within_cost_cap(spatial_size, batch_size):
             return None
+        tokens = math.prod(int(s) for s in spatial_size)
         if self.variant == "local":
             return "local"
         if self.variant == "global":

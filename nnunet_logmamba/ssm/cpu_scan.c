@@ -234,6 +234,17 @@ static inline __attribute__((always_inline)) void backward_block(
     default: { const int64_t st = state; call; }     \
     }
 
+/* Threads the passes really get: `threads` with OpenMP, one without (then the blocks need not shrink). */
+static inline int effective_threads(int threads)
+{
+#ifdef _OPENMP
+    return threads > 1 ? threads : 1;
+#else
+    (void)threads;
+    return 1;
+#endif
+}
+
 /* Channels per block: as many as CHANNEL_BLOCK allows, but at least two blocks per thread in all (when
  * the channels allow) so that the threads share the work evenly. */
 static inline int64_t channel_block(int64_t batch, int64_t groups, int64_t heads, int threads)
@@ -274,11 +285,11 @@ API void scan_forward(int64_t batch, int64_t dim, int64_t length, int64_t state,
 {
     const int64_t heads = dim / groups;
     const int64_t nchunks = (length + chunk - 1) / chunk;
-    const int64_t block = channel_block(batch, groups, heads, threads);
+    const int nthreads = effective_threads(threads);
+    const int64_t block = channel_block(batch, groups, heads, nthreads);
     const int64_t units = batch * groups * ((heads + block - 1) / block);
     const int64_t cs = channels_last ? 1 : length, ps = channels_last ? dim : 1;
-    (void)threads;
-#pragma omp parallel num_threads(threads) if (threads > 1)
+#pragma omp parallel num_threads(nthreads) if (nthreads > 1)
     {
         float *stage = malloc(sizeof(float) * (size_t)3 * block * chunk);
 #pragma omp for schedule(static)
@@ -305,12 +316,7 @@ API void scan_backward(int64_t batch, int64_t dim, int64_t length, int64_t state
     const int64_t nchunks = (length + chunk - 1) / chunk;
     const int64_t cs = channels_last ? 1 : length, ps = channels_last ? dim : 1;
     const int64_t bc_size = batch * groups * length * state;
-    int nthreads = 1;
-#ifdef _OPENMP
-    nthreads = threads > 1 ? threads : 1;
-#else
-    (void)threads;
-#endif
+    int nthreads = effective_threads(threads);
     const int64_t block = channel_block(batch, groups, heads, nthreads);
     const int64_t units = batch * groups * ((heads + block - 1) / block);
     /* thread 0 accumulates straight into the outputs, the others into private copies of dB, dC, dA, dD, dbias */
