@@ -15,6 +15,7 @@ from typing import Sequence
 
 import torch
 from torch import nn
+from torch.utils.checkpoint import checkpoint
 
 from ..ssm import selective_scan
 from .scan_routes import build_routes, check_directions, merge_routes
@@ -61,6 +62,11 @@ class LoGVSSBlock(nn.Module):
         global_max_edge: GTX compressed edge per axis.
         scan_backend: passed to :func:`nnunet_logmamba.ssm.selective_scan`.
         zero_init_residual: start ``out_proj`` at zero so that a new block is the identity (see below).
+        recompute_tokens: when set, training keeps none of the residual branch's intermediate maps:
+            the branch runs on chunks of whole samples holding at most this many positions (at least
+            one sample per chunk) and each chunk is recomputed during backward (activation
+            checkpointing). Results are those of the plain forward; it trades one more forward of the
+            branch for memory, for blocks on maps too large to keep their activations.
 
     A block inserted into a trained or freshly initialised network should not disturb the features
     its neighbours learn under: with ``zero_init_residual`` (the default) the residual branch adds
@@ -75,8 +81,11 @@ class LoGVSSBlock(nn.Module):
                  expand: float = 1.0, state_size: int = 16, squeeze: int | None = None,
                  kernel_size: int = 3, num_global_tokens: int = 4, join: str = "interleaved",
                  directions: int = 1, drop_path: float = 0.0, global_max_edge: int = 4,
-                 scan_backend: str = "auto", zero_init_residual: bool = True):
+                 scan_backend: str = "auto", zero_init_residual: bool = True,
+                 recompute_tokens: int | None = None):
         super().__init__()
+        if recompute_tokens is not None and recompute_tokens < 1:
+            raise ValueError(f"recompute_tokens must be None or >= 1, got {recompute_tokens}")
         if mode not in TOKEN_MODES:
             raise ValueError(f"unknown token mode {mode!r}; choose one of {TOKEN_MODES}")
         if join not in JOIN_ORDERS:
@@ -90,6 +99,7 @@ class LoGVSSBlock(nn.Module):
         if self.ndim not in (1, 2, 3):
             raise ValueError(f"spatial_size must have 1, 2 or 3 axes, got {self.spatial_size}")
         self.mode, self.join, self.directions, self.scan_backend = mode, join, directions, scan_backend
+        self.recompute_tokens = recompute_tokens
         inner = max(1, int(round(expand * channels)))
         squeeze = DEFAULT_SQUEEZE[self.ndim] if squeeze is None else squeeze
 
@@ -163,6 +173,15 @@ class LoGVSSBlock(nn.Module):
         if x.dim() != self.ndim + 2 or tuple(x.shape[2:]) != self.spatial_size:
             raise ValueError(f"{type(self).__name__} was built for maps of spatial size {self.spatial_size} "
                              f"(batch, {self.norm.normalized_shape[0]}, ...), got {tuple(x.shape)}")
+        if self.recompute_tokens is None or not (torch.is_grad_enabled() and self.training):
+            return x + self.drop_path(self._branch(x))
+        per_chunk = max(1, self.recompute_tokens // math.prod(self.spatial_size))
+        branch = torch.cat([checkpoint(self._branch, chunk, use_reentrant=False)
+                            for chunk in x.split(per_chunk)])
+        return x + self.drop_path(branch)
+
+    def _branch(self, x: torch.Tensor) -> torch.Tensor:
+        """The residual branch, ``(batch, C, *spatial)`` -> same; every operation in it is per sample."""
         h = self.in_proj(self.norm(x.movedim(1, -1)))
         inner, gate = h.chunk(2, dim=-1)
         local, glob = self._tokens(inner.movedim(-1, 1))
@@ -172,4 +191,4 @@ class LoGVSSBlock(nn.Module):
         y = y.to(x.dtype) if not torch.is_autocast_enabled() else y
         y = y.transpose(1, 2).reshape(*inner.shape[:-1], self.token_channels)
         y = self.out_norm(self.back_proj(y)) * torch.nn.functional.silu(gate)
-        return x + self.drop_path(self.out_proj(y).movedim(-1, 1))
+        return self.out_proj(y).movedim(-1, 1)

@@ -53,6 +53,12 @@ class LoGVMambaConfig:
         last_global_max_edge: GTX grid edge of the last encoder stage under ``all_stages``.
         zero_init_residual: blocks start as the identity (zero ``out_proj``), so the network starts
             as the plain network of the same plans.
+        large_map_expand, large_map_state_size: ``expand`` and ``state_size`` of the blocks that
+            ``all_stages`` places on maps over the rule's ``max_batch_tokens`` (None: as the others).
+        large_map_recompute: those blocks keep no activations for backward but recompute them, in
+            chunks of at most ``max_batch_tokens`` positions (see ``LoGVSSBlock``'s
+            ``recompute_tokens``): on nnU-Net's full-size 3D maps the block's activations would
+            otherwise outweigh the whole plain network's.
     """
 
     rule: PlacementRule = field(default_factory=PlacementRule)
@@ -69,10 +75,17 @@ class LoGVMambaConfig:
     global_max_edge: int = 4
     last_global_max_edge: int = 4
     zero_init_residual: bool = True
+    large_map_expand: float | None = None
+    large_map_state_size: int | None = None
+    large_map_recompute: bool = False
 
     def __post_init__(self):
         if self.placement not in PLACEMENTS:
             raise ValueError(f"unknown placement {self.placement!r}; choose one of {PLACEMENTS}")
+        if self.large_map_expand is not None and self.large_map_expand <= 0:
+            raise ValueError(f"large_map_expand must be positive, got {self.large_map_expand}")
+        if self.large_map_state_size is not None and self.large_map_state_size < 1:
+            raise ValueError(f"large_map_state_size must be >= 1, got {self.large_map_state_size}")
 
     def with_(self, **changes) -> "LoGVMambaConfig":
         """A copy with some fields changed (``rule`` fields may be given by name too)."""
@@ -103,8 +116,14 @@ class StageWithMamba(nn.Module):
 
 
 def _block(channels: int, size: Sequence[int], mode: str, config: LoGVMambaConfig,
-           global_max_edge: int | None = None) -> LoGVSSBlock:
-    return LoGVSSBlock(channels, size, mode=mode, expand=config.expand, state_size=config.state_size,
+           global_max_edge: int | None = None, large_map: bool = False) -> LoGVSSBlock:
+    expand, state_size, recompute_tokens = config.expand, config.state_size, None
+    if large_map:
+        expand = config.expand if config.large_map_expand is None else config.large_map_expand
+        state_size = config.state_size if config.large_map_state_size is None else config.large_map_state_size
+        recompute_tokens = config.rule.max_batch_tokens if config.large_map_recompute else None
+    return LoGVSSBlock(channels, size, mode=mode, expand=expand, state_size=state_size,
+                       recompute_tokens=recompute_tokens,
                        kernel_size=config.rule.kernel_size, num_global_tokens=config.num_global_tokens,
                        join=config.join, directions=config.directions, drop_path=config.drop_path,
                        global_max_edge=config.global_max_edge if global_max_edge is None else global_max_edge,
@@ -185,11 +204,13 @@ def _insert_after_every_encoder_stage(encoder: nn.Module, sizes: list[tuple[int,
     for i, size in enumerate(sizes):
         if isinstance(encoder.stages[i], StageWithMamba):
             continue
-        if capped and not config.rule.within_cost_cap(size, batch_size):
+        large_map = not config.rule.within_cost_cap(size, batch_size)
+        if capped and large_map:
             continue
         mode = all_stages_mode(i, len(sizes), config.rule.variant)
         edge = config.last_global_max_edge if i == len(sizes) - 1 else config.global_max_edge
-        encoder.stages[i] = StageWithMamba(encoder.stages[i], _block(channels[i], size, mode, config, edge))
+        encoder.stages[i] = StageWithMamba(encoder.stages[i],
+                                           _block(channels[i], size, mode, config, edge, large_map))
         placed.append({"where": "encoder", "stage": i, "size": size, "mode": mode})
     if not placed:
         raise ValueError(f"no encoder stage fits max_batch_tokens={config.rule.max_batch_tokens} at batch size "

@@ -119,6 +119,19 @@ class nnUNetTrainerLoGVMambaAllStages(nnUNetTrainerLoGVMamba):
     build_network_architecture = network_builder(log_vmamba_config)
 
 
+class nnUNetTrainerLoGVMambaAllStagesLean(nnUNetTrainerLoGVMamba):
+    """The all-stages layout with a lean block on the maps over the cost cap (the full-size one in 3D).
+
+    That block has half the inner width and state size 8 (its LTX squeezes to one channel, 27
+    tokens channels in 3D) and recomputes its activations during backward, one sample at a time, so
+    that the full-size map gets its long-range scan at a fraction of the all-stages layout's cost.
+    """
+
+    log_vmamba_config = LoGVMambaConfig(placement="all_stages", global_max_edge=8, last_global_max_edge=4,
+                                        large_map_expand=0.5, large_map_state_size=8, large_map_recompute=True)
+    build_network_architecture = network_builder(log_vmamba_config)
+
+
 class nnUNetTrainerLoGVMambaPaperModes(nnUNetTrainerLoGVMamba):
     """The official model's token modes and GTX grids, on the stages within the default's cost cap.
 
@@ -302,6 +315,8 @@ nnUNetTrainerLoGVMamba_UniformLR_12epochs_25iters = budget_variant(
     nnUNetTrainerLoGVMamba_UniformLR, 12, 25, 5, "Uniform learning rate at the 300-step budget.")
 nnUNetTrainerLoGVMambaAllStages_12epochs_25iters = budget_variant(
     nnUNetTrainerLoGVMambaAllStages, 12, 25, 5, "The all-stages layout at the 300-step budget.")
+nnUNetTrainerLoGVMambaAllStagesLean_12epochs_25iters = budget_variant(
+    nnUNetTrainerLoGVMambaAllStagesLean, 12, 25, 5, "The lean all-stages layout at the 300-step budget.")
 nnUNetTrainerLoGVMambaPaperModes_12epochs_25iters = budget_variant(
     nnUNetTrainerLoGVMambaPaperModes, 12, 25, 5, "The paper's modes within the cost cap at the 300-step budget.")
 nnUNetTrainerLVMamba_12epochs_25iters = budget_variant(
@@ -318,6 +333,8 @@ nnUNetTrainer_40epochs_25iters = budget_variant(
     nnUNetTrainer, 40, 25, 5, "The plain nnU-Net baseline at the 1000-step budget.")
 nnUNetTrainerLoGVMambaAllStages_40epochs_25iters = budget_variant(
     nnUNetTrainerLoGVMambaAllStages, 40, 25, 5, "The all-stages layout at the 1000-step budget.")
+nnUNetTrainerLoGVMambaAllStagesLean_40epochs_25iters = budget_variant(
+    nnUNetTrainerLoGVMambaAllStagesLean, 40, 25, 5, "The lean all-stages layout at the 1000-step budget.")
 
 
 __all__ = ["TRAINERS", "SEED_ENV", "seed_everything", "comparison_seed", "parameter_groups", "regroup_optimizer_state", "budget_variant", "network_builder", "set_budget", "respect_omp_num_threads", "disable_autocast_in_forward"]
@@ -335,5 +352,7 @@ TRAINERS = {cls.__name__: cls for cls in (
     nnUNetTrainerLoGVMamba_UniformLR, nnUNetTrainerLoGVMamba_UniformLR_12epochs_25iters,
     nnUNetTrainerGVMamba_12epochs_25iters, nnUNetTrainerLoGVMamba_40epochs_25iters, nnUNetTrainer_40epochs_25iters,
     nnUNetTrainerLoGVMambaAllStages_40epochs_25iters, nnUNetTrainerLoGVMambaPaperModes,
-    nnUNetTrainerLoGVMambaPaperModes_12epochs_25iters, nnUNetTrainer_18epochs_25iters)}
+    nnUNetTrainerLoGVMambaPaperModes_12epochs_25iters, nnUNetTrainer_18epochs_25iters,
+    nnUNetTrainerLoGVMambaAllStagesLean, nnUNetTrainerLoGVMambaAllStagesLean_12epochs_25iters,
+    nnUNetTrainerLoGVMambaAllStagesLean_40epochs_25iters)}
 __all__ += sorted(TRAINERS)
