@@ -1,5 +1,6 @@
 """LoG-VMamba blocks: token extractors, join orders, scan routes, the VSS block (2D and 3D)."""
 import itertools
+import math
 
 import pytest
 import torch
@@ -35,6 +36,41 @@ def test_unfold_neighbours_are_shifted_inputs(spatial):
     for c in range(3):
         for j, offset in enumerate(itertools.product(range(-1, 2), repeat=len(spatial))):
             torch.testing.assert_close(out[:, c * nbh + j], _shifted(x, offset)[:, c], rtol=0, atol=0)
+
+
+@pytest.mark.parametrize("spatial,k", [((9,), 3), ((5, 6), 3), ((4, 5, 3), 3), ((5, 4, 3), 5), ((4, 5), 1)])
+def test_unfold_gradient_is_the_sum_of_shifted_gradients(spatial, k):
+    torch.manual_seed(0)
+    x = torch.randn(2, 2, *spatial, dtype=torch.double, requires_grad=True)
+    assert torch.autograd.gradcheck(lambda t: unfold_neighbourhood(t, k), (x,))
+    # against autograd of the same neighbourhoods taken with F.pad and slicing (independent of the
+    # custom backward); F.unfold only covers 2D
+    weights = torch.randn(2, 2 * k ** len(spatial), *spatial, dtype=torch.double)
+    got, = torch.autograd.grad((unfold_neighbourhood(x, k) * weights).sum(), x)
+    half = k // 2
+    padded = F.pad(x, [half] * (2 * len(spatial)))
+    expected_out = torch.stack([padded[(slice(None), slice(None)) + tuple(slice(o, o + n) for o, n in zip(off, spatial))]
+                                for off in itertools.product(range(k), repeat=len(spatial))], dim=2).flatten(1, 2)
+    want, = torch.autograd.grad((expected_out * weights).sum(), x)
+    torch.testing.assert_close(got, want, rtol=0, atol=1e-12)
+    out = unfold_neighbourhood(x, k)
+    assert out.data_ptr() != x.data_ptr()  # a new tensor, also when k == 1
+    assert out.movedim(1, -1).is_contiguous()  # stored channels last
+
+
+@pytest.mark.parametrize("channels,squeeze,ndim", [(32, 16, 3), (16, 16, 3), (12, 4, 2), (6, 3, 1), (5, 2, 3)])
+def test_squeeze_as_one_linear_layer_is_the_grouped_conv(channels, squeeze, ndim):
+    torch.manual_seed(0)
+    ltx = LocalTokenExtractor(channels, ndim, squeeze=squeeze).double()
+    x = torch.randn(2, channels, *([5] * ndim), dtype=torch.double, requires_grad=True)
+    expected = F.silu(ltx.squeeze(x))  # the grouped 1x1 conv as torch computes it
+    got = ltx.squeezed(x)
+    torch.testing.assert_close(got, expected, rtol=0, atol=1e-12)
+    weights = torch.randn_like(expected)
+    params = [x, ltx.squeeze.weight, ltx.squeeze.bias]
+    for g, e in zip(torch.autograd.grad((got * weights).sum(), params),
+                    torch.autograd.grad((expected * weights).sum(), params)):
+        torch.testing.assert_close(g, e, rtol=0, atol=1e-12)
 
 
 @pytest.mark.parametrize("spatial,squeeze", [((6, 5), 8), ((3, 4, 5), 16)])
@@ -224,6 +260,40 @@ def test_local_block_matches_its_computation_written_out(backend):
         torch.testing.assert_close(got, want, rtol=1e-3, atol=1e-5)
 
 
+@pytest.mark.parametrize("mode", ["local", "global", "local_global"])
+@pytest.mark.parametrize("spatial", [(6, 10), (4, 6, 5)])
+def test_recomputed_block_equals_the_stored_one(mode, spatial):
+    import copy
+
+    torch.manual_seed(0)
+    stored = LoGVSSBlock(16, spatial, mode=mode, squeeze=4, zero_init_residual=False, drop_path=0.2)
+    positions = math.prod(spatial)
+    recomputed = copy.deepcopy(stored)
+    recomputed.recompute_tokens = 2 * positions  # chunks of 2 samples: 2, 2 and 1 of a batch of 5
+    x = torch.randn(5, 16, *spatial, requires_grad=True)
+    x2 = x.detach().clone().requires_grad_()
+    torch.manual_seed(1)
+    y = stored(x)
+    torch.manual_seed(1)  # the same drop-path draw
+    y2 = recomputed(x2)
+    torch.testing.assert_close(y2, y, rtol=0, atol=0)
+    weights = torch.randn_like(y)
+    (y * weights).sum().backward()
+    (y2 * weights).sum().backward()
+    torch.testing.assert_close(x2.grad, x.grad, rtol=1e-5, atol=1e-6)
+    for (name, p), p2 in zip(stored.named_parameters(), recomputed.parameters()):
+        torch.testing.assert_close(p2.grad, p.grad, rtol=1e-4, atol=1e-5, msg=name)
+    # in training, the branch keeps no activations: only the chunks' inputs are saved for backward
+    saved = []
+    with torch.autograd.graph.saved_tensors_hooks(lambda t: saved.append(t.numel()) or t, lambda t: t):
+        recomputed(x2)
+    assert sum(saved) <= 2 * x2.numel()
+    recomputed.eval()
+    with torch.no_grad():
+        stored.eval()
+        torch.testing.assert_close(recomputed(x), stored(x), rtol=0, atol=0)
+
+
 def test_block_without_zero_init_contributes_at_once():
     torch.manual_seed(0)
     block = LoGVSSBlock(16, (6, 8), zero_init_residual=False, squeeze=4)
@@ -259,6 +329,7 @@ def test_block_under_cpu_autocast_is_finite_and_keeps_dtype():
     (dict(directions=3), "directions"),
     (dict(kernel_size=4), "odd"),
     (dict(state_size=0), "positive"),
+    (dict(recompute_tokens=0), "recompute_tokens"),
 ])
 def test_block_rejects_bad_arguments(kwargs, match):
     with pytest.raises(ValueError, match=match):

@@ -157,6 +157,36 @@ def test_capped_all_stages_keeps_the_papers_modes_and_skips_stages_over_the_cost
         build(name, config=capped.with_(max_batch_tokens=1))
 
 
+def test_all_stages_gives_the_blocks_over_the_cost_cap_their_own_settings():
+    name = "3d_plain_6stages_odd"
+    _, patch, strides, _, batch = PLANS[name]
+    sizes = stage_spatial_sizes(patch, strides)
+    cap = math.prod(sizes[1]) * batch  # only the first stage is over it
+    lean = LoGVMambaConfig(placement="all_stages", large_map_expand=0.5, large_map_state_size=8,
+                           large_map_recompute=True).with_(max_batch_tokens=cap)
+    net, _ = build(name, config=lean)
+    ref, _ = build(name, config=replace(lean, large_map_expand=None, large_map_state_size=None,
+                                        large_map_recompute=False))
+    blocks = [net.encoder.stages[p["stage"]].mamba for p in net.log_vmamba_blocks]
+    ref_blocks = [ref.encoder.stages[p["stage"]].mamba for p in ref.log_vmamba_blocks]
+    channels = net.encoder.output_channels[0]
+    assert blocks[0].in_proj.out_features == 2 * round(0.5 * channels) == ref_blocks[0].in_proj.out_features // 2
+    assert blocks[0].state_size == 8 and ref_blocks[0].state_size == 16
+    assert blocks[0].recompute_tokens == cap and ref_blocks[0].recompute_tokens is None
+    for block, other in zip(blocks[1:], ref_blocks[1:]):  # the stages within the cap are untouched
+        assert (block.state_size, block.recompute_tokens) == (16, None)
+        assert block.in_proj.out_features == other.in_proj.out_features
+    # the network still trains end to end with the recomputed block
+    x = torch.randn(batch, 1, *patch)
+    out = net(x)
+    sum(o.float().mean() for o in out).backward()
+    assert all(p.grad is not None for p in net.parameters() if p.requires_grad)
+    for bad, match in [(dict(large_map_expand=0.0), "large_map_expand"),
+                       (dict(large_map_state_size=0), "large_map_state_size")]:
+        with pytest.raises(ValueError, match=match):
+            LoGVMambaConfig(**bad)
+
+
 def test_placement_follows_spatial_size_not_stage_index():
     rule = PlacementRule()
     assert rule.mode_for((20, 28, 20), batch_size=7) == "local"  # e ~ 22 > 18

@@ -16,6 +16,7 @@ from nnunet_logmamba.blocks import LoGVSSBlock
 from nnunet_logmamba.training import (TRAINERS, disable_autocast_in_forward, nnUNetTrainerGVMamba,
                                       nnUNetTrainerLoGVMamba, nnUNetTrainerLoGVMamba_JoinMiddle,
                                       nnUNetTrainerLoGVMamba_K2, nnUNetTrainerLoGVMambaAllStages, nnUNetTrainerLoGVMambaPaperModes,
+                                      nnUNetTrainerLoGVMambaAllStagesLean,
                                       nnUNetTrainerLVMamba)
 from nnunet_logmamba.training.trainers import parameter_groups
 
@@ -69,6 +70,7 @@ def _configuration(patch=(16, 24, 16), strides=((1, 1, 1), (2, 2, 2), (2, 2, 2),
     (nnUNetTrainerLoGVMamba_K2, lambda b: b.directions == 2),
     (nnUNetTrainerLoGVMambaAllStages, lambda b: b.mode in ("local", "local_global", "global")),
     (nnUNetTrainerLoGVMambaPaperModes, lambda b: b.mode in ("local", "local_global", "global")),
+    (nnUNetTrainerLoGVMambaAllStagesLean, lambda b: b.mode in ("local", "local_global", "global")),
 ])
 def test_trainers_build_their_variant(cls, check):
     net = cls.build_network_architecture(None, _configuration(), 1, 2, True)
@@ -92,6 +94,12 @@ def test_all_stages_trainer_puts_a_block_after_every_encoder_stage():
     capped = nnUNetTrainerLoGVMambaPaperModes.build_network_architecture(None, big, 1, 2, True)
     assert [(p["stage"], p["mode"]) for p in capped.log_vmamba_blocks] == \
         [(1, "local_global"), (2, "local_global"), (3, "global")]
+    # the lean all-stages layout: every stage, the one over the cap with a lean, recomputed block
+    lean = nnUNetTrainerLoGVMambaAllStagesLean.build_network_architecture(None, big, 1, 2, True)
+    assert [p["stage"] for p in lean.log_vmamba_blocks] == [0, 1, 2, 3]
+    first = lean.encoder.stages[0].mamba
+    assert (first.state_size, first.recompute_tokens) == (8, 100_000)
+    assert all(lean.encoder.stages[i].mamba.recompute_tokens is None for i in (1, 2, 3))
 
 
 def test_ssm_parameters_are_kept_out_of_weight_decay():

@@ -47,17 +47,46 @@ def unfold_neighbourhood(x: torch.Tensor, kernel_size: int = 3) -> torch.Tensor:
     """
     if kernel_size < 1 or kernel_size % 2 == 0:
         raise ValueError(f"kernel_size must be a positive odd number, got {kernel_size}")
-    spatial = x.shape[2:]
-    ndim = len(spatial)
-    conv_for_ndim(ndim)
-    half = kernel_size // 2
-    padded = F.pad(x.movedim(1, -1), [0, 0] + [half] * (2 * ndim))  # (batch, *spatial + 2 half, channels)
-    shifted = []
-    for offset in itertools.product(range(kernel_size), repeat=ndim):
-        index = (slice(None),) + tuple(slice(o, o + s) for o, s in zip(offset, spatial))
-        shifted.append(padded[index])
-    stacked = torch.stack(shifted, dim=-1)  # (batch, *spatial, channels, k**d)
-    return stacked.flatten(-2).movedim(-1, 1)
+    conv_for_ndim(x.dim() - 2)
+    return _NeighbourhoodUnfold.apply(x, kernel_size)
+
+
+def _neighbourhood_windows(spatial: Sequence[int], kernel_size: int):
+    """Per neighbourhood offset (row-major), the index of the shifted window in the padded map."""
+    for offset in itertools.product(range(kernel_size), repeat=len(spatial)):
+        yield (slice(None),) + tuple(slice(o, o + s) for o, s in zip(offset, spatial))
+
+
+class _NeighbourhoodUnfold(torch.autograd.Function):
+    """``unfold_neighbourhood`` with a backward that adds the ``k**d`` shifted gradients into one buffer.
+
+    Autograd of the slice-and-stack forward would build one zero-filled padded map per offset and sum
+    them: ``k**d`` full-size allocations per call, which cost more than the scan on large maps.
+    """
+
+    @staticmethod
+    def forward(ctx, x: torch.Tensor, kernel_size: int) -> torch.Tensor:
+        spatial = tuple(x.shape[2:])
+        half = kernel_size // 2
+        padded = F.pad(x.movedim(1, -1), [0, 0] + [half] * (2 * len(spatial)))  # (batch, *padded, channels)
+        windows = padded
+        for axis in range(1, len(spatial) + 1):  # a view (batch, *spatial, channels, k, ..., k)
+            windows = windows.unfold(axis, kernel_size, 1)
+        out = x.new_empty(x.shape[:1] + spatial + (x.shape[1] * kernel_size ** len(spatial),))
+        out.view(windows.shape).copy_(windows)
+        ctx.kernel_size, ctx.shape = kernel_size, x.shape
+        return out.movedim(-1, 1)
+
+    @staticmethod
+    def backward(ctx, grad: torch.Tensor):
+        kernel_size, shape = ctx.kernel_size, ctx.shape
+        spatial, half = tuple(shape[2:]), kernel_size // 2
+        grad = grad.movedim(1, -1).unflatten(-1, (shape[1], kernel_size ** len(spatial)))
+        padded = grad.new_zeros(shape[:1] + tuple(s + 2 * half for s in spatial) + (shape[1],))
+        for j, window in enumerate(_neighbourhood_windows(spatial, kernel_size)):
+            padded[window] += grad[..., j]
+        interior = (slice(None),) + tuple(slice(half, half + s) for s in spatial)
+        return padded[interior].movedim(-1, 1), None
 
 
 class LocalTokenExtractor(nn.Module):
@@ -88,12 +117,22 @@ class LocalTokenExtractor(nn.Module):
         self.out_channels = self.squeezed_channels * kernel_size ** ndim
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        _check_ndim(x, self.ndim, type(self).__name__)
-        return unfold_neighbourhood(F.silu(self.squeeze(x)), self.kernel_size)
+        return unfold_neighbourhood(self.squeezed(x), self.kernel_size)
 
     def squeezed(self, x: torch.Tensor) -> torch.Tensor:
-        """The squeezed, activated map before the unfold, ``(batch, squeezed_channels, *spatial)``."""
-        return F.silu(self.squeeze(x))
+        """The squeezed, activated map before the unfold, ``(batch, squeezed_channels, *spatial)``.
+
+        The grouped 1x1 conv is applied as one linear layer over the channel axis (its weight made
+        block-diagonal): the same result, without the conv's copies of a channels-last input to
+        channels first and back, which cost as much as the rest of the extractor on large maps.
+        Returned stored channels last.
+        """
+        _check_ndim(x, self.ndim, type(self).__name__)
+        weight = self.squeeze.weight.flatten(1)  # (squeezed, channels // groups)
+        groups = self.squeeze.groups
+        if groups > 1:
+            weight = torch.block_diag(*weight.chunk(groups, dim=0))
+        return F.silu(F.linear(x.movedim(1, -1), weight, self.squeeze.bias)).movedim(-1, 1)
 
 
 class DepthwiseTokenExtractor(nn.Module):
