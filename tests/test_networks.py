@@ -176,6 +176,12 @@ def test_all_stages_gives_the_blocks_over_the_cost_cap_their_own_settings():
     for block, other in zip(blocks[1:], ref_blocks[1:]):  # the stages within the cap are untouched
         assert (block.state_size, block.recompute_tokens) == (16, None)
         assert block.in_proj.out_features == other.in_proj.out_features
+    # nnU-Net's size estimate counts only the branch output for the recomputed block
+    stage, ref_stage = net.encoder.stages[0], ref.encoder.stages[0]
+    plain_part = stage.stage.compute_conv_feature_map_size(list(patch)) if hasattr(stage.stage, "compute_conv_feature_map_size") \
+        else stage.stage[-1].compute_conv_feature_map_size(list(patch))
+    assert stage.compute_conv_feature_map_size(list(patch)) == plain_part + channels * math.prod(sizes[0])
+    assert ref_stage.compute_conv_feature_map_size(list(patch)) > stage.compute_conv_feature_map_size(list(patch))
     # the network still trains end to end with the recomputed block
     x = torch.randn(batch, 1, *patch)
     out = net(x)

@@ -110,8 +110,10 @@ class StageWithMamba(nn.Module):
         inner = self.stage[-1] if isinstance(self.stage, nn.Sequential) else self.stage
         output = np.int64(inner.compute_conv_feature_map_size(input_size))
         block = self.mamba
-        # Rough: the block keeps a few maps of its inner width at the stage's output size.
-        output += np.int64(4 * block.token_channels * math.prod(block.spatial_size))
+        # Rough: the block keeps a few maps of its inner width at the stage's output size; a block
+        # that recomputes its branch keeps only the branch's output.
+        kept = block.norm.normalized_shape[0] if block.recompute_tokens else 4 * block.token_channels
+        output += np.int64(kept * math.prod(block.spatial_size))
         return output
 
 
