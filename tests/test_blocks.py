@@ -56,6 +56,9 @@ def test_unfold_gradient_is_the_sum_of_shifted_gradients(spatial, k):
     out = unfold_neighbourhood(x, k)
     assert out.data_ptr() != x.data_ptr()  # a new tensor, also when k == 1
     assert out.movedim(1, -1).is_contiguous()  # stored channels last
+    (out * 2).sum().backward()
+    doubled = unfold_neighbourhood(x, k).mul_(2)  # callers may modify it in place
+    torch.testing.assert_close(doubled, 2 * out)
 
 
 @pytest.mark.parametrize("channels,squeeze,ndim", [(32, 16, 3), (16, 16, 3), (12, 4, 2), (6, 3, 1), (5, 2, 3)])
@@ -283,15 +286,58 @@ def test_recomputed_block_equals_the_stored_one(mode, spatial):
     torch.testing.assert_close(x2.grad, x.grad, rtol=1e-5, atol=1e-6)
     for (name, p), p2 in zip(stored.named_parameters(), recomputed.parameters()):
         torch.testing.assert_close(p2.grad, p.grad, rtol=1e-4, atol=1e-5, msg=name)
-    # in training, the branch keeps no activations: only the chunks' inputs are saved for backward
-    saved = []
-    with torch.autograd.graph.saved_tensors_hooks(lambda t: saved.append(t.numel()) or t, lambda t: t):
-        recomputed(x2)
-    assert sum(saved) <= 2 * x2.numel()
+    # in training, the branch keeps no activations: only the chunks' inputs (2, 2 and 1 samples) are saved,
+    # and the drop-path mask
+    def saved_shapes(block, inputs):
+        shapes = []
+        with torch.autograd.graph.saved_tensors_hooks(lambda t: shapes.append(tuple(t.shape)) or t, lambda t: t):
+            block(inputs)
+        return shapes
+
+    chunk = tuple(x.shape[1:])
+    assert [s for s in saved_shapes(recomputed, x2) if s[1:] == chunk] == [(2, *chunk), (2, *chunk), (1, *chunk)]
+    assert sum(math.prod(s) for s in saved_shapes(recomputed, x2)) <= x2.numel() + 2 * x2.shape[0]
+    # in eval mode (grad on or off) the block runs its plain forward: the branch's activations are saved
     recomputed.eval()
+    assert sum(math.prod(s) for s in saved_shapes(recomputed, x2)) > 3 * x2.numel()
     with torch.no_grad():
         stored.eval()
         torch.testing.assert_close(recomputed(x), stored(x), rtol=0, atol=0)
+
+
+def test_recomputed_block_under_cpu_autocast():
+    import copy
+
+    torch.manual_seed(0)
+    stored = LoGVSSBlock(16, (6, 10), mode="local_global", squeeze=4, zero_init_residual=False)
+    recomputed = copy.deepcopy(stored)
+    recomputed.recompute_tokens = 60
+    x = torch.randn(3, 16, 6, 10)
+    outputs, grads = [], []
+    for block in (stored, recomputed):
+        with torch.autocast("cpu", dtype=torch.bfloat16):
+            y = block(x)
+        outputs.append(y)
+        grads.append(torch.autograd.grad(y.float().sum(), list(block.parameters())))
+    torch.testing.assert_close(outputs[1], outputs[0], rtol=0, atol=0)
+    # bf16 parameter gradients summed per chunk instead of over the batch: equal up to bf16 rounding
+    for got, want in zip(grads[1], grads[0]):
+        torch.testing.assert_close(got, want, rtol=0.05, atol=0.05 * want.abs().max().item() + 1e-6)
+
+
+def test_torch_scan_keeps_no_states_for_backward_under_a_checkpoint():
+    from nnunet_logmamba.ssm import no_kept_states, selective_scan
+
+    torch.manual_seed(0)
+    u, delta = torch.randn(2, 4, 50, requires_grad=True), torch.rand(2, 4, 50, requires_grad=True)
+    A, B, C = -torch.rand(4, 3), torch.randn(2, 3, 50), torch.randn(2, 3, 50)
+    kept = selective_scan(u, delta, A, B, C, backend="torch")
+    with no_kept_states():
+        recomputing = selective_scan(u, delta, A, B, C, backend="torch")
+    assert kept.grad_fn.kept and not recomputing.grad_fn.kept
+    torch.testing.assert_close(recomputing, kept, rtol=0, atol=0)
+    for g1, g2 in zip(torch.autograd.grad(kept.sum(), [u, delta]), torch.autograd.grad(recomputing.sum(), [u, delta])):
+        torch.testing.assert_close(g2, g1, rtol=1e-5, atol=1e-6)
 
 
 def test_block_without_zero_init_contributes_at_once():

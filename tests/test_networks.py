@@ -188,7 +188,9 @@ def test_all_stages_gives_the_blocks_over_the_cost_cap_their_own_settings():
     sum(o.float().mean() for o in out).backward()
     assert all(p.grad is not None for p in net.parameters() if p.requires_grad)
     for bad, match in [(dict(large_map_expand=0.0), "large_map_expand"),
-                       (dict(large_map_state_size=0), "large_map_state_size")]:
+                       (dict(large_map_state_size=0), "large_map_state_size"),
+                       (dict(large_map_recompute=True), "placement='all_stages'"),
+                       (dict(placement="all_stages_capped", large_map_state_size=8), "placement='all_stages'")]:
         with pytest.raises(ValueError, match=match):
             LoGVMambaConfig(**bad)
 

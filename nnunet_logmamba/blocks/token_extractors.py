@@ -48,7 +48,8 @@ def unfold_neighbourhood(x: torch.Tensor, kernel_size: int = 3) -> torch.Tensor:
     if kernel_size < 1 or kernel_size % 2 == 0:
         raise ValueError(f"kernel_size must be a positive odd number, got {kernel_size}")
     conv_for_ndim(x.dim() - 2)
-    return _NeighbourhoodUnfold.apply(x, kernel_size)
+    # the Function returns the channels-last tensor itself, not a view, so callers may modify it in place
+    return _NeighbourhoodUnfold.apply(x, kernel_size).movedim(-1, 1)
 
 
 def _neighbourhood_windows(spatial: Sequence[int], kernel_size: int):
@@ -75,13 +76,13 @@ class _NeighbourhoodUnfold(torch.autograd.Function):
         out = x.new_empty(x.shape[:1] + spatial + (x.shape[1] * kernel_size ** len(spatial),))
         out.view(windows.shape).copy_(windows)
         ctx.kernel_size, ctx.shape = kernel_size, x.shape
-        return out.movedim(-1, 1)
+        return out  # (batch, *spatial, channels * k**d)
 
     @staticmethod
     def backward(ctx, grad: torch.Tensor):
         kernel_size, shape = ctx.kernel_size, ctx.shape
         spatial, half = tuple(shape[2:]), kernel_size // 2
-        grad = grad.movedim(1, -1).unflatten(-1, (shape[1], kernel_size ** len(spatial)))
+        grad = grad.unflatten(-1, (shape[1], kernel_size ** len(spatial)))
         padded = grad.new_zeros(shape[:1] + tuple(s + 2 * half for s in spatial) + (shape[1],))
         for j, window in enumerate(_neighbourhood_windows(spatial, kernel_size)):
             padded[window] += grad[..., j]

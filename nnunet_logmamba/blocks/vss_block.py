@@ -17,7 +17,7 @@ import torch
 from torch import nn
 from torch.utils.checkpoint import checkpoint
 
-from ..ssm import selective_scan
+from ..ssm import no_kept_states, selective_scan
 from .scan_routes import build_routes, check_directions, merge_routes
 from .token_extractors import DepthwiseTokenExtractor, GlobalTokenExtractor, LocalTokenExtractor, unfold_neighbourhood
 from .token_join import JOIN_ORDERS
@@ -63,10 +63,12 @@ class LoGVSSBlock(nn.Module):
         scan_backend: passed to :func:`nnunet_logmamba.ssm.selective_scan`.
         zero_init_residual: start ``out_proj`` at zero so that a new block is the identity (see below).
         recompute_tokens: when set, training keeps none of the residual branch's intermediate maps:
-            the branch runs on chunks of whole samples holding at most this many positions (at least
-            one sample per chunk) and each chunk is recomputed during backward (activation
-            checkpointing). Results are those of the plain forward; it trades one more forward of the
-            branch for memory, for blocks on maps too large to keep their activations.
+            the branch runs on chunks of whole samples, as many as hold at most this many positions
+            but at least one, and each chunk is recomputed during backward (activation
+            checkpointing). Outputs and input gradients are those of the plain forward, parameter
+            gradients up to summation order; it trades one more forward of the branch for memory,
+            for blocks on maps too large to keep their activations. The branch draws no random
+            numbers (DropPath acts outside it), so the RNG state is not saved.
 
     A block inserted into a trained or freshly initialised network should not disturb the features
     its neighbours learn under: with ``zero_init_residual`` (the default) the residual branch adds
@@ -176,9 +178,14 @@ class LoGVSSBlock(nn.Module):
         if self.recompute_tokens is None or not (torch.is_grad_enabled() and self.training):
             return x + self.drop_path(self._branch(x))
         per_chunk = max(1, self.recompute_tokens // math.prod(self.spatial_size))
-        branch = torch.cat([checkpoint(self._branch, chunk, use_reentrant=False)
+        branch = torch.cat([checkpoint(self._recomputed_branch, chunk, use_reentrant=False, preserve_rng_state=False)
                             for chunk in x.split(per_chunk)])
         return x + self.drop_path(branch)
+
+    def _recomputed_branch(self, x: torch.Tensor) -> torch.Tensor:
+        # the scan's own kept states would outlive the checkpoint in its autograd context
+        with no_kept_states():
+            return self._branch(x)
 
     def _branch(self, x: torch.Tensor) -> torch.Tensor:
         """The residual branch, ``(batch, C, *spatial)`` -> same; every operation in it is per sample."""

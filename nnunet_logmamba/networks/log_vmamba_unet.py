@@ -56,9 +56,11 @@ class LoGVMambaConfig:
         large_map_expand, large_map_state_size: ``expand`` and ``state_size`` of the blocks that
             ``all_stages`` places on maps over the rule's ``max_batch_tokens`` (None: as the others).
         large_map_recompute: those blocks keep no activations for backward but recompute them, in
-            chunks of at most ``max_batch_tokens`` positions (see ``LoGVSSBlock``'s
-            ``recompute_tokens``): on nnU-Net's full-size 3D maps the block's activations would
-            otherwise outweigh the whole plain network's.
+            chunks of whole samples holding at most ``max_batch_tokens`` positions, at least one
+            sample (see ``LoGVSSBlock``'s ``recompute_tokens``): on nnU-Net's full-size 3D maps the
+            block's activations would otherwise outweigh the whole plain network's. The
+            ``large_map_*`` settings need ``placement="all_stages"`` (the other placements put no
+            block on such maps).
     """
 
     rule: PlacementRule = field(default_factory=PlacementRule)
@@ -86,6 +88,10 @@ class LoGVMambaConfig:
             raise ValueError(f"large_map_expand must be positive, got {self.large_map_expand}")
         if self.large_map_state_size is not None and self.large_map_state_size < 1:
             raise ValueError(f"large_map_state_size must be >= 1, got {self.large_map_state_size}")
+        large_map_set = (self.large_map_expand, self.large_map_state_size) != (None, None) or self.large_map_recompute
+        if large_map_set and self.placement != "all_stages":
+            raise ValueError(f"the large_map_* settings apply to blocks on maps over max_batch_tokens, which only "
+                             f"placement='all_stages' places (got placement={self.placement!r})")
 
     def with_(self, **changes) -> "LoGVMambaConfig":
         """A copy with some fields changed (``rule`` fields may be given by name too)."""
@@ -111,7 +117,8 @@ class StageWithMamba(nn.Module):
         output = np.int64(inner.compute_conv_feature_map_size(input_size))
         block = self.mamba
         # Rough: the block keeps a few maps of its inner width at the stage's output size; a block
-        # that recomputes its branch keeps only the branch's output.
+        # that recomputes its branch keeps only the branch's output (plus, during its backward, one
+        # chunk's activations at a time).
         kept = block.norm.normalized_shape[0] if block.recompute_tokens else 4 * block.token_channels
         output += np.int64(kept * math.prod(block.spatial_size))
         return output

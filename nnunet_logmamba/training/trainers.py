@@ -122,9 +122,11 @@ class nnUNetTrainerLoGVMambaAllStages(nnUNetTrainerLoGVMamba):
 class nnUNetTrainerLoGVMambaAllStagesLean(nnUNetTrainerLoGVMamba):
     """The all-stages layout with a lean block on the maps over the cost cap (the full-size one in 3D).
 
-    That block has half the inner width and state size 8 (its LTX squeezes to one channel, 27
-    tokens channels in 3D) and recomputes its activations during backward, one sample at a time, so
-    that the full-size map gets its long-range scan at a fraction of the all-stages layout's cost.
+    That block has half the inner width and state size 8 (on nnU-Net's 32-channel first stage its
+    LTX squeezes 16 channels to one: 27 token channels in 3D) and recomputes its activations during
+    backward, in chunks of whole samples within the cost cap (one sample at a time on nnU-Net's 3D
+    plans), so that the full-size map gets its long-range scan at a fraction of the all-stages
+    layout's cost.
     """
 
     log_vmamba_config = LoGVMambaConfig(placement="all_stages", global_max_edge=8, last_global_max_edge=4,
