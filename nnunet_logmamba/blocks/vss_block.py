@@ -15,9 +15,8 @@ from typing import Sequence
 
 import torch
 from torch import nn
-from torch.utils.checkpoint import checkpoint
 
-from ..ssm import no_kept_states, selective_scan
+from ..ssm import selective_scan
 from .scan_routes import build_routes, check_directions, merge_routes
 from .token_extractors import DepthwiseTokenExtractor, GlobalTokenExtractor, LocalTokenExtractor, unfold_neighbourhood
 from .token_join import JOIN_ORDERS
@@ -36,11 +35,68 @@ class DropPath(nn.Module):
             raise ValueError(f"drop path probability must be in [0, 1), got {p}")
         self.p = p
 
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
+    def sample_scale(self, x: torch.Tensor) -> torch.Tensor | None:
+        """Per-sample factor ``(batch, 1, ...)``: 0 for a dropped sample, ``1 / (1 - p)`` otherwise; None
+        when nothing is dropped (eval mode or ``p == 0``). Draws from the global generator."""
         if not self.training or self.p == 0.0:
-            return x
+            return None
         keep = x.new_empty((x.shape[0],) + (1,) * (x.dim() - 1)).bernoulli_(1.0 - self.p)
-        return x * keep / (1.0 - self.p)
+        return keep / (1.0 - self.p)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        scale = self.sample_scale(x)
+        return x if scale is None else x * scale
+
+
+class _ResidualInChunks(torch.autograd.Function):
+    """``x + scale * branch(x)`` over chunks of whole samples, keeping none of the branch's activations.
+
+    Forward runs the branch without autograd, one chunk at a time, and writes each chunk's sum straight
+    into the output (no concatenation, no separate residual pass over the whole map). Backward runs each
+    chunk's branch again under the forward's autocast state and differentiates it at once, writing the
+    input gradient chunk by chunk and summing the parameter gradients. The branch must be a function of
+    its input and ``params`` only, and draw no random numbers.
+    """
+
+    @staticmethod
+    def forward(ctx, x, scale, branch, per_chunk, *params):
+        ctx.branch, ctx.per_chunk = branch, per_chunk
+        ctx.autocast = (x.device.type, torch.is_autocast_enabled(x.device.type),
+                        torch.get_autocast_dtype(x.device.type))
+        ctx.save_for_backward(x, scale, *params)
+        out = None
+        for start in range(0, x.shape[0], per_chunk):
+            chunk = x[start:start + per_chunk]
+            y = branch(chunk)
+            if scale is not None:
+                y = y * scale[start:start + per_chunk]
+            if out is None:  # the dtype the sum promotes to (a bf16 branch under autocast, an fp32 map)
+                out = torch.empty(x.shape, dtype=torch.result_type(chunk, y), device=x.device)
+            torch.add(chunk, y, out=out[start:start + per_chunk])
+        return out
+
+    @staticmethod
+    def backward(ctx, grad_out):
+        x, scale, *params = ctx.saved_tensors
+        trainable = [i for i, p in enumerate(params) if ctx.needs_input_grad[4 + i]]
+        grad_x = torch.empty_like(x) if ctx.needs_input_grad[0] else None
+        grad_params = [None] * len(params)
+        device_type, autocast_on, autocast_dtype = ctx.autocast
+        for start in range(0, x.shape[0], ctx.per_chunk):
+            chunk = x[start:start + ctx.per_chunk].detach().requires_grad_(grad_x is not None)
+            grad = grad_out[start:start + ctx.per_chunk]
+            with torch.enable_grad(), torch.autocast(device_type, dtype=autocast_dtype, enabled=autocast_on):
+                y = ctx.branch(chunk)
+            if scale is not None:
+                grad = grad * scale[start:start + ctx.per_chunk]
+            wrt = ([chunk] if grad_x is not None else []) + [params[i] for i in trainable]
+            grads = list(torch.autograd.grad(y, wrt, grad.to(y.dtype), allow_unused=True))
+            if grad_x is not None:
+                torch.add(grad_out[start:start + ctx.per_chunk], grads.pop(0), out=grad_x[start:start + ctx.per_chunk])
+            for i, g in zip(trainable, grads):
+                if g is not None:
+                    grad_params[i] = g if grad_params[i] is None else grad_params[i].add_(g)
+        return (grad_x, None, None, None, *grad_params)
 
 
 class LoGVSSBlock(nn.Module):
@@ -178,14 +234,8 @@ class LoGVSSBlock(nn.Module):
         if self.recompute_tokens is None or not (torch.is_grad_enabled() and self.training):
             return x + self.drop_path(self._branch(x))
         per_chunk = max(1, self.recompute_tokens // math.prod(self.spatial_size))
-        branch = torch.cat([checkpoint(self._recomputed_branch, chunk, use_reentrant=False, preserve_rng_state=False)
-                            for chunk in x.split(per_chunk)])
-        return x + self.drop_path(branch)
-
-    def _recomputed_branch(self, x: torch.Tensor) -> torch.Tensor:
-        # the scan's own kept states would outlive the checkpoint in its autograd context
-        with no_kept_states():
-            return self._branch(x)
+        return _ResidualInChunks.apply(x, self.drop_path.sample_scale(x), self._branch, per_chunk,
+                                       *self.parameters())
 
     def _branch(self, x: torch.Tensor) -> torch.Tensor:
         """The residual branch, ``(batch, C, *spatial)`` -> same; every operation in it is per sample."""

@@ -9,7 +9,7 @@ Backends: ``reference`` (sequential ground truth), ``torch`` (fast, chunked, pur
 ``triton`` (fused Triton kernels, GPU, no compiler needed), ``mamba_ssm`` (CUDA kernel, optional extra),
 ``auto`` (fastest available for the tensors' device).
 """
-from .chunked import no_kept_states, selective_scan_chunked
+from .chunked import selective_scan_chunked
 from .cpu_kernel import cpu_kernel_status, selective_scan_cpu_kernel
 from .cuda_kernel import mamba_ssm_status
 from .dispatch import BACKENDS, auto_backend_reason, available_backends, resolve_backend, selective_scan
@@ -18,4 +18,4 @@ from .triton_kernel import selective_scan_triton, triton_status
 
 __all__ = ["selective_scan", "selective_scan_reference", "selective_scan_chunked", "resolve_backend",
            "available_backends", "mamba_ssm_status", "BACKENDS", "selective_scan_triton", "triton_status",
-           "auto_backend_reason", "cpu_kernel_status", "selective_scan_cpu_kernel", "no_kept_states"]
+           "auto_backend_reason", "cpu_kernel_status", "selective_scan_cpu_kernel"]

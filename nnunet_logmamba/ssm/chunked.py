@@ -19,8 +19,6 @@ the segment's states from the saved start state, as the CUDA kernel does; it is 
 """
 from __future__ import annotations
 
-import contextlib
-import contextvars
 import math
 
 import torch
@@ -34,21 +32,6 @@ _SEGMENT_ELEMENTS = 1 << 23
 # below this many (batch*dim*state*length) elements, forward keeps decays and states for backward
 # (two such tensors) instead of recomputing them segment by segment
 _KEEP_ELEMENTS = 1 << 24
-_KEEP_ALLOWED = contextvars.ContextVar("selective_scan_keeps_states", default=True)
-
-
-@contextlib.contextmanager
-def no_kept_states():
-    """Scans run inside keep no decays or states for backward (the ``torch`` backend recomputes them).
-
-    For code under activation checkpointing: those tensors live in the autograd node's context, where a
-    checkpoint cannot drop them, so without this they would stay in memory until backward anyway.
-    """
-    token = _KEEP_ALLOWED.set(False)
-    try:
-        yield
-    finally:
-        _KEEP_ALLOWED.reset(token)
 
 
 def _segment_length(length: int, per_position: int) -> int:
@@ -219,8 +202,7 @@ class _ChunkedSelectiveScan(torch.autograd.Function):
             u, delta, A, B, C, delta_bias, delta_softplus)
         state = A.shape[1]
         seg_len = _segment_length(length, batch * dim * state)
-        keep = (batch * dim * state * length <= _KEEP_ELEMENTS and any(ctx.needs_input_grad)
-                and _KEEP_ALLOWED.get())
+        keep = batch * dim * state * length <= _KEEP_ELEMENTS and any(ctx.needs_input_grad)
         y = u_c.new_empty(batch, dim, length)
         h0 = u_c.new_zeros(batch, B4.shape[1], heads, state)
         starts, kept = [], []
