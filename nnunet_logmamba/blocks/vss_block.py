@@ -15,6 +15,7 @@ from typing import Sequence
 
 import torch
 from torch import nn
+from torch.autograd.function import once_differentiable
 
 from ..ssm import selective_scan
 from .scan_routes import build_routes, check_directions, merge_routes
@@ -76,6 +77,7 @@ class _ResidualInChunks(torch.autograd.Function):
         return out
 
     @staticmethod
+    @once_differentiable  # the recomputed branch is differentiated inside: no double backward
     def backward(ctx, grad_out):
         x, scale, *params = ctx.saved_tensors
         trainable = [i for i, p in enumerate(params) if ctx.needs_input_grad[4 + i]]

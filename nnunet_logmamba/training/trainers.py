@@ -108,7 +108,8 @@ class nnUNetTrainerLoGVMamba(nnUNetTrainer):
 
 
 class nnUNetTrainerLoGVMambaCapped(nnUNetTrainerLoGVMamba):
-    """The capped layout: blocks only on the stages whose maps fit the size rule's cost cap."""
+    """The default's layout under a name of its own (blocks only on the stages whose maps fit the size rule's
+    cost cap), so that runs of it stay identifiable if the default ever changes."""
 
     log_vmamba_config = LoGVMambaConfig()
     build_network_architecture = network_builder(log_vmamba_config)
