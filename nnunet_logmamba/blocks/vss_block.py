@@ -18,6 +18,7 @@ from torch import nn
 from torch.autograd.function import once_differentiable
 
 from ..ssm import selective_scan
+from .layout import to_channels_first, to_channels_last
 from .scan_routes import build_routes, check_directions, merge_routes
 from .token_extractors import DepthwiseTokenExtractor, GlobalTokenExtractor, LocalTokenExtractor, unfold_neighbourhood
 from .token_join import JOIN_ORDERS
@@ -52,11 +53,13 @@ class DropPath(nn.Module):
 class _ResidualInChunks(torch.autograd.Function):
     """``x + scale * branch(x)`` over chunks of whole samples, keeping none of the branch's activations.
 
+    ``branch`` maps a channels-first chunk to its output stored channels last, ``(batch, *spatial, C)``.
     Forward runs the branch without autograd, one chunk at a time, and writes each chunk's sum straight
     into the output (no concatenation, no separate residual pass over the whole map). Backward runs each
     chunk's branch again under the forward's autocast state and differentiates it at once, writing the
-    input gradient chunk by chunk and summing the parameter gradients. The branch must be a function of
-    its input and ``params`` only, and draw no random numbers.
+    input gradient chunk by chunk and summing the parameter gradients; the output gradient is brought
+    into the branch's layout instead of recomputing the output's transposed copy. The branch must be a
+    function of its input and ``params`` only, and draw no random numbers.
     """
 
     @staticmethod
@@ -68,9 +71,9 @@ class _ResidualInChunks(torch.autograd.Function):
         out = None
         for start in range(0, x.shape[0], per_chunk):
             chunk = x[start:start + per_chunk]
-            y = branch(chunk)
+            y = to_channels_first(branch(chunk))
             if scale is not None:
-                y = y * scale[start:start + per_chunk]
+                y = y * scale[start:start + per_chunk]  # promoted as the plain path's drop path promotes it
             if out is None:  # the dtype the sum promotes to (a bf16 branch under autocast, an fp32 map)
                 out = torch.empty(x.shape, dtype=torch.result_type(chunk, y), device=x.device)
             torch.add(chunk, y, out=out[start:start + per_chunk])
@@ -87,10 +90,11 @@ class _ResidualInChunks(torch.autograd.Function):
         for start in range(0, x.shape[0], ctx.per_chunk):
             chunk = x[start:start + ctx.per_chunk].detach().requires_grad_(grad_x is not None)
             grad = grad_out[start:start + ctx.per_chunk]
-            with torch.enable_grad(), torch.autocast(device_type, dtype=autocast_dtype, enabled=autocast_on):
-                y = ctx.branch(chunk)
             if scale is not None:
                 grad = grad * scale[start:start + ctx.per_chunk]
+            grad = to_channels_last(grad)  # the branch's output layout: its transpose is not recomputed
+            with torch.enable_grad(), torch.autocast(device_type, dtype=autocast_dtype, enabled=autocast_on):
+                y = ctx.branch(chunk)
             wrt = ([chunk] if grad_x is not None else []) + [params[i] for i in trainable]
             grads = list(torch.autograd.grad(y, wrt, grad.to(y.dtype), allow_unused=True))
             if grad_x is not None:
@@ -123,9 +127,9 @@ class LoGVSSBlock(nn.Module):
         recompute_tokens: when set, training keeps none of the residual branch's intermediate maps:
             the branch runs on chunks of whole samples, as many as hold at most this many positions
             but at least one, and each chunk is recomputed during backward (activation
-            checkpointing). Outputs and input gradients are those of the plain forward, parameter
-            gradients up to summation order; it trades one more forward of the branch for memory,
-            for blocks on maps too large to keep their activations. The branch draws no random
+            checkpointing). Outputs and gradients are those of the plain forward up to rounding (matrix
+            products over fewer samples at once, parameter gradients summed per chunk); it trades one
+            more forward of the branch for memory, for blocks on maps too large to keep their activations. The branch draws no random
             numbers (DropPath acts outside it), so the RNG state is not saved.
 
     A block inserted into a trained or freshly initialised network should not disturb the features
@@ -236,12 +240,16 @@ class LoGVSSBlock(nn.Module):
         if self.recompute_tokens is None or not (torch.is_grad_enabled() and self.training):
             return x + self.drop_path(self._branch(x))
         per_chunk = max(1, self.recompute_tokens // math.prod(self.spatial_size))
-        return _ResidualInChunks.apply(x, self.drop_path.sample_scale(x), self._branch, per_chunk,
+        return _ResidualInChunks.apply(x, self.drop_path.sample_scale(x), self._branch_channels_last, per_chunk,
                                        *self.parameters())
 
     def _branch(self, x: torch.Tensor) -> torch.Tensor:
         """The residual branch, ``(batch, C, *spatial)`` -> same; every operation in it is per sample."""
-        h = self.in_proj(self.norm(x.movedim(1, -1)))
+        return to_channels_first(self._branch_channels_last(x))
+
+    def _branch_channels_last(self, x: torch.Tensor) -> torch.Tensor:
+        """The residual branch, ``(batch, C, *spatial)`` -> ``(batch, *spatial, C)``."""
+        h = self.in_proj(self.norm(to_channels_last(x)))
         inner, gate = h.chunk(2, dim=-1)
         local, glob = self._tokens(inner.movedim(-1, 1))
         num_global = 0 if glob is None else glob.shape[-1]
@@ -250,4 +258,4 @@ class LoGVSSBlock(nn.Module):
         y = y.to(x.dtype) if not torch.is_autocast_enabled() else y
         y = y.transpose(1, 2).reshape(*inner.shape[:-1], self.token_channels)
         y = self.out_norm(self.back_proj(y)) * torch.nn.functional.silu(gate)
-        return self.out_proj(y).movedim(-1, 1)
+        return self.out_proj(y)
