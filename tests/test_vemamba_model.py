@@ -259,3 +259,25 @@ def test_axial_pixel_shuffle_is_the_same_in_channels_last(factor):
     cl = axial_pixel_shuffle(x.contiguous(memory_format=torch.channels_last_3d), factor)
     assert torch.equal(cl, axial_pixel_shuffle(x, factor))
     assert cl.is_contiguous(memory_format=torch.channels_last_3d)
+
+
+@pytest.mark.parametrize("layout", [torch.contiguous_format, torch.channels_last_3d])
+def test_conv_feed_forward_is_the_three_convolutions_and_keeps_maps_channels_last(layout):
+    from torch.nn import functional as F
+
+    from vemamba_iso.model import ConvFeedForward
+
+    torch.manual_seed(0)
+    ffn = ConvFeedForward(6, ratio=2.0)
+    x = torch.randn(2, 6, 3, 5, 4).contiguous(memory_format=layout).requires_grad_()
+    y = ffn(x)
+    x_ref = x.detach().clone().requires_grad_()
+    # written out with the module's own convolutions (its 1x1x1 ones run as linear layers)
+    expected = ffn.project(F.gelu(ffn.depthwise(ffn.expand(x_ref))))
+    torch.testing.assert_close(y, expected, rtol=1e-5, atol=1e-6)
+    assert y.is_contiguous(memory_format=torch.channels_last_3d)  # the layout the network keeps its maps in
+    weights = torch.randn_like(y)
+    grads = torch.autograd.grad((y * weights).sum(), [x, *ffn.parameters()])
+    expected_grads = torch.autograd.grad((expected * weights).sum(), [x_ref, *ffn.parameters()])
+    for got, want in zip(grads, expected_grads):
+        torch.testing.assert_close(got, want, rtol=1e-4, atol=1e-5)

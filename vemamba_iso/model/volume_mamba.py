@@ -131,6 +131,7 @@ class VolumeMambaModule(nn.Module):
         xz = self.in_proj(x.flatten(2).transpose(1, 2))  # (batch, L, 2*inner)
         features, gate = xz.chunk(2, dim=-1)
         features = features.transpose(1, 2).reshape(batch, self.inner, *grid)
+        features = features.contiguous(memory_format=torch.channels_last_3d)  # the depthwise conv's fast layout
         features = F.silu(self.local_conv(features)).flatten(2)  # (batch, inner, L)
         fused = []
         for chunk_tokens, family, scan, aggregate in zip(features.split(self.chunk, dim=1), CHUNK_FAMILIES,
