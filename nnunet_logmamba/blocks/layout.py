@@ -36,24 +36,17 @@ def _last_to_first(x: torch.Tensor) -> torch.Tensor:
     return _transpose_copy(x, x[0, ..., 0].numel(), channels, (batch, channels, *spatial))
 
 
-class _FirstToLast(torch.autograd.Function):
+class _LayoutCopy(torch.autograd.Function):
+    """The copy to channels last (``to_last``) or first; its gradient is the copy the other way."""
+
     @staticmethod
-    def forward(ctx, x):
-        return _first_to_last(x)
+    def forward(ctx, x, to_last: bool):
+        ctx.to_last = to_last
+        return _first_to_last(x) if to_last else _last_to_first(x)
 
     @staticmethod
     def backward(ctx, grad):
-        return _last_to_first(grad)
-
-
-class _LastToFirst(torch.autograd.Function):
-    @staticmethod
-    def forward(ctx, x):
-        return _last_to_first(x)
-
-    @staticmethod
-    def backward(ctx, grad):
-        return _first_to_last(grad)
+        return (_last_to_first(grad) if ctx.to_last else _first_to_last(grad)), None
 
 
 def to_channels_last(x: torch.Tensor) -> torch.Tensor:
@@ -61,7 +54,7 @@ def to_channels_last(x: torch.Tensor) -> torch.Tensor:
     back contiguous channels first, elsewhere the permuted view."""
     if x.dim() < 3:
         raise ValueError(f"expected (batch, channels, *spatial), got shape {tuple(x.shape)}")
-    return _FirstToLast.apply(x) if x.device.type == "cpu" else x.movedim(1, -1)
+    return _LayoutCopy.apply(x, True) if x.device.type == "cpu" else x.movedim(1, -1)
 
 
 def to_channels_first(x: torch.Tensor) -> torch.Tensor:
@@ -69,4 +62,4 @@ def to_channels_first(x: torch.Tensor) -> torch.Tensor:
     back contiguous channels last, elsewhere the permuted view."""
     if x.dim() < 3:
         raise ValueError(f"expected (batch, *spatial, channels), got shape {tuple(x.shape)}")
-    return _LastToFirst.apply(x) if x.device.type == "cpu" else x.movedim(-1, 1)
+    return _LayoutCopy.apply(x, False) if x.device.type == "cpu" else x.movedim(-1, 1)
