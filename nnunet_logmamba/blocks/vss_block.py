@@ -129,8 +129,9 @@ class LoGVSSBlock(nn.Module):
             but at least one, and each chunk is recomputed during backward (activation
             checkpointing). Outputs and gradients are those of the plain forward up to rounding (matrix
             products over fewer samples at once, parameter gradients summed per chunk); it trades one
-            more forward of the branch for memory, for blocks on maps too large to keep their activations. The branch draws no random
-            numbers (DropPath acts outside it), so the RNG state is not saved.
+            more forward of the branch for memory, for blocks on maps too large to keep their
+            activations. The branch draws no random numbers (DropPath acts outside it), so the RNG
+            state is not saved.
 
     A block inserted into a trained or freshly initialised network should not disturb the features
     its neighbours learn under: with ``zero_init_residual`` (the default) the residual branch adds

@@ -20,8 +20,7 @@ class ConvFeedForward(nn.Module):
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         """x: (batch, dim, D, H, W), best stored channels last (as the network keeps its maps) -> same."""
-        hidden = _pointwise(self.expand, x).contiguous(memory_format=torch.channels_last_3d)
-        return _pointwise(self.project, F.gelu(self.depthwise(hidden)))
+        return _pointwise(self.project, F.gelu(self.depthwise(_pointwise(self.expand, x))))
 
 
 def _pointwise(conv: nn.Conv3d, x: torch.Tensor) -> torch.Tensor:
