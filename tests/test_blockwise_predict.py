@@ -69,6 +69,38 @@ def test_blockwise_predict_faults_write_nothing(tmp_path, tiny_model, volume_sto
     assert sorted(os.listdir(tmp_path)) == ["in.zarr", "truncated"]
 
 
+def test_block_arguments_are_checked_before_the_input_is_read(tmp_path, tiny_model, volume_store, monkeypatch,
+                                                               capsys):
+    from vemamba_iso.blockwise import model_processor
+    from vemamba_iso.cli import predict as predict_command
+
+    store, _ = volume_store
+
+    def no_pass(*args, **kwargs):
+        raise AssertionError("the statistics pass ran before the arguments were checked")
+
+    monkeypatch.setattr(model_processor, "volume_intensity_record", no_pass)
+    for edit, message in ((["--block", "2", "16", "16", "--halo", "4", "2", "2"], "smaller than the halo"),
+                          (["--pyramid", "1"], ".ome.zarr")):
+        code = predict_command.main(["--input", str(store), "--output", str(tmp_path / "o.zarr"),
+                                     "--model", str(tiny_model), *edit])
+        err = capsys.readouterr().err
+        assert code == 2 and message in err and "kept" not in err, err   # no journal: nothing said to be kept
+    assert sorted(os.listdir(tmp_path)) == ["in.zarr"]
+
+
+def test_blockwise_predict_takes_a_lone_model_file_and_makes_the_output_folder(tmp_path, tiny_model, volume_store):
+    store, volume = volume_store
+    lone = tmp_path / "elsewhere" / "renamed.pt"       # no metadata.json beside it
+    lone.parent.mkdir()
+    lone.write_bytes((tiny_model / "model.pt").read_bytes())
+    out = tmp_path / "new" / "folder" / "out.zarr"
+    result = predict("--input", str(store), "--output", str(out), "--model", str(lone), "--block", "4", "20", "20",
+                     "--halo", "2", "6", "6", "--threads", "1")
+    assert result.returncode == 0, result.stderr
+    assert VolumeSource(str(out)).shape == (volume.shape[0] * 2, *volume.shape[1:])
+
+
 def test_blockwise_predict_writes_an_ome_zarr_pyramid_with_flip_averaging(tmp_path, tiny_model, volume_store):
     store, _ = volume_store
     common = ["--model", str(tiny_model), "--block", "4", "20", "20", "--halo", "2", "6", "6", "--threads", "1"]
@@ -89,6 +121,32 @@ def test_blockwise_predict_writes_an_ome_zarr_pyramid_with_flip_averaging(tmp_pa
     wrong = predict("--input", str(store), "--output", str(tmp_path / "flat.zarr"), "--pyramid", "1", *common)
     assert wrong.returncode == 2 and ".ome.zarr" in wrong.stderr
     assert not (tmp_path / "flat.zarr").exists()
+
+
+@pytest.mark.parametrize("dtype, scale", [(np.float32, 1.0), (np.float32, 255.0), (np.uint16, 255.0),
+                                          (np.uint16, 4000.0)])
+def test_statistics_pass_reads_in_bounded_pieces_and_decides_as_the_in_memory_path(tmp_path, monkeypatch,
+                                                                                     dtype, scale):
+    from vemamba_iso.blockwise import model_processor
+    from vemamba_iso.data.intensity import input_scheme, normalize
+
+    volume = (np.random.default_rng(2).random((9, 30, 20)) * scale).astype(dtype)
+    group = zarr.open_group(str(tmp_path / "v.zarr"), mode="w", zarr_format=2)
+    group.create_array("raw", data=volume, chunks=(9, 30, 20))   # one chunk: the whole volume
+    source = VolumeSource(str(tmp_path / "v.zarr"))
+    reads = []
+    read = source.read
+    monkeypatch.setattr(source, "read", lambda region: reads.append(region) or read(region))
+    monkeypatch.setattr(model_processor, "STATISTICS_READ_VOXELS", 2 * 30 * 20 + 100)
+    record = model_processor.volume_intensity_record(source, "RGBTo01Normalization")
+    voxels = [np.prod([len(range(*s.indices(n))) for s, n in zip(r, volume.shape)]) for r in reads]
+    assert max(voxels) <= 2 * 30 * 20 + 100 and sum(voxels) == volume.size
+    scheme = input_scheme("RGBTo01Normalization", volume.dtype, volume.min(), volume.max())
+    expected = normalize(volume, scheme)[1]
+    assert record["scheme"] == expected["scheme"] == ("RGBTo01Normalization" if scale == 255.0
+                                                      else "RescaleTo01Normalization")
+    np.testing.assert_allclose([record["scale"], record["offset"]], [expected["scale"], expected["offset"]],
+                               rtol=1e-6)
 
 
 def test_blocks_of_one_shape_go_through_one_forward_pass_with_the_same_result(tmp_path, tiny_model, volume_store):
@@ -160,3 +218,24 @@ def test_tiff_over_the_memory_budget_is_read_block_by_block(tmp_path, tiny_model
     expected = VolumeSource(str(tmp_path / "zarr_in.zarr")).read((slice(None),) * 3)
     np.testing.assert_array_equal(tifffile.imread(out), expected)
     assert sorted(os.listdir(tmp_path)) == ["default.tif", "in.tif", "in.zarr", "tiff_in.tif", "zarr_in.zarr"]
+
+
+def test_zarr_over_the_memory_budget_written_as_tiff_goes_block_by_block(tmp_path, tiny_model, volume_store,
+                                                                         monkeypatch, capsys):
+    import tifffile
+    from vemamba_iso.cli import predict as predict_command
+
+    store, volume = volume_store
+    model = ["--model", str(tiny_model), "--threads", "1"]
+    assert predict_command.main(["--input", str(store), "--output", str(tmp_path / "small.tif"), *model]) == 0
+
+    def whole(*args, **kwargs):
+        raise AssertionError("the whole input was loaded")
+
+    monkeypatch.setattr(predict_command, "read_input", whole)
+    monkeypatch.setenv("VEMAMBA_ISO_MEMORY_BUDGET", str(volume.nbytes / 4 / 2 ** 30))
+    assert predict_command.main(["--input", str(store), "--output", str(tmp_path / "large.tif"), *model]) == 0
+    assert tifffile.imread(tmp_path / "large.tif").shape == (volume.shape[0] * 2, *volume.shape[1:])
+    code = predict_command.main(["--input", str(store), "--output", str(tmp_path / "large.nii.gz"), *model])
+    assert code == 2 and "over the memory budget" in capsys.readouterr().err
+    assert not (tmp_path / "large.nii.gz").exists()

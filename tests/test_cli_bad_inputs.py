@@ -154,11 +154,22 @@ def test_bad_input_is_refused_and_nothing_is_written(name, row, source, extra, m
     ("to_nnunet", lambda a, d: a + ["--labels", str(d / "labels.tif")], "give one label volume per image"),
     ("predict", lambda a, d: a + ["--no-such-flag"], "unrecognized arguments"),
     ("train", lambda a, d: a + ["--time-limit", "0"], "--time-limit must be a positive number of minutes"),
+    ("predict", lambda a, d: a + ["--batch-size", "-1"], "argument --batch-size: must be at least 1, got -1"),
+    ("predict", lambda a, d: a + ["--overlap", "-4", "4", "4"], "argument --overlap: must be 0 or more, got -4"),
+    ("predict", lambda a, d: a + ["--tile", "0", "16", "16"], "argument --tile: must be at least 1, got 0"),
+    ("evaluate", lambda a, d: a + ["--overlap", "1", "-2", "4"], "argument --overlap: must be 0 or more, got -2"),
+    ("train", lambda a, d: a + ["--steps-per-epoch", "0"], "argument --steps-per-epoch: must be at least 1"),
+    ("train", lambda a, d: a + ["--batch-size", "0"], "argument --batch-size: must be at least 1"),
+    ("train", lambda a, d: a + ["--steps", "x"], "argument --steps: 'x' is not an integer"),
+    ("evaluate", lambda a, d: [str(d / "small.tif") if x.endswith("good.tif") else x for x in a],
+     "too small to measure SSIM"),
 ], ids=["factor mismatch", "factor mismatch (evaluate)", "factor out of range (train)", "factor too small (degrade)",
         "factor too small (interpolate)", "smaller than the patch (train)", "too short to degrade",
         "missing model folder", "missing model folder (evaluate)", "truncated checkpoint",
         "truncated checkpoint (evaluate)", "bad --dtype", "unpaired labels", "unknown flag",
-        "zero time limit (train)"])
+        "zero time limit (train)", "negative batch (predict)", "negative overlap (predict)", "zero tile (predict)",
+        "negative overlap (evaluate)", "zero steps per epoch (train)", "zero batch (train)", "non-integer steps (train)",
+        "smaller than the SSIM window (evaluate)"])
 def test_bad_arguments_are_refused_and_nothing_is_written(name, argv_edit, message, inputs, tiny_model, tmp_path,
                                                           capsys):
     argv = argv_edit(command_argv(name, str(inputs / "good.tif"), tmp_path, inputs, tiny_model), inputs)
@@ -217,6 +228,17 @@ def test_overwrite_replaces_the_output_whole(output_name, inputs, tmp_path, caps
     from vemamba_iso.data import read_volume
     assert read_volume(target).data.shape == (8, 24, 24)
     assert sorted(os.listdir(tmp_path)) == [output_name]          # no temporary, no moved-aside old output
+
+
+def test_train_overwrite_starts_anew_instead_of_resuming(inputs, tiny_model, tmp_path, capsys):
+    argv = command_argv("train", str(inputs / "good.tif"), tmp_path, inputs, tiny_model)
+    assert train.main(argv) == 0
+    again = capsys.readouterr().out
+    assert train.main(argv) == 0                       # the same command: its one step is spent
+    assert "nothing left to train" in capsys.readouterr().out
+    assert train.main(argv + ["--overwrite"]) == 0     # a new model, not the old one kept
+    out = capsys.readouterr().out
+    assert "model written" in out and "model written" in again
 
 
 def test_debug_shows_the_traceback(inputs, tmp_path, capsys):

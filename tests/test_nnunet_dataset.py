@@ -77,3 +77,31 @@ def test_cli_errors_leave_no_dataset(tmp_path):
     result = run_cli("--image", str(tmp_path / "raw.tif"), "--labels", str(tmp_path / "raw.tif"),
                      "--dataset-id", "7", "--name", "X")
     assert result.returncode != 0 and "nnUNet_raw" in result.stderr
+
+
+def test_overwrite_interrupted_while_replacing_keeps_the_old_dataset(tmp_path, monkeypatch):
+    from vemamba_iso.downstream import nnunet_dataset
+
+    rng = np.random.default_rng(0)
+    image = (rng.random((8, 16, 16)) * 255).astype(np.uint8)
+    labels = (image > 128).astype(np.uint8)
+    raw = tmp_path / "raw"
+    first = nnunet_dataset.write_nnunet_dataset([(image, labels, None)], str(raw), 7, "Old", subvolume=(4, 8, 8),
+                                                label_names=["background", "fg"])
+    before = sorted(os.listdir(first))
+    replace = os.replace
+
+    def interrupted(src, dst):
+        if str(src).endswith(".partial"):     # the new dataset about to take its place
+            raise KeyboardInterrupt
+        replace(src, dst)
+
+    monkeypatch.setattr(nnunet_dataset.os, "replace", interrupted)
+    with pytest.raises(KeyboardInterrupt):
+        nnunet_dataset.write_nnunet_dataset([(image, labels, None)], str(raw), 7, "New", subvolume=(4, 8, 8),
+                                            label_names=["background", "fg"], overwrite=True)
+    assert sorted(os.listdir(raw)) == ["Dataset007_Old"] and sorted(os.listdir(first)) == before
+    monkeypatch.setattr(nnunet_dataset.os, "replace", replace)
+    nnunet_dataset.write_nnunet_dataset([(image, labels, None)], str(raw), 7, "New", subvolume=(4, 8, 8),
+                                        label_names=["background", "fg"], overwrite=True)
+    assert sorted(os.listdir(raw)) == ["Dataset007_New"]

@@ -139,6 +139,22 @@ def test_predict_in_process_keeps_float_dtype_and_axis(tmp_path, capsys, tiny_mo
     assert out.data.shape == (16, 10, 16) and out.data.dtype == np.float32
 
 
+def test_float_input_in_unit_range_is_not_divided_by_255(tmp_path, tiny_model):
+    # The model was trained on uint8 / 255. A float volume already in [0, 1] is rescaled (min 0, max 1 here:
+    # unchanged), the same values stored as floats in 0..255 are divided by 255: the network sees the same
+    # input, and each output is in its input's units.
+    unit = np.random.default_rng(0).random((12, 16, 16)).astype(np.float32)
+    unit.flat[0], unit.flat[1] = 0.0, 1.0
+    outputs = []
+    for name, data in (("unit", unit), ("grey", unit * 255)):
+        write_volume(tmp_path / f"{name}.tif", data)
+        assert predict.main(["--input", str(tmp_path / f"{name}.tif"), "--output", str(tmp_path / f"{name}_out.tif"),
+                             "--model", str(tiny_model), *SMALL_TILES]) == 0
+        outputs.append(read_volume(tmp_path / f"{name}_out.tif").data)
+    np.testing.assert_allclose(outputs[0] * 255, outputs[1], rtol=0, atol=1e-2)
+    assert outputs[0].max() <= 1.5          # in the input's units, not 255 times them
+
+
 def test_factor_without_model_picks_the_shipped_model_or_says_how_to_train_one(tmp_path, capsys):
     from vemamba_iso.training.checkpoint import DEFAULT_MODEL_DIR, default_model_dir, shipped_factors
 

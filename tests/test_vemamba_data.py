@@ -3,7 +3,7 @@ import numpy as np
 import pytest
 
 from vemamba_iso.data import SUPPORTED, VolumeFormatError, read_volume, sample_path, write_volume
-from vemamba_iso.data.intensity import denormalize, normalize
+from vemamba_iso.data.intensity import denormalize, input_scheme, normalize
 from vemamba_iso.data.sampling import LateralPairSampler, lateral_rotation, to_network_layout
 from vemamba_iso.degradation import preset
 
@@ -56,6 +56,21 @@ def test_nnunet_normalisation_inverts(dtype):
     assert back.dtype == dtype and np.allclose(back, data, atol=1e-3)
     z, rec = normalize(data, "ZScoreNormalization")
     assert abs(z.mean()) < 1e-4 and np.allclose(denormalize(z, rec), data, atol=1e-2)
+
+
+@pytest.mark.parametrize("dtype, low, high, expected", [
+    (np.uint8, 0, 255, "RGBTo01Normalization"),
+    (np.uint16, 3, 250, "RGBTo01Normalization"),        # 8-bit values in a 16-bit file
+    (np.uint16, 0, 4000, "RescaleTo01Normalization"),
+    (np.float32, 0.5, 230.0, "RGBTo01Normalization"),   # grey values stored as floats
+    (np.float32, 0.0, 1.0, "RescaleTo01Normalization"),  # already in [0, 1]: / 255 would squash it
+    (np.float32, -1.0, 100.0, "RescaleTo01Normalization"),
+])
+def test_input_scheme_brings_inputs_to_an_rgb_models_range(dtype, low, high, expected):
+    assert input_scheme("RGBTo01Normalization", dtype, low, high) == expected
+    assert input_scheme("ZScoreNormalization", dtype, low, high) == "ZScoreNormalization"
+    assert input_scheme(None, np.uint8, 0, 255) == "RGBTo01Normalization"
+    assert input_scheme(None, np.float32, 0, 255) == "RescaleTo01Normalization"
 
 
 def test_eight_lateral_rotations_are_distinct_and_keep_z():

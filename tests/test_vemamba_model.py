@@ -241,8 +241,9 @@ def test_permute_tokens_gathers_and_its_gradient_is_the_inverse_gather():
     assert torch.autograd.gradcheck(lambda t: permute_tokens(t, perm, inverse), (leaf,))
 
 
-def test_network_output_does_not_depend_on_the_memory_format_inside():
-    """The body runs channels-last (faster convolutions on CPU); the result is the same network function."""
+def test_network_output_does_not_depend_on_the_memory_format_inside(monkeypatch):
+    """The body runs channels-last (faster convolutions on CPU); the result is the same network function
+    as with every map in the standard layout, and per sample the same as in a batch."""
     torch.manual_seed(0)
     net = VEMambaNetwork(NetworkConfig(factor=3, **TINY)).double()
     torch.nn.init.normal_(net.last_conv.weight, std=0.1)
@@ -251,6 +252,15 @@ def test_network_output_does_not_depend_on_the_memory_format_inside():
     assert y.is_contiguous() or y.is_contiguous(memory_format=torch.channels_last_3d)
     single = torch.cat([net(x[i:i + 1]) for i in range(2)])
     torch.testing.assert_close(y, single, rtol=1e-10, atol=1e-10)
+    layouts = []
+    shallow = net.shallow.forward
+    monkeypatch.setattr(net.shallow, "forward", lambda t: layouts.append(shallow(t)) or layouts[-1])
+    net(x)
+    assert layouts[-1].is_contiguous() and not layouts[-1].is_contiguous(memory_format=torch.channels_last_3d)
+    # the same network with the channels-last conversions made no-ops: every map stays channels first
+    monkeypatch.setattr(torch, "channels_last_3d", torch.contiguous_format)
+    standard = net(x)
+    torch.testing.assert_close(standard, y, rtol=1e-10, atol=1e-10)
 
 
 @pytest.mark.parametrize("factor", [2, 4, 7])

@@ -180,6 +180,10 @@ def test_checkpoint_metadata_and_resume_after_interruption(tmp_path):
         assert torch.equal(a.cpu(), b.cpu())
     with pytest.raises(ValueError, match="factor"):
         Trainer([tiny_volume()], 2, out, tiny_config(), progress=False).try_resume()
+    # another network width: a clear error naming the options, not a state-dict traceback
+    wider = tiny_config(network={**TINY_NET, "dim": TINY_NET["dim"] + 4})
+    with pytest.raises(ValueError, match="another network configuration.*--restart"):
+        Trainer([tiny_volume()], 3, out, wider, progress=False).try_resume()
     assert second.network.config.keep_observed
     # a checkpoint from before kept slices existed resumes with the objective it was started with
     resume_file = out / "checkpoint_last.pt"

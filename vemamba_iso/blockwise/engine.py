@@ -87,6 +87,14 @@ def run_processor(processor: BlockProcessor, arrays: Sequence[np.ndarray]) -> li
     return outputs
 
 
+def plan_blocks(shape, output: str, factor: int, axis: int, block=(32, 128, 128), halo=(4, 16, 16),
+                pyramid_levels: int = 0) -> tuple[BlockGrid, list[tuple[int, ...]]]:
+    """The block grid of an input of ``shape`` and the shapes of its pyramid levels: every error in the
+    block, halo and pyramid arguments, raised before any data is read (the commands call it first)."""
+    grid = BlockGrid(shape, block, halo, factor, axis)
+    return grid, _check_pyramid(str(output).rstrip("/"), grid.output_shape, pyramid_levels)
+
+
 def reconstruct_blockwise(source: VolumeSource, output: str, processor: BlockProcessor, *,
                           block=(32, 128, 128), halo=(4, 16, 16), overwrite: bool = False,
                           scheduler: str | None = None, workers: int | None = None, batch_size: int | None = None,
@@ -117,8 +125,10 @@ def reconstruct_blockwise(source: VolumeSource, output: str, processor: BlockPro
         the output path.
     """
     output = str(output).rstrip("/")
-    grid = BlockGrid(source.shape, block, halo, processor.factor, processor.axis)
-    level_shapes = _check_pyramid(output, grid.output_shape, pyramid_levels)
+    if batch_size is not None and batch_size < 1:
+        raise ValueError(f"batch_size (blocks read and processed together) must be at least 1, got {batch_size}")
+    grid, level_shapes = plan_blocks(source.shape, output, processor.factor, processor.axis, block, halo,
+                                     pyramid_levels)
     dtype = np.dtype(output_dtype if output_dtype is not None else source.dtype)
     params = {"input": os.path.abspath(source.path), "key": source.key, "shape": list(source.shape),
               "block": list(grid.block), "halo": list(grid.halo), "factor": grid.factor, "axis": grid.axis,

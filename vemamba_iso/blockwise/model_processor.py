@@ -8,32 +8,44 @@ processor itself stays small when Dask sends it to every worker.
 from __future__ import annotations
 
 import hashlib
-import os
 
 import numpy as np
 
+from tqdm import tqdm
+
+from ..data.intensity import input_scheme
 from .stores import VolumeSource
 
 _NETWORKS: dict = {}
+#: voxels read at once by the statistics pass (float64, and its square: about 0.5 GB)
+STATISTICS_READ_VOXELS = 2 ** 25
 
 
-def volume_intensity_record(source: VolumeSource, scheme: str, slab: int | None = None) -> dict:
+def volume_intensity_record(source: VolumeSource, scheme: str, slab: int | None = None,
+                            progress: bool = True) -> dict:
     """``{scheme, scale, offset}`` of :func:`vemamba_iso.data.intensity.normalize` for the whole store,
-    computed slab by slab along Z (memory bounded by one slab)."""
-    if scheme == "RGBTo01Normalization":
-        if source.dtype != np.uint8:
-            scheme = "RescaleTo01Normalization"
-        else:
-            return {"scheme": scheme, "scale": 255.0, "offset": 0.0}
-    slab = slab or max(1, source.chunks[0])
+    computed piece by piece: slabs of ``slab`` Z slices (default: the store's Z chunk), split along Y so
+    that one read holds at most ``STATISTICS_READ_VOXELS`` voxels (a contiguous HDF5 dataset, whose one
+    chunk is the whole volume, or a large lateral extent, stays within that bound)."""
+    if scheme == "RGBTo01Normalization" and source.dtype == np.uint8:
+        return {"scheme": scheme, "scale": 255.0, "offset": 0.0}   # known without reading the volume
+    depth, height, width = source.shape
+    plane = height * width
+    slab = slab or max(1, min(source.chunks[0], STATISTICS_READ_VOXELS // max(1, plane)))
+    rows = max(1, min(height, STATISTICS_READ_VOXELS // max(1, slab * width)))
     lo, hi, total, total_sq, count = np.inf, -np.inf, 0.0, 0.0, 0
-    for z in range(0, source.shape[0], slab):
-        values = source.read((slice(z, z + slab), slice(None), slice(None))).astype(np.float64)
+    pieces = [(z, y) for z in range(0, depth, slab) for y in range(0, height, rows)]
+    for z, y in tqdm(pieces, desc="intensity statistics", unit="piece", disable=not progress or len(pieces) < 2,
+                     dynamic_ncols=True):
+        values = source.read((slice(z, z + slab), slice(y, y + rows), slice(None))).astype(np.float64)
         if not np.isfinite(values).all():
-            raise ValueError(f"{source.path} has NaN or infinite voxels in slices {z}..{z + slab}; "
+            raise ValueError(f"{source.path} has NaN or infinite voxels in slices {z}..{min(z + slab, depth) - 1}; "
                              "replace them (e.g. by 0) before reconstruction")
         lo, hi = min(lo, values.min()), max(hi, values.max())
         total, total_sq, count = total + values.sum(), total_sq + (values ** 2).sum(), count + values.size
+    scheme = input_scheme(scheme, source.dtype, lo, hi)
+    if scheme == "RGBTo01Normalization":
+        return {"scheme": scheme, "scale": 255.0, "offset": 0.0}
     if scheme == "RescaleTo01Normalization":
         return {"scheme": scheme, "scale": max(hi - lo, 1e-8), "offset": lo}
     if scheme == "ZScoreNormalization":
@@ -65,14 +77,12 @@ class ModelProcessor:
 
     def __init__(self, model=None, *, intensity: dict, axis: int = 0, device: str = "cpu",
                  tile=None, overlap=None, batch_size: int = 2, flip_average: bool = False):
-        import json
-
-        from ..training.checkpoint import METADATA_FILE, resolve_model_dir
+        from ..training.checkpoint import read_model_file, resolve_model_dir
 
         self.path = str(resolve_model_dir(model))
-        meta_path = os.path.join(os.path.dirname(self.path), METADATA_FILE)
-        with open(meta_path) as f:
-            self.metadata = json.load(f)
+        # the record inside the weights file, as the in-memory path reads it: a model file passed on its
+        # own, or renamed next to another model's metadata.json, still gets its own factor
+        self.metadata = read_model_file(self.path)["metadata"]
         self.factor, self.axis, self.device = int(self.metadata["factor"]), int(axis), str(device)
         self.intensity, self.batch_size = dict(intensity), batch_size
         self.tile = tuple(tile) if tile is not None else None

@@ -54,7 +54,7 @@ class CommandParser(argparse.ArgumentParser):
 def add_device_args(parser: argparse.ArgumentParser) -> None:
     """``--device`` and ``--threads``, for the commands that run the network."""
     parser.add_argument("--device", default="cpu", choices=["cpu", "cuda"], help="where the network runs")
-    parser.add_argument("--threads", type=int, default=None,
+    parser.add_argument("--threads", type=positive_int, default=None,
                         help="CPU threads for torch (default: torch's choice; 1 is fastest on a busy machine)")
 
 
@@ -67,6 +67,28 @@ def numeric_dtype(text: str) -> np.dtype:
     if dtype is None or dtype.kind not in "iuf":
         raise argparse.ArgumentTypeError(f"{text!r} is not an integer or float dtype (e.g. uint8, uint16, float32)")
     return dtype
+
+
+def positive_int(text: str) -> int:
+    """argparse type of counts and sizes that must be at least 1 (tiles, batches, steps, threads)."""
+    try:
+        value = int(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"{text!r} is not an integer") from None
+    if value < 1:
+        raise argparse.ArgumentTypeError(f"must be at least 1, got {value}")
+    return value
+
+
+def non_negative_int(text: str) -> int:
+    """argparse type of overlaps, halos and level counts (0 allowed)."""
+    try:
+        value = int(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"{text!r} is not an integer") from None
+    if value < 0:
+        raise argparse.ArgumentTypeError(f"must be 0 or more, got {value}")
+    return value
 
 
 def setup_torch(args) -> None:
@@ -179,11 +201,18 @@ def run_command(parser: argparse.ArgumentParser, command, argv=None) -> int:
     except USER_ERRORS as exc:
         if getattr(args, "debug", False):
             traceback.print_exc()
-        print(f"error: {one_line(exc)}", file=sys.stderr)
+        print(f"error: {one_line(exc)}{_kept_note(args)}", file=sys.stderr)
         return 2
     except Exception as exc:  # a bug: still one line, but say so and how to see more
         if getattr(args, "debug", False):
             traceback.print_exc()
         print(f"error: unexpected {type(exc).__name__} in {parser.prog}: {one_line(exc)} (a bug: rerun with "
-              "--debug for the traceback and report it)", file=sys.stderr)
+              f"--debug for the traceback and report it){_kept_note(args)}", file=sys.stderr)
         return 2
+
+
+def _kept_note(args) -> str:
+    """What a failed run leaves to resume from (its ``interrupt_note``, set once there is something), as a
+    suffix of the one error line."""
+    note = getattr(args, "interrupt_note", None)
+    return f"; {note}" if note else ""

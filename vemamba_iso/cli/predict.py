@@ -10,8 +10,8 @@ import sys
 
 import numpy as np
 
-from .common import (CommandError, CommandParser, add_device_args, check_factor, numeric_dtype, read_input,
-                     run_command, setup_torch)
+from .common import (CommandError, CommandParser, add_device_args, check_factor, non_negative_int, numeric_dtype,
+                     positive_int, read_input, run_command, setup_torch)
 from .outputs import claim_volume_output, write_output_volume
 
 CHUNKED = ("zarr", "hdf5")
@@ -19,12 +19,12 @@ CHUNKED = ("zarr", "hdf5")
 
 def add_tiling_args(parser) -> None:
     """``--tile``, ``--overlap``, ``--batch-size``, ``--flip-average`` (predict and evaluate)."""
-    parser.add_argument("--tile", type=int, nargs=3, default=None, metavar=("D", "H", "W"),
+    parser.add_argument("--tile", type=positive_int, nargs=3, default=None, metavar=("D", "H", "W"),
                         help="tile size in input voxels, degraded axis first (default: the model's training patch, "
                              "e.g. 8 32 32, where it reconstructs best; larger tiles were measured worse)")
-    parser.add_argument("--overlap", type=int, nargs=3, default=None, metavar=("D", "H", "W"),
+    parser.add_argument("--overlap", type=non_negative_int, nargs=3, default=None, metavar=("D", "H", "W"),
                         help="tile overlap in input voxels (default: a quarter of the tile)")
-    parser.add_argument("--batch-size", type=int, default=None,
+    parser.add_argument("--batch-size", type=positive_int, default=None,
                         help="tiles per forward pass (default 2 on a CPU, 32 on a GPU); block-wise (Zarr/HDF5): "
                              "blocks read and processed together (default 4 on a GPU, 1 on a CPU)")
     parser.add_argument("--flip-average", action="store_true",
@@ -45,21 +45,24 @@ def build_parser() -> CommandParser:
     parser.add_argument("--output-key", default="data", help="dataset key for HDF5/Zarr output")
     parser.add_argument("--factor", type=int, default=None, help="expected factor; an error if the model differs")
     parser.add_argument("--axis", type=int, default=0, choices=[0, 1, 2], help="degraded axis in (Z, Y, X)")
-    parser.add_argument("--dtype", type=numeric_dtype, default=None, help="output dtype (default: the input's)")
+    parser.add_argument("--dtype", type=numeric_dtype, default=None,
+                        help="output dtype (default: the input's); values are kept, not rescaled: integers are "
+                             "rounded and clipped to the dtype's range (uint16 input written as uint8 saturates "
+                             "at 255)")
     add_tiling_args(parser)
     add_device_args(parser)
     chunked = parser.add_argument_group(
         "large volumes", "Zarr/OME-Zarr/HDF5 input and output, and TIFF input over --memory-budget, are "
         "reconstructed block by block (memory bounded by the block), resumably (run the same command again "
         "after an interruption), optionally on Dask")
-    chunked.add_argument("--block", type=int, nargs=3, default=None, metavar=("Z", "Y", "X"),
+    chunked.add_argument("--block", type=positive_int, nargs=3, default=None, metavar=("Z", "Y", "X"),
                          help="block core in input voxels (default 32 128 128)")
-    chunked.add_argument("--halo", type=int, nargs=3, default=(4, 16, 16), metavar=("Z", "Y", "X"),
+    chunked.add_argument("--halo", type=non_negative_int, nargs=3, default=(4, 16, 16), metavar=("Z", "Y", "X"),
                          help="context read around each block, input voxels (default 4 16 16)")
     chunked.add_argument("--scheduler", default=None,
                          help="'local' (a Dask cluster sized to this machine) or a Dask scheduler address")
-    chunked.add_argument("--workers", type=int, default=None, help="workers of the local Dask cluster")
-    chunked.add_argument("--pyramid", type=int, default=0, metavar="N",
+    chunked.add_argument("--workers", type=positive_int, default=None, help="workers of the local Dask cluster")
+    chunked.add_argument("--pyramid", type=non_negative_int, default=0, metavar="N",
                          help="add N resolution levels (2x2x2 means) to an .ome.zarr output, for napari, "
                               "neuroglancer or webKnossos (default 0)")
     chunked.add_argument("--memory-budget", type=float, default=None, metavar="GIB",
@@ -73,7 +76,7 @@ def run(args) -> int:
     setup_torch(args)
     if _is_blockwise(args):
         return _predict_blockwise(args)
-    from ..data.intensity import denormalize, normalize
+    from ..data.intensity import denormalize, input_scheme, normalize
     from ..data.io import rescaled_voxel_size
     from ..inference import reconstruct_volume
     from ..inference.tiling import tiles_per_pass
@@ -93,11 +96,8 @@ def run(args) -> int:
     data = np.moveaxis(volume.data, args.axis, 0)
     if data.shape[0] < 2:
         raise CommandError(f"the degraded axis {args.axis} has {data.shape[0]} voxel(s); nothing to interpolate")
-    scheme = metadata.get("normalisation", {}).get("scheme")
-    try:
-        normed, record = normalize(data, scheme)
-    except ValueError:
-        normed, record = normalize(data)
+    scheme = input_scheme(metadata.get("normalisation", {}).get("scheme"), data.dtype, data.min(), data.max())
+    normed, record = normalize(data, scheme)
     result = reconstruct_volume(network, normed, tile=args.tile, overlap=args.overlap,
                                 batch_size=args.batch_size or tiles_per_pass(args.device), device=args.device,
                                 flip_average=args.flip_average)
@@ -137,19 +137,29 @@ def _is_blockwise(args) -> bool:
             raise CommandError("--block/--scheduler reconstruct block by block: use Zarr (.zarr), HDF5 (.h5) or "
                                "TIFF for both --input and --output")
         return True
+    size = None
     if formats[0] == "tiff" and args.input != "sample" and os.path.isfile(args.input):
         size = tiff_nbytes(args.input)
-        if size is not None and size > memory_budget_bytes(args.memory_budget):
-            if formats[1] not in CHUNKED + ("tiff",):
-                raise CommandError(f"{args.input} ({size / 2 ** 30:.2f} GiB) is over the memory budget and is "
-                                   "reconstructed block by block: write a .zarr, .h5 or .tif --output, or raise "
-                                   "--memory-budget")
-            return True
+    elif formats[0] in CHUNKED and formats[1] not in CHUNKED:   # e.g. a large Zarr written as TIFF
+        from ..blockwise import VolumeSource
+        path, key = split_key(args.input, args.key)
+        try:
+            source = VolumeSource(str(path), key)
+        except (KeyError, ValueError, OSError):
+            return False   # a missing key or file: reading it in memory reports it as every command does
+        size = int(np.prod(source.shape)) * np.dtype(source.dtype).itemsize
+    if size is not None and size > memory_budget_bytes(args.memory_budget):
+        if formats[1] not in CHUNKED + ("tiff",):
+            raise CommandError(f"{args.input} ({size / 2 ** 30:.2f} GiB) is over the memory budget and is "
+                               "reconstructed block by block: write a .zarr, .h5 or .tif --output, or raise "
+                               "--memory-budget")
+        return True
     return all(f in CHUNKED for f in formats)
 
 
 def _predict_blockwise(args) -> int:
     from ..blockwise import VolumeSource, reconstruct_blockwise
+    from ..blockwise.engine import plan_blocks
     from ..blockwise.model_processor import ModelProcessor, volume_intensity_record
     from ..blockwise.stores import is_ome_zarr_path
     from ..data.intensity import default_scheme
@@ -169,15 +179,31 @@ def _predict_blockwise(args) -> int:
                                overlap=args.overlap, flip_average=args.flip_average,
                                batch_size=tiles_per_pass(args.device))
     check_factor(args.factor, processor.metadata, args.model)
+    block = args.block or (32, 128, 128)
+    if args.scheduler:
+        try:
+            import distributed  # noqa: F401
+        except ImportError:
+            raise CommandError("--scheduler needs Dask: pip install 'bioimage-mamba[dask]', or drop --scheduler "
+                               "to reconstruct in this process") from None
+    # the block, halo and pyramid arguments are checked before the pass over the whole input below
+    plan_blocks(source.shape, args.output, processor.factor, args.axis, block, args.halo, args.pyramid)
     processor.network()   # load (and so validate) the weights before anything is written
     scheme = processor.metadata.get("normalisation", {}).get("scheme") or default_scheme(source.dtype)
     processor.intensity = volume_intensity_record(source, scheme)
-    args.interrupt_note = (f"finished blocks are kept in {args.output}.partial.zarr and {args.output}.journal: run "
+    os.makedirs(os.path.dirname(os.path.abspath(args.output)), exist_ok=True)   # as the in-memory path does
+    journal = f"{str(args.output).rstrip('/')}.journal"
+    args.interrupt_note = (f"finished blocks are kept in {args.output}.partial.zarr and {journal}: run "
                            "the same command again to resume (or pass --overwrite to start over)")
-    out = reconstruct_blockwise(source, args.output, processor, block=args.block or (32, 128, 128),
-                                halo=args.halo, overwrite=args.overwrite, scheduler=args.scheduler,
-                                workers=args.workers, batch_size=args.batch_size, output_dtype=args.dtype,
-                                output_key=args.output_key, pyramid_levels=args.pyramid)
+    try:
+        out = reconstruct_blockwise(source, args.output, processor, block=block,
+                                    halo=args.halo, overwrite=args.overwrite, scheduler=args.scheduler,
+                                    workers=args.workers, batch_size=args.batch_size, output_dtype=args.dtype,
+                                    output_key=args.output_key, pyramid_levels=args.pyramid)
+    except BaseException:
+        if not os.path.isdir(journal):   # failed before the first block: nothing is kept to resume from
+            del args.interrupt_note
+        raise
     print(f"wrote {out}: x{processor.factor} along axis {args.axis}, block by block")
     return 0
 

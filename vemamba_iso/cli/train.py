@@ -4,7 +4,8 @@ from __future__ import annotations
 import sys
 from pathlib import Path
 
-from .common import CommandError, CommandParser, add_device_args, input_paths, read_input, run_command, setup_torch
+from .common import (CommandError, CommandParser, add_device_args, input_paths, non_negative_int, positive_int,
+                     read_input, run_command, setup_torch)
 from .outputs import claim_model_dir
 
 
@@ -21,23 +22,23 @@ def build_parser() -> CommandParser:
     parser.add_argument("--factor", type=int, required=True, help="axial anisotropy factor to undo (2..10)")
     parser.add_argument("--output", required=True,
                         help="model folder to write (new, or one of ours: then training resumes)")
-    parser.add_argument("--steps", type=int, default=2000,
+    parser.add_argument("--steps", type=positive_int, default=2000,
                         help="reconstruction training steps (with --time-limit: the most steps)")
     parser.add_argument("--time-limit", type=float, default=None, metavar="MINUTES",
                         help="stop reconstruction training after this many minutes (resumed runs count their "
                              "earlier time; a larger limit on a resumed run raises the decayed rate again); the "
                              "learning rate decays over the time, whichever of steps and time runs out first")
-    parser.add_argument("--batch-size", type=int, default=4)
-    parser.add_argument("--patch", type=int, nargs=2, default=(8, 32), metavar=("AXIAL", "LATERAL"),
+    parser.add_argument("--batch-size", type=positive_int, default=4)
+    parser.add_argument("--patch", type=positive_int, nargs=2, default=(8, 32), metavar=("AXIAL", "LATERAL"),
                         help="input patch: length along the degraded axis and lateral size (default 8 32)")
     parser.add_argument("--lr", type=float, default=4e-4, help="peak Adam learning rate")
-    parser.add_argument("--warmup-steps", type=int, default=None,
+    parser.add_argument("--warmup-steps", type=non_negative_int, default=None,
                         help="default: 5%% of --steps (at most 100 with --time-limit)")
-    parser.add_argument("--steps-per-epoch", type=int, default=100, help="validation/checkpoint interval")
-    parser.add_argument("--dim", type=int, default=32)
-    parser.add_argument("--groups", type=int, default=4)
-    parser.add_argument("--blocks", type=int, default=4)
-    parser.add_argument("--state-size", type=int, default=8)
+    parser.add_argument("--steps-per-epoch", type=positive_int, default=100, help="validation/checkpoint interval")
+    parser.add_argument("--dim", type=positive_int, default=32)
+    parser.add_argument("--groups", type=positive_int, default=4)
+    parser.add_argument("--blocks", type=positive_int, default=4)
+    parser.add_argument("--state-size", type=positive_int, default=8)
     parser.add_argument("--scan-paths", type=int, default=4, choices=[4, 2],
                         help="scan paths per channel chunk: 4 (the paper's ALCSSM: both lateral orders, forward and "
                              "reversed) or 2 (one lateral order; ablation)")
@@ -46,7 +47,7 @@ def build_parser() -> CommandParser:
                              "paper's), from the chunk's input, or a plain sum (ablation)")
     parser.add_argument("--no-degradation-encoder", action="store_true",
                         help="switch the MoCo degradation encoder and VDIM modulation off (ablation)")
-    parser.add_argument("--moco-steps", type=int, default=200, help="degradation encoder pre-training steps")
+    parser.add_argument("--moco-steps", type=non_negative_int, default=200, help="degradation encoder pre-training steps")
     parser.add_argument("--degradation", default="subsample", choices=["subsample", "average_pool", "realistic"],
                         help="simulated axial degradation (must match how the stack was acquired)")
     parser.add_argument("--pair-axes", default="lateral", choices=["lateral", "all"],
@@ -56,7 +57,7 @@ def build_parser() -> CommandParser:
                         help="start from a trained model's weights where shapes match (e.g. a model for another "
                              "factor); ignored when resuming")
     parser.add_argument("--restart", action="store_true",
-                        help="ignore an existing checkpoint_last.pt in --output instead of resuming")
+                        help="ignore an existing checkpoint_last.pt in --output instead of resuming (--overwrite implies it)")
     parser.add_argument("--seed", type=int, default=0)
     add_device_args(parser)
     return parser
@@ -76,6 +77,7 @@ def run(args) -> int:
         raise CommandError(f"--factor must be in {MIN_FACTOR}..{MAX_FACTOR}, got {args.factor}")
     if args.time_limit is not None and not args.time_limit > 0:
         raise CommandError(f"--time-limit must be a positive number of minutes, got {args.time_limit}")
+    args.restart = args.restart or args.overwrite   # replacing the output means not resuming what it holds
     claim_model_dir(args.output, args.overwrite, args.restart)
     from ..training import Trainer, TrainingConfig
     volumes = [read_input(p, args.key).data for p in input_paths(args.input)]

@@ -17,6 +17,23 @@ def default_scheme(dtype) -> str:
     return "RGBTo01Normalization" if np.dtype(dtype) == np.uint8 else "RescaleTo01Normalization"
 
 
+def input_scheme(model_scheme: str | None, dtype, low: float, high: float) -> str:
+    """The scheme that brings an input of ``dtype`` with values in ``low..high`` to a model's training range.
+
+    A model trained with ``RGBTo01Normalization`` (uint8 EM divided by 255) gets the same division for data
+    in 0..255 stored as integers, or as floats that use that range (maximum above 1); data outside 0..255,
+    and float data already in [0, 1] (which x / 255 would squash to near zero), are rescaled min-max to
+    [0, 1] instead. Other schemes are the model's; no scheme: :func:`default_scheme`. The in-memory and the
+    block-wise paths both decide with this function, so a file is normalised the same way at any size.
+    """
+    if model_scheme is None:
+        return default_scheme(dtype)
+    if model_scheme != "RGBTo01Normalization":
+        return model_scheme
+    in_range = low >= 0 and high <= 255 and (np.issubdtype(np.dtype(dtype), np.integer) or high > 1)
+    return model_scheme if in_range else "RescaleTo01Normalization"
+
+
 def normalize(volume: np.ndarray, scheme: str | None = None) -> tuple[np.ndarray, dict]:
     """float32 normalised copy of ``volume`` and the record ``{scheme, scale, offset}`` such that
     ``original = normalised * scale + offset``."""

@@ -173,9 +173,21 @@ def write_nnunet_dataset(pairs, raw_root: str, dataset_id: int, name: str, *, su
         generate_dataset_json(tmp, {0: channel_name}, {n: k for k, n in enumerate(label_names)}, training, ".nii.gz",
                               dataset_name=f"Dataset{int(dataset_id):03d}_{name}", description=description,
                               license="see the source volumes")
-        for old in existing:
-            shutil.rmtree(os.path.join(raw_root, old))
-        os.replace(tmp, folder)
+        # the datasets replaced are moved aside and deleted only once the new one is in place: an
+        # interruption in between puts them back instead of losing both
+        aside = []
+        try:
+            for old in existing:
+                aside.append((os.path.join(raw_root, old), os.path.join(raw_root, f".old-{os.getpid()}-{old}")))
+                os.replace(*aside[-1])
+            os.replace(tmp, folder)
+        except BaseException:
+            for original, moved in reversed(aside):
+                if os.path.lexists(moved):
+                    os.replace(moved, original)
+            raise
+        for _, moved in aside:
+            shutil.rmtree(moved, ignore_errors=True)
     except BaseException:
         shutil.rmtree(tmp, ignore_errors=True)
         for made in created:   # innermost first: a failed run leaves no folder it made behind

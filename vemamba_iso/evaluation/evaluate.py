@@ -9,11 +9,11 @@ from __future__ import annotations
 
 import numpy as np
 
-from ..data.intensity import denormalize, normalize
+from ..data.intensity import denormalize, input_scheme, normalize
 from ..degradation import degrade_axial, preset, sample_offset
 from ..inference.tiling import reconstruct_volume, resolve_tiling, tiles_per_pass
 from .baselines import interpolate_axial
-from .metrics import psnr, volume_metrics
+from .metrics import SSIM_MIN_EDGE, psnr, volume_metrics
 
 
 def removed_slice_near_centre(length: int, factor: int) -> int:
@@ -44,12 +44,13 @@ def evaluate_reconstruction(network, metadata: dict, ground_truth: np.ndarray, t
     if n < 2 * factor:
         raise ValueError(f"ground truth has {ground_truth.shape[0]} Z slices; at least {2 * factor} are needed "
                          f"for factor x{factor}")
+    if min(n, *ground_truth.shape[1:]) < SSIM_MIN_EDGE:
+        raise ValueError(f"ground truth of {n} x {ground_truth.shape[1]} x {ground_truth.shape[2]} voxels (Z cropped to "
+                         f"a multiple of x{factor}) is too small to measure SSIM: every axis needs at least "
+                         f"{SSIM_MIN_EDGE} voxels; evaluate a larger volume")
     gt = ground_truth[:n]
-    scheme = metadata.get("normalisation", {}).get("scheme")
-    try:
-        normed, record = normalize(gt, scheme)
-    except ValueError:
-        normed, record = normalize(gt)
+    scheme = input_scheme(metadata.get("normalisation", {}).get("scheme"), gt.dtype, gt.min(), gt.max())
+    normed, record = normalize(gt, scheme)
     degraded = degrade_axial(normed, degradation, axis=0, rng=np.random.default_rng(seed))
     tile, overlap = resolve_tiling(network, tile, overlap)
     estimates = {

@@ -33,6 +33,10 @@ def gaussian_filter_valid(x: torch.Tensor, dims: tuple[int, ...], sigma: float =
     return x
 
 
+#: the smallest edge, in voxels, of a volume whose SSIM can be measured (the Gaussian window's taps)
+SSIM_MIN_EDGE = 11
+
+
 def ssim(x: torch.Tensor, y: torch.Tensor, data_range: float = 1.0, dims: tuple[int, ...] | None = None,
          sigma: float = 1.5, radius: int = 5) -> torch.Tensor:
     """Mean SSIM of ``x`` and ``y`` (same shape) with the window spanning ``dims`` (default: all dims).

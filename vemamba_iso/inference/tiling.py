@@ -43,7 +43,14 @@ def resolve_tiling(model: torch.nn.Module, tile=None, overlap=None) -> tuple[tup
         tile, fitted = default_tiling(model)
         overlap = fitted if overlap is None else overlap
     tile = tuple(int(t) for t in tile)
-    return tile, (tuple(int(o) for o in overlap) if overlap is not None else default_overlap(tile))
+    overlap = tuple(int(o) for o in overlap) if overlap is not None else default_overlap(tile)
+    if len(tile) != 3 or len(overlap) != 3:
+        raise ValueError(f"tile and overlap need three sizes (d, H, W), got {tile} and {overlap}")
+    if min(tile) < 1:
+        raise ValueError(f"tile sizes must be at least 1 voxel, got {tile}")
+    if min(overlap) < 0:
+        raise ValueError(f"tile overlaps must be 0 or more voxels, got {overlap} (negative overlaps leave gaps)")
+    return tile, overlap
 
 
 def tiles_per_pass(device) -> int:
@@ -128,6 +135,8 @@ def reconstruct_volume(model: torch.nn.Module, volume: np.ndarray, factor: int |
     """
     if volume.ndim != 3:
         raise ValueError(f"expected a 3D (d, H, W) volume, got shape {volume.shape}")
+    if batch_size < 1:
+        raise ValueError(f"batch_size (tiles per forward pass) must be at least 1, got {batch_size}")
     factor = int(factor or model.config.factor)
     model.eval()
     tile, overlap = resolve_tiling(model, tile, overlap)

@@ -207,7 +207,12 @@ class Trainer:
         if state["factor"] != self.network.config.factor:
             raise ValueError(f"{path} was trained for factor x{state['factor']}, not x{self.network.config.factor}; "
                              "use another --output or delete it")
-        self.network.load_state_dict(state["network"])
+        try:
+            self.network.load_state_dict(state["network"])
+        except RuntimeError as exc:   # missing, unexpected or differently shaped weights
+            raise ValueError(f"{path} was trained with another network configuration (--dim, --groups, --blocks, "
+                             "--state-size, --scan-paths, --aggregation or the degradation encoder differ); run "
+                             "with the same options to resume, or pass --restart to train anew") from exc
         self.optimizer.load_state_dict(state["optimizer"])
         self.scheduler.load_state_dict(state["scheduler"])
         self.step, self.moco_done = state["step"], state["moco_done"]
