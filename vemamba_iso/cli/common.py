@@ -69,26 +69,23 @@ def numeric_dtype(text: str) -> np.dtype:
     return dtype
 
 
-def positive_int(text: str) -> int:
-    """argparse type of counts and sizes that must be at least 1 (tiles, batches, steps, threads)."""
-    try:
-        value = int(text)
-    except ValueError:
-        raise argparse.ArgumentTypeError(f"{text!r} is not an integer") from None
-    if value < 1:
-        raise argparse.ArgumentTypeError(f"must be at least 1, got {value}")
-    return value
+def _int_at_least(minimum: int, requirement: str):
+    """An argparse type: an integer of at least ``minimum``; ``requirement`` words the error."""
+    def parse(text: str) -> int:
+        try:
+            value = int(text)
+        except ValueError:
+            raise argparse.ArgumentTypeError(f"{text!r} is not an integer") from None
+        if value < minimum:
+            raise argparse.ArgumentTypeError(f"must be {requirement}, got {value}")
+        return value
+    return parse
 
 
-def non_negative_int(text: str) -> int:
-    """argparse type of overlaps, halos and level counts (0 allowed)."""
-    try:
-        value = int(text)
-    except ValueError:
-        raise argparse.ArgumentTypeError(f"{text!r} is not an integer") from None
-    if value < 0:
-        raise argparse.ArgumentTypeError(f"must be 0 or more, got {value}")
-    return value
+#: argparse type of counts and sizes that must be at least 1 (tiles, batches, steps, threads)
+positive_int = _int_at_least(1, "at least 1")
+#: argparse type of overlaps, halos and level counts (0 allowed)
+non_negative_int = _int_at_least(0, "0 or more")
 
 
 def setup_torch(args) -> None:
