@@ -1,5 +1,6 @@
 """The compiled CPU kernel (``cpu_kernel`` backend) against the sequential reference, and its fallbacks."""
 import itertools
+import os
 
 import pytest
 import torch
@@ -122,6 +123,32 @@ def test_a_failing_compiler_falls_back_with_its_error(monkeypatch, tmp_path):
 
 
 @needs_kernel
+def test_a_cache_that_cannot_take_the_library_falls_back_to_the_temporary_folder(monkeypatch, tmp_path):
+    import errno
+    import tempfile
+
+    cache, temporary = tmp_path / "cache", tmp_path / "tmp"
+    temporary.mkdir()
+    monkeypatch.setenv("BIOIMAGE_MAMBA_CACHE", str(cache))
+    monkeypatch.setattr(tempfile, "tempdir", str(temporary))
+    replace = os.replace
+
+    def refused_in_cache(src, dst):   # as a full or foreign file system answers
+        if str(dst).startswith(str(cache)):
+            raise OSError(errno.EXDEV, "Invalid cross-device link")
+        replace(src, dst)
+
+    monkeypatch.setattr(cpu_kernel.os, "replace", refused_in_cache)
+    cpu_kernel._load.cache_clear()
+    try:
+        available, how = cpu_kernel.cpu_kernel_status()
+        assert available and str(temporary / "bioimage_mamba") in how, how
+        assert not list(cache.iterdir()), "no partial library may stay in the cache"
+    finally:
+        cpu_kernel._load.cache_clear()
+
+
+@needs_kernel
 def test_the_built_kernel_is_cached_for_later_processes(monkeypatch, tmp_path):
     monkeypatch.setenv("BIOIMAGE_MAMBA_CACHE", str(tmp_path))
     cpu_kernel._load.cache_clear()
@@ -189,3 +216,19 @@ def test_no_channels_is_an_empty_scan_not_a_crash():
     assert y.shape == (1, 0, 5)
     y.sum().backward()
     assert u.grad.shape == (1, 0, 5)
+
+
+def test_a_backend_forced_for_another_device_is_overridden_where_it_cannot_run(monkeypatch):
+    # one environment for GPU training and CPU prediction: BIOIMAGE_MAMBA_SCAN_BACKEND=mamba_ssm
+    monkeypatch.delenv("TRITON_INTERPRET", raising=False)
+    u, A = torch.zeros(1, 1, 1), torch.zeros(1, 1)
+    monkeypatch.delenv(dispatch.BACKEND_ENV, raising=False)
+    automatic = resolve_backend("auto", u, A)
+    for forced in ("mamba_ssm", "triton"):
+        monkeypatch.setenv(dispatch.BACKEND_ENV, forced)
+        with pytest.warns(RuntimeWarning, match=f"{forced} cannot run on cpu"):
+            dispatch._warn_once.cache_clear()
+            assert resolve_backend("auto", u, A) == automatic
+    monkeypatch.setenv(dispatch.BACKEND_ENV, "torch")      # one that runs here is obeyed
+    assert resolve_backend("auto", u, A) == "torch"
+    assert resolve_backend("reference", u, A) == "reference"   # an explicit argument is never overridden

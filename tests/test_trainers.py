@@ -154,6 +154,23 @@ def test_fp32_forward_ignores_an_outer_autocast():
         assert net(x).dtype == torch.float32
         assert torch.is_autocast_enabled("cpu")  # restored after the forward
     assert list(net.state_dict()) == ["0.weight", "0.bias", "1.weight", "1.bias"]
+    # a forward that raises still leaves autocast as it found it
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        with pytest.raises(RuntimeError):
+            net(torch.randn(4, 3))
+        assert torch.is_autocast_enabled("cpu") and net._autocast_off_contexts == []
+
+
+def test_no_amp_network_is_fp32_as_nnunet_predict_rebuilds_it():
+    from nnunet_logmamba.training import nnUNetTrainerLoGVMambaNoAMP
+
+    # the predictor calls the trainer class's builder and nothing of initialize()
+    net = nnUNetTrainerLoGVMambaNoAMP.build_network_architecture(None, _configuration(batch=2), 1, 2, False)
+    default = nnUNetTrainerLoGVMamba.build_network_architecture(None, _configuration(batch=2), 1, 2, False)
+    assert list(net.state_dict()) == list(default.state_dict())      # checkpoints load into either
+    x = torch.randn(1, 1, 16, 24, 16)
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        assert net(x).dtype == torch.float32 and default(x).dtype == torch.bfloat16
 
 
 @pytest.mark.cuda

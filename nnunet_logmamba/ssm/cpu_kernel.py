@@ -18,6 +18,7 @@ tested against the ``reference`` backend, forward and every gradient (``tests/te
 """
 from __future__ import annotations
 
+import contextlib
 import ctypes
 import functools
 import hashlib
@@ -85,9 +86,14 @@ def _compiler_version(cc: str) -> str:
 
 
 def _try_build(cc: str, flags: list[str], workdir: Path, target: Path) -> str | None:
-    """Compile and link into ``target`` (written under a temporary name, then renamed); the error or None."""
+    """Compile and link into ``target`` (written under a temporary name beside it, then renamed: a rename
+    across file systems, from a tmpfs to an NFS home, would fail); the error or None."""
     obj = workdir / "cpu_scan.o"
-    tmp = workdir / target.name
+    try:
+        target.parent.mkdir(parents=True, exist_ok=True)
+    except OSError as exc:
+        return f"cannot create {target.parent}: {exc}"
+    tmp = target.parent / f".{target.name}.{os.getpid()}.partial"
     compile_cmd = [cc, *_COMPILE_FLAGS, *flags, "-c", str(SOURCE), "-o", str(obj)]
     link_cmd = [cc, "-shared", *[f for f in flags if f == "-fopenmp"], str(obj), "-o", str(tmp), "-lm"]
     for cmd in (compile_cmd, link_cmd):
@@ -96,9 +102,15 @@ def _try_build(cc: str, flags: list[str], workdir: Path, target: Path) -> str | 
         except (OSError, subprocess.SubprocessError) as exc:
             return f"{' '.join(cmd)}: {exc}"
         if done.returncode != 0:
+            with contextlib.suppress(OSError):
+                tmp.unlink()
             return f"{' '.join(cmd)}: {(done.stderr or done.stdout).strip().splitlines()[-1:]}"
-    target.parent.mkdir(parents=True, exist_ok=True)
-    os.replace(tmp, target)
+    try:
+        os.replace(tmp, target)
+    except OSError as exc:
+        with contextlib.suppress(OSError):
+            tmp.unlink()
+        return f"cannot write {target}: {exc}"
     return None
 
 
@@ -112,24 +124,26 @@ def _load() -> tuple[ctypes.CDLL | None, str]:
         return None, "no C compiler found ($CC, cc, gcc, clang); the kernel is built on first use"
     key = hashlib.sha256("\n".join([SOURCE.read_text(), " ".join(_COMPILE_FLAGS), _compiler_version(cc),
                                     _cpu_signature(), platform.machine()]).encode()).hexdigest()[:16]
-    target = cache_dir() / f"cpu_scan-{key}.so"
-    if not target.is_file():
-        try:
-            target.parent.mkdir(parents=True, exist_ok=True)
-        except OSError:  # a read-only home: build into the temporary folder instead
-            target = Path(tempfile.gettempdir()) / "bioimage_mamba" / target.name
+    # the cache, else (a read-only or full home) the temporary folder
+    candidates = [cache_dir() / f"cpu_scan-{key}.so", Path(tempfile.gettempdir()) / "bioimage_mamba" / f"cpu_scan-{key}.so"]
+    target = next((c for c in candidates if c.is_file()), None)
     how = f"loaded from {target}"
-    if not target.is_file():
+    if target is None:
         errors = []
         with tempfile.TemporaryDirectory(prefix="bioimage_mamba_build_") as workdir:
             # every optional flag first, then without OpenMP, without -march=native, with neither
             variants = [[f for group in _OPTIONAL_FLAGS for f in group], ["-march=native"], ["-fopenmp"], []]
-            for flags in variants:
-                error = _try_build(cc, flags, Path(workdir), target)
-                if error is None:
-                    how = f"built with {cc} {' '.join(flags)} into {target}"
+            for candidate in candidates:
+                for flags in variants:
+                    error = _try_build(cc, flags, Path(workdir), candidate)
+                    if error is None:
+                        target, how = candidate, f"built with {cc} {' '.join(flags)} into {candidate}"
+                        break
+                    errors.append(error)
+                    if error.startswith("cannot "):   # the folder, not the flags: try the next folder
+                        break
+                if target is not None:
                     break
-                errors.append(error)
             else:
                 return None, f"building the kernel with {cc} failed: {errors[-1]}"
     try:

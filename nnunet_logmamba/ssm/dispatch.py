@@ -1,7 +1,9 @@
 """Backend choice for :func:`selective_scan`."""
 from __future__ import annotations
 
+import functools
 import os
+import warnings
 
 import torch
 
@@ -66,6 +68,22 @@ def auto_backend_reason(u: torch.Tensor, A: torch.Tensor) -> str:
     return f"neither mamba-ssm ({mamba_reason}) nor triton ({triton_reason}) can run here"
 
 
+def _runs_on_device(backend: str, u: torch.Tensor) -> bool:
+    """Whether ``backend`` can take tensors on ``u``'s device at all (not whether it is installed)."""
+    if backend == "cpu_kernel":
+        return not u.is_cuda
+    if backend == "mamba_ssm":
+        return u.is_cuda
+    if backend == "triton":   # Triton's interpreter runs its kernels on CPU tensors
+        return u.is_cuda or interpreter_active()
+    return True
+
+
+@functools.lru_cache(maxsize=None)
+def _warn_once(message: str) -> None:
+    warnings.warn(message, RuntimeWarning, stacklevel=3)
+
+
 def resolve_backend(backend: str, u: torch.Tensor, A: torch.Tensor) -> str:
     """The concrete backend ``backend`` means for these tensors."""
     if backend not in BACKENDS:
@@ -74,6 +92,11 @@ def resolve_backend(backend: str, u: torch.Tensor, A: torch.Tensor) -> str:
         backend = os.environ.get(BACKEND_ENV, "auto")
         if backend not in BACKENDS:
             raise ValueError(f"{BACKEND_ENV}={backend!r} is not one of {BACKENDS}")
+        if not _runs_on_device(backend, u):
+            # one environment for GPU training and CPU prediction: the override applies where it can run
+            _warn_once(f"{BACKEND_ENV}={backend} cannot run on {u.device.type} tensors; choosing automatically "
+                       "for them")
+            backend = "auto"
     if backend == "auto":
         if kernel_supports(u, A):
             return "mamba_ssm"

@@ -35,17 +35,25 @@ def respect_omp_num_threads(device: torch.device) -> None:
         torch.set_num_threads(int(value))
 
 
-def network_builder(config: LoGVMambaConfig) -> staticmethod:
-    """A ``build_network_architecture`` staticmethod that inserts blocks configured by ``config``."""
+def network_builder(config: LoGVMambaConfig, fp32_forward: bool = False) -> staticmethod:
+    """A ``build_network_architecture`` staticmethod that inserts blocks configured by ``config``.
+
+    ``fp32_forward``: the network's forward runs with autocast off, whatever the caller opened. In the
+    builder, not in ``initialize``: ``nnUNetv2_predict`` opens autocast on CUDA too and rebuilds the
+    network through this method only.
+    """
 
     def build_network_architecture(plans_manager, configuration_manager, num_input_channels: int,
                                    num_output_channels: int, enable_deep_supervision: bool = True) -> torch.nn.Module:
-        return build_log_vmamba_network(
+        network = build_log_vmamba_network(
             configuration_manager.network_arch_class_name,
             configuration_manager.network_arch_init_kwargs,
             configuration_manager.network_arch_init_kwargs_req_import,
             num_input_channels, num_output_channels, configuration_manager.patch_size,
             configuration_manager.batch_size, enable_deep_supervision, config)
+        if fp32_forward:
+            disable_autocast_in_forward(network)
+        return network
 
     build_network_architecture.__doc__ = f"The planned U-Net with LoG-VMamba blocks ({config})."
     return staticmethod(build_network_architecture)
@@ -188,10 +196,8 @@ class nnUNetTrainerLoGVMambaNoAMP(nnUNetTrainerLoGVMamba):
         super().__init__(plans, configuration, fold, dataset_json, device)
         self.grad_scaler = None
 
-    def initialize(self):
-        super().initialize()
-        # nnU-Net's train and validation steps open autocast on CUDA; switch it off around the network
-        disable_autocast_in_forward(self.network)
+    # nnU-Net's train and validation steps and nnUNetv2_predict open autocast on CUDA
+    build_network_architecture = network_builder(nnUNetTrainerLoGVMamba.log_vmamba_config, fp32_forward=True)
 
 
 def disable_autocast_in_forward(module: torch.nn.Module) -> None:
@@ -210,7 +216,7 @@ def disable_autocast_in_forward(module: torch.nn.Module) -> None:
         return output
 
     module.register_forward_pre_hook(enter)
-    module.register_forward_hook(leave)
+    module.register_forward_hook(leave, always_call=True)   # also when the forward raises (e.g. out of memory)
 
 
 # --- ablations of the join order (default: interleaved) and of the scan directions K (default 1) ---
