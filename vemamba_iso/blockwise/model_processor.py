@@ -30,8 +30,8 @@ def volume_intensity_record(source: VolumeSource, scheme: str, slab: int | None 
     if scheme == "RGBTo01Normalization" and source.dtype == np.uint8:
         return {"scheme": scheme, "scale": 255.0, "offset": 0.0}   # known without reading the volume
     depth, height, width = source.shape
-    plane = height * width
-    slab = slab or max(1, min(source.chunks[0], STATISTICS_READ_VOXELS // max(1, plane)))
+    # whole Z chunks (a thinner slab would decompress each chunk once per slice), split along Y
+    slab = slab or max(1, min(source.chunks[0], STATISTICS_READ_VOXELS // max(1, width)))
     rows = max(1, min(height, STATISTICS_READ_VOXELS // max(1, slab * width)))
     lo, hi, total, total_sq, count = np.inf, -np.inf, 0.0, 0.0, 0
     pieces = [(z, y) for z in range(0, depth, slab) for y in range(0, height, rows)]
