@@ -85,32 +85,37 @@ def _compiler_version(cc: str) -> str:
         return ""
 
 
+class _FolderUnusable(OSError):
+    """The library's folder cannot be created or written: no compiler flag changes that."""
+
+
 def _try_build(cc: str, flags: list[str], workdir: Path, target: Path) -> str | None:
     """Compile and link into ``target`` (written under a temporary name beside it, then renamed: a rename
-    across file systems, from a tmpfs to an NFS home, would fail); the error or None."""
+    across file systems, from a tmpfs to an NFS home, would fail); the compiler's error or None.
+    Raises :class:`_FolderUnusable` when ``target``'s folder cannot take the library."""
     obj = workdir / "cpu_scan.o"
     try:
         target.parent.mkdir(parents=True, exist_ok=True)
     except OSError as exc:
-        return f"cannot create {target.parent}: {exc}"
+        raise _FolderUnusable(f"cannot create {target.parent}: {exc}") from exc
     tmp = target.parent / f".{target.name}.{os.getpid()}.partial"
     compile_cmd = [cc, *_COMPILE_FLAGS, *flags, "-c", str(SOURCE), "-o", str(obj)]
     link_cmd = [cc, "-shared", *[f for f in flags if f == "-fopenmp"], str(obj), "-o", str(tmp), "-lm"]
-    for cmd in (compile_cmd, link_cmd):
-        try:
-            done = subprocess.run(cmd, capture_output=True, text=True, timeout=300)
-        except (OSError, subprocess.SubprocessError) as exc:
-            return f"{' '.join(cmd)}: {exc}"
-        if done.returncode != 0:
-            with contextlib.suppress(OSError):
-                tmp.unlink()
-            return f"{' '.join(cmd)}: {(done.stderr or done.stdout).strip().splitlines()[-1:]}"
     try:
-        os.replace(tmp, target)
-    except OSError as exc:
+        for cmd in (compile_cmd, link_cmd):
+            try:
+                done = subprocess.run(cmd, capture_output=True, text=True, timeout=300)
+            except (OSError, subprocess.SubprocessError) as exc:
+                return f"{' '.join(cmd)}: {exc}"
+            if done.returncode != 0:
+                return f"{' '.join(cmd)}: {(done.stderr or done.stdout).strip().splitlines()[-1:]}"
+        try:
+            os.replace(tmp, target)
+        except OSError as exc:
+            raise _FolderUnusable(f"cannot write {target}: {exc}") from exc
+    finally:   # no partial library left beside the cache (gone already after the rename)
         with contextlib.suppress(OSError):
             tmp.unlink()
-        return f"cannot write {target}: {exc}"
     return None
 
 
@@ -125,7 +130,8 @@ def _load() -> tuple[ctypes.CDLL | None, str]:
     key = hashlib.sha256("\n".join([SOURCE.read_text(), " ".join(_COMPILE_FLAGS), _compiler_version(cc),
                                     _cpu_signature(), platform.machine()]).encode()).hexdigest()[:16]
     # the cache, else (a read-only or full home) the temporary folder
-    candidates = [cache_dir() / f"cpu_scan-{key}.so", Path(tempfile.gettempdir()) / "bioimage_mamba" / f"cpu_scan-{key}.so"]
+    name = f"cpu_scan-{key}.so"
+    candidates = [cache_dir() / name, Path(tempfile.gettempdir()) / "bioimage_mamba" / name]
     target = next((c for c in candidates if c.is_file()), None)
     how = f"loaded from {target}"
     if target is None:
@@ -135,13 +141,15 @@ def _load() -> tuple[ctypes.CDLL | None, str]:
             variants = [[f for group in _OPTIONAL_FLAGS for f in group], ["-march=native"], ["-fopenmp"], []]
             for candidate in candidates:
                 for flags in variants:
-                    error = _try_build(cc, flags, Path(workdir), candidate)
+                    try:
+                        error = _try_build(cc, flags, Path(workdir), candidate)
+                    except _FolderUnusable as exc:   # the folder, not the flags: try the next folder
+                        errors.append(str(exc))
+                        break
                     if error is None:
                         target, how = candidate, f"built with {cc} {' '.join(flags)} into {candidate}"
                         break
                     errors.append(error)
-                    if error.startswith("cannot "):   # the folder, not the flags: try the next folder
-                        break
                 if target is not None:
                     break
             else:

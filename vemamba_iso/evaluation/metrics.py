@@ -16,13 +16,20 @@ import torch.nn.functional as F
 PLANE_AXES = {"xy": (1, 2), "xz": (0, 2), "yz": (0, 1)}
 
 
+#: radius of the Gaussian window (its taps: 2 * radius + 1)
+SSIM_RADIUS = 5
+#: the smallest edge, in voxels, of a volume whose SSIM can be measured with the default window
+SSIM_MIN_EDGE = 2 * SSIM_RADIUS + 1
+
+
 def _gaussian_taps(sigma: float, radius: int, device, dtype) -> torch.Tensor:
     x = torch.arange(-radius, radius + 1, device=device, dtype=dtype)
     g = torch.exp(-(x ** 2) / (2 * sigma ** 2))
     return g / g.sum()
 
 
-def gaussian_filter_valid(x: torch.Tensor, dims: tuple[int, ...], sigma: float = 1.5, radius: int = 5) -> torch.Tensor:
+def gaussian_filter_valid(x: torch.Tensor, dims: tuple[int, ...], sigma: float = 1.5,
+                          radius: int = SSIM_RADIUS) -> torch.Tensor:
     """Separable Gaussian filter of ``x`` along ``dims``, keeping only the fully covered ('valid') part."""
     taps = _gaussian_taps(sigma, radius, x.device, x.dtype).view(1, 1, -1)
     for d in dims:
@@ -33,12 +40,8 @@ def gaussian_filter_valid(x: torch.Tensor, dims: tuple[int, ...], sigma: float =
     return x
 
 
-#: the smallest edge, in voxels, of a volume whose SSIM can be measured (the Gaussian window's taps)
-SSIM_MIN_EDGE = 11
-
-
 def ssim(x: torch.Tensor, y: torch.Tensor, data_range: float = 1.0, dims: tuple[int, ...] | None = None,
-         sigma: float = 1.5, radius: int = 5) -> torch.Tensor:
+         sigma: float = 1.5, radius: int = SSIM_RADIUS) -> torch.Tensor:
     """Mean SSIM of ``x`` and ``y`` (same shape) with the window spanning ``dims`` (default: all dims).
 
     For a (Z, Y, X) volume, ``dims=(1, 2)`` gives the mean SSIM of its XY planes, ``None`` 3D SSIM;
