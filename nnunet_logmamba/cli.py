@@ -41,24 +41,28 @@ def scan_parity(device: str, atol: float = 1e-4, rtol: float = 1e-3) -> tuple[bo
         return (torch.randn(*shape, generator=g) * scale).to(device).requires_grad_()
 
     b, d, n, length = 2, 4, 3, 33          # an odd length crosses the chunked backend's segment edges
-    u, delta, z = rand(b, d, length), rand(b, d, length, scale=0.5), rand(b, d, length)
-    A = (-torch.rand(d, n, generator=g) - 0.5).to(device).requires_grad_()
-    B, C = rand(b, n, length), rand(b, n, length)
-    D, bias = rand(d), rand(d, scale=0.1)
-    inputs = (u, delta, A, B, C)
-    kwargs = dict(D=D, z=z, delta_bias=bias, delta_softplus=True)
+    worst, ok = 0.0, True
     try:
-        results = []
-        for scan in (lambda: selective_scan(*inputs, **kwargs, backend="auto"),
-                     lambda: selective_scan_reference(*inputs, **kwargs)):
-            y = scan()
-            grads = torch.autograd.grad(y.square().sum(), (u, delta, A, B, C, D))
-            results.append([y.detach()] + [t.detach() for t in grads])
+        # B and C shared by all channels, then in two channel groups: the kernels index them differently
+        for bc_shape in ((b, n, length), (b, 2, n, length)):
+            u, delta, z = rand(b, d, length), rand(b, d, length, scale=0.5), rand(b, d, length)
+            A = (-torch.rand(d, n, generator=g) - 0.5).to(device).requires_grad_()
+            B, C = rand(*bc_shape), rand(*bc_shape)
+            D, bias = rand(d), rand(d, scale=0.1)
+            inputs = (u, delta, A, B, C)
+            kwargs = dict(D=D, z=z, delta_bias=bias, delta_softplus=True)
+            results = []
+            for scan in (lambda: selective_scan(*inputs, **kwargs, backend="auto"),
+                         lambda: selective_scan_reference(*inputs, **kwargs)):
+                y = scan()
+                grads = torch.autograd.grad(y.square().sum(), (u, delta, A, B, C, D))
+                results.append([y.detach()] + [t.detach() for t in grads])
+            worst = max(worst, max(float((a - r).abs().max()) for a, r in zip(*results)))
+            ok = ok and all(torch.isfinite(a).all() and torch.allclose(a, r, atol=atol, rtol=rtol)
+                            for a, r in zip(*results))
     except Exception as exc:  # a backend that cannot run at all fails the check as much as a wrong one
         return False, f"{type(exc).__name__}: {str(exc).splitlines()[0][:160]}"
-    worst = max(float((a - r).abs().max()) for a, r in zip(*results))
-    ok = all(torch.isfinite(a).all() and torch.allclose(a, r, atol=atol, rtol=rtol) for a, r in zip(*results))
-    return bool(ok), f"largest difference {worst:.1e} on output and gradients"
+    return bool(ok), f"largest difference {worst:.1e} on output and gradients (shared and grouped B/C)"
 
 
 def doctor() -> int:

@@ -79,6 +79,34 @@ def test_hdf5_input_needs_an_existing_key(tmp_path):
     assert VolumeSource(str(path), key="raw").shape == (18, 40, 36)
 
 
+@pytest.mark.parametrize("suffix", [".h5", ".tif"])
+def test_a_closed_source_releases_its_file_and_reopens_on_read(tmp_path, suffix):
+    import tifffile
+
+    volume = random_volume()
+    path = tmp_path / f"in{suffix}"
+    if suffix == ".h5":
+        with h5py.File(path, "w") as f:
+            f["raw"] = volume
+    else:
+        tifffile.imwrite(path, volume, photometric="minisblack")
+    region = (slice(2, 5), slice(None), slice(3, 9))
+
+    def open_descriptors():
+        return sum(os.path.realpath(f"/proc/self/fd/{fd}") == str(path.resolve())
+                   for fd in os.listdir("/proc/self/fd") if os.path.exists(f"/proc/self/fd/{fd}"))
+
+    with VolumeSource(str(path)) as source:
+        np.testing.assert_array_equal(source.read(region), volume[region])
+        assert not sys.platform.startswith("linux") or open_descriptors() >= 1
+    assert not sys.platform.startswith("linux") or open_descriptors() == 0
+    if suffix == ".h5":
+        with h5py.File(path, "a") as f:   # HDF5 refuses to write a file another handle keeps open
+            f["extra"] = np.zeros(1)
+    np.testing.assert_array_equal(source.read(region), volume[region])   # reopened for a later read
+    source.close()
+
+
 def test_faults_are_clear_and_write_nothing(tmp_path):
     source = VolumeSource(write_zarr(tmp_path / "in.zarr", random_volume()))
     existing = tmp_path / "out.zarr"

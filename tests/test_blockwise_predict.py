@@ -81,7 +81,10 @@ def test_block_arguments_are_checked_before_the_input_is_read(tmp_path, tiny_mod
 
     monkeypatch.setattr(model_processor, "volume_intensity_record", no_pass)
     for edit, message in ((["--block", "2", "16", "16", "--halo", "4", "2", "2"], "smaller than the halo"),
-                          (["--pyramid", "1"], ".ome.zarr")):
+                          (["--pyramid", "1"], ".ome.zarr"),
+                          (["--output", str(tmp_path / "o.ome.zarr"), "--pyramid", "1", "--output-key", "raw"],
+                           "levels as '0'..'1'"),
+                          (["--output-key", "a/b"], "without '/'")):
         code = predict_command.main(["--input", str(store), "--output", str(tmp_path / "o.zarr"),
                                      "--model", str(tiny_model), *edit])
         err = capsys.readouterr().err
@@ -95,10 +98,14 @@ def test_blockwise_predict_takes_a_lone_model_file_and_makes_the_output_folder(t
     lone.parent.mkdir()
     lone.write_bytes((tiny_model / "model.pt").read_bytes())
     out = tmp_path / "new" / "folder" / "out.zarr"
-    result = predict("--input", str(store), "--output", str(out), "--model", str(lone), "--block", "4", "20", "20",
+    result = predict("--input", str(store), "--output", f"{out}:raw", "--model", str(lone), "--block", "4", "20", "20",
                      "--halo", "2", "6", "6", "--threads", "1")
     assert result.returncode == 0, result.stderr
-    assert VolumeSource(str(out)).shape == (volume.shape[0] * 2, *volume.shape[1:])
+    # the chosen array name holds the result, and the OME metadata points readers to it
+    group = zarr.open_group(str(out), mode="r")
+    assert list(group.array_keys()) == ["raw"]
+    assert group.attrs["multiscales"][0]["datasets"][0]["path"] == "raw"
+    assert VolumeSource(str(out)).shape == group["raw"].shape == (volume.shape[0] * 2, *volume.shape[1:])
 
 
 def test_blockwise_predict_writes_an_ome_zarr_pyramid_with_flip_averaging(tmp_path, tiny_model, volume_store):

@@ -43,6 +43,21 @@ def test_doctor_fails_when_the_backend_a_device_uses_is_wrong(healthy, monkeypat
     assert "BIOIMAGE_MAMBA_SCAN_BACKEND" in out and "1 problem(s)" in out
 
 
+def test_doctor_checks_grouped_b_and_c_too(healthy, monkeypatch, capsys):
+    backend = cpu_auto_backend()
+    correct = dispatch._IMPLEMENTATIONS[backend]
+
+    def wrong_when_grouped(u, delta, A, B, C, **kwargs):   # every group reads the first group's B
+        if B.dim() == 4:
+            B = B[:, :1].expand_as(B)
+        return correct(u, delta, A, B, C, **kwargs)
+
+    monkeypatch.setitem(dispatch._IMPLEMENTATIONS, backend, wrong_when_grouped)
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: False)
+    assert cli.doctor() == 1
+    assert "parity with reference: FAILED" in capsys.readouterr().out
+
+
 def test_doctor_fails_when_a_backend_cannot_run(healthy, monkeypatch, capsys):
     def broken(*args, **kwargs):
         raise RuntimeError("kernel image is not available")

@@ -166,6 +166,7 @@ def test_auto_prefers_mamba_ssm_then_triton_then_torch_on_cuda(monkeypatch, mamb
     monkeypatch.delenv(dispatch.BACKEND_ENV, raising=False)
     monkeypatch.setattr(dispatch, "kernel_supports", lambda u, A: mamba)
     monkeypatch.setattr(dispatch, "triton_supports", lambda u: triton)
+    monkeypatch.setattr(dispatch, "_backend_works", lambda backend, u: True)   # probes: see the test below
     cuda_tensor = SimpleNamespace(is_cuda=True)
     assert dispatch.resolve_backend("auto", cuda_tensor, torch.zeros(4, 16)) == expected
     # a state too large for the kernel's register block goes to torch
@@ -174,6 +175,65 @@ def test_auto_prefers_mamba_ssm_then_triton_then_torch_on_cuda(monkeypatch, mamb
     monkeypatch.setenv(dispatch.BACKEND_ENV, "torch")
     assert dispatch.resolve_backend("auto", cuda_tensor, torch.zeros(4, 16)) == "torch"
     assert dispatch.resolve_backend("auto", torch.zeros(1, 4, 2), torch.zeros(4, 16)) == "torch"
+
+
+def test_a_sequence_of_more_chunks_than_a_grid_holds_runs_in_the_sequential_layout():
+    import nnunet_logmamba.ssm.triton_kernel as tk
+    if tk.triton is None:
+        pytest.skip("triton is not installed")
+    short = tk._launch_shape(2, 64, 1, 16, 16384, "parallel")
+    assert short["layout"] == "parallel" and short["n_chunks"] == 16384 // short["chunk"]
+    longest = short["chunk"] * tk.MAX_GRID_CHUNKS
+    assert tk._launch_shape(2, 64, 1, 16, longest, "parallel")["layout"] == "parallel"
+    beyond = tk._launch_shape(2, 64, 1, 16, longest + 1, "parallel")
+    # one program per channel block walks all chunks: no grid dimension counts chunks
+    assert beyond["layout"] == "sequential" and beyond["n_blocks"] <= tk.MAX_GRID_CHUNKS
+
+
+def test_auto_skips_a_fast_backend_that_imports_but_fails_where_it_runs(monkeypatch):
+    """CPU tensors stand in for a GPU's: the probe runs whatever implementation the backend names."""
+    from nnunet_logmamba.ssm.reference import selective_scan_reference
+
+    monkeypatch.delenv(dispatch.BACKEND_ENV, raising=False)
+    monkeypatch.setattr(dispatch, "_PROBES", {})
+    dispatch._warn_once.cache_clear()
+    calls = []
+
+    def no_kernel_image(*args, **kwargs):
+        calls.append("mamba_ssm")
+        raise RuntimeError("CUDA error: no kernel image is available for execution on the device")
+
+    def wrong_result(u, delta, A, B, C, **kwargs):
+        calls.append("triton")
+        return selective_scan_reference(u, delta, A, B, C, **kwargs) * 1.5
+
+    monkeypatch.setitem(dispatch._IMPLEMENTATIONS, "mamba_ssm", no_kernel_image)
+    monkeypatch.setitem(dispatch._IMPLEMENTATIONS, "triton", wrong_result)
+    monkeypatch.setattr(dispatch, "kernel_supports", lambda u, A: True)
+    monkeypatch.setattr(dispatch, "_triton_takes", lambda u, A: True)
+    u, A = torch.randn(1, 4, 9), -torch.rand(4, 3)
+    with pytest.warns(RuntimeWarning) as caught:
+        with torch.inference_mode():   # as in a prediction: the probe still runs its backward
+            chosen = dispatch.resolve_backend("auto", u, A)
+    messages = " ".join(str(w.message) for w in caught)
+    assert "no kernel image" in messages and "differs from the reference" in messages
+    assert chosen == ("cpu_kernel" if dispatch.cpu_kernel_supports(u) else "torch")
+    # probed once per device and dtype
+    assert dispatch.resolve_backend("auto", u, A) == chosen and calls == ["mamba_ssm", "triton"]
+    # an explicit choice is the user's: not probed, its own error
+    with pytest.raises(RuntimeError, match="no kernel image"):
+        selective_scan(u, u, A, torch.randn(1, 3, 9), torch.randn(1, 3, 9), backend="mamba_ssm")
+    # doctor's reason names the failure
+    gpu = SimpleNamespace(is_cuda=True, device=torch.device("cpu"), dtype=torch.float32)
+    reason = dispatch.auto_backend_reason(gpu, A)
+    assert "imports but fails here: RuntimeError: CUDA error: no kernel image" in reason and "runs here" in reason
+    # a backend that matches the reference passes its probe and is chosen
+    monkeypatch.setattr(dispatch, "_PROBES", {})
+    monkeypatch.setitem(dispatch._IMPLEMENTATIONS, "mamba_ssm", selective_scan_reference)
+    assert dispatch.resolve_backend("auto", u.half(), A) == "mamba_ssm"
+    assert dispatch.auto_backend_reason(SimpleNamespace(is_cuda=True, device=torch.device("cpu"),
+                                                        dtype=torch.float16), A) == \
+        "mamba-ssm's CUDA kernel imports and runs"
 
 
 @pytest.mark.cuda

@@ -59,13 +59,19 @@ def auto_backend_reason(u: torch.Tensor, A: torch.Tensor) -> str:
         if not available:
             return f"CPU tensors: the chunked torch scan (the C kernel is unavailable: {how})"
         return f"CPU tensors of dtype {u.dtype}: the chunked torch scan (the C kernel computes in fp32)"
-    if kernel_supports(u, A):
-        return "mamba-ssm's CUDA kernel imports"
-    mamba_reason = mamba_ssm_status()[1].splitlines()[0][:80]
+    mamba_imports = kernel_supports(u, A)
+    if mamba_imports and _backend_works("mamba_ssm", u):
+        return "mamba-ssm's CUDA kernel imports and runs"
+    if mamba_imports:
+        mamba_reason = f"imports but fails here: {_PROBES[('mamba_ssm', str(u.device), u.dtype)]}"
+    else:
+        mamba_reason = f"does not import: {mamba_ssm_status()[1].splitlines()[0][:80]}"
     triton_reason = triton_status()[1]
+    if _triton_takes(u, A) and _backend_works("triton", u):
+        return f"mamba-ssm {mamba_reason}; {triton_reason} runs"
     if _triton_takes(u, A):
-        return f"mamba-ssm does not import ({mamba_reason}); {triton_reason} does"
-    return f"neither mamba-ssm ({mamba_reason}) nor triton ({triton_reason}) can run here"
+        triton_reason = f"{triton_reason} fails here: {_PROBES[('triton', str(u.device), u.dtype)]}"
+    return f"neither mamba-ssm ({mamba_reason}) nor triton ({triton_reason}) runs here"
 
 
 def _runs_on_device(backend: str, u: torch.Tensor) -> bool:
@@ -84,6 +90,57 @@ def _warn_once(message: str) -> None:
     warnings.warn(message, RuntimeWarning, stacklevel=3)
 
 
+#: (backend, device, dtype) -> None when a small scan ran and matched the reference, else why not
+_PROBES: dict[tuple[str, str, torch.dtype], str | None] = {}
+
+
+def _probe_failure(backend: str, device: torch.device, dtype: torch.dtype) -> str | None:
+    """Run ``backend`` once on a small scan, forward and backward, against the reference.
+
+    A compiled kernel can import and still fail where it runs: a mamba-ssm wheel built for another GPU
+    architecture ("no kernel image is available"), a Triton without a working compiler. ``auto`` must
+    not hand a training to such a backend, so it tries each fast backend once per device and dtype.
+    """
+    generator = torch.Generator().manual_seed(0)
+    batch, dim, state, length = 1, 4, 4, 33
+    shapes = {"u": (batch, dim, length), "delta": (batch, dim, length), "A": (dim, state),
+              "B": (batch, state, length), "C": (batch, state, length), "D": (dim,), "z": (batch, dim, length),
+              "delta_bias": (dim,)}
+    try:
+        # a prediction may call in under no_grad or inference_mode: the probe needs its own autograd
+        with torch.inference_mode(False), torch.enable_grad(), torch.autocast(device.type, enabled=False):
+            inputs = {k: torch.randn(*shape, generator=generator) for k, shape in shapes.items()}
+            inputs["A"] = -inputs["A"].exp()
+            cast = {k: (v if k in ("A", "D", "delta_bias") else v.to(dtype)).to(device).requires_grad_()
+                    for k, v in inputs.items()}
+            y = _IMPLEMENTATIONS[backend](**cast, delta_softplus=True)
+            y.float().sum().backward()
+            expected = selective_scan_reference(**{k: v.detach().float().cpu() for k, v in cast.items()},
+                                                delta_softplus=True)
+        error = (y.detach().float().cpu() - expected).abs().max().item()
+        tolerance = 5e-2 if dtype in (torch.float16, torch.bfloat16) else 1e-3
+        if not error <= tolerance * max(1.0, expected.abs().max().item()):
+            return f"its output differs from the reference scan by {error:.3g}"
+        if any(v.grad is None or not torch.isfinite(v.grad).all() for v in cast.values()):
+            return "its backward pass gave missing or non-finite gradients"
+    except Exception as exc:   # a kernel that cannot run here fails in many ways (RuntimeError, CompilationError ...)
+        text = str(exc).strip()
+        return f"{type(exc).__name__}: {text.splitlines()[0][:200]}" if text else type(exc).__name__
+    return None
+
+
+def _backend_works(backend: str, u: torch.Tensor) -> bool:
+    """Whether ``backend`` passed its probe on ``u``'s device and dtype (probed on first use)."""
+    key = (backend, str(u.device), u.dtype)
+    if key not in _PROBES:
+        _PROBES[key] = _probe_failure(backend, u.device, u.dtype)
+        if _PROBES[key] is not None:
+            _warn_once(f"the {backend} selective-scan backend imports but fails on {u.device} ({_PROBES[key]}); "
+                       f"using another backend there. `nnunet_logmamba doctor` shows the choice; set "
+                       f"{BACKEND_ENV}={backend} to use it anyway, or reinstall it for this GPU")
+    return _PROBES[key] is None
+
+
 def resolve_backend(backend: str, u: torch.Tensor, A: torch.Tensor) -> str:
     """The concrete backend ``backend`` means for these tensors."""
     if backend not in BACKENDS:
@@ -98,9 +155,9 @@ def resolve_backend(backend: str, u: torch.Tensor, A: torch.Tensor) -> str:
                        "for them")
             backend = "auto"
     if backend == "auto":
-        if kernel_supports(u, A):
+        if kernel_supports(u, A) and _backend_works("mamba_ssm", u):
             return "mamba_ssm"
-        if _triton_takes(u, A):
+        if _triton_takes(u, A) and _backend_works("triton", u):
             return "triton"
         if not u.is_cuda and cpu_kernel_supports(u):
             return "cpu_kernel"

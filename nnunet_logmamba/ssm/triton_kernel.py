@@ -57,6 +57,9 @@ WARPS = None
 LAYOUT = "parallel"
 #: upper bound of the chunk length of the sequential layout (the register tile ``TILE`` also bounds it)
 SEQUENTIAL_CHUNK = 256
+#: CUDA's limit on the second and third grid dimensions: the parallel layout puts its chunks on the third,
+#: so a sequence of more chunks than this (over 4M steps at 64 per chunk) runs in the sequential layout
+MAX_GRID_CHUNKS = 65535
 #: the sequential layout narrows its channel blocks (down to one channel) until this many programs run:
 #: about four per multiprocessor of a large GPU (132 on an H100/H200), so that one program's memory
 #: latency hides behind the others'
@@ -460,7 +463,8 @@ if triton is not None:
 
 
 def _launch_shape(batch: int, dim: int, groups: int, state: int, length: int, layout: str) -> dict:
-    """Tile sizes: channels per program, padded state, chunk length (powers of two within ``TILE``)."""
+    """Tile sizes: channels per program, padded state, chunk length (powers of two within ``TILE``), and the
+    layout (``layout``, or sequential where the parallel one would launch more chunks than a grid holds)."""
     if layout not in ("parallel", "sequential"):
         raise ValueError(f"unknown Triton scan layout {layout!r}; use 'parallel' or 'sequential'")
     heads = dim // groups
@@ -473,6 +477,8 @@ def _launch_shape(batch: int, dim: int, groups: int, state: int, length: int, la
         while block_d > 1 and batch * groups * triton.cdiv(heads, block_d) < SEQUENTIAL_PROGRAMS:
             block_d //= 2
         chunk = max(2, min(SEQUENTIAL_CHUNK, TILE // (block_n * block_d), triton.next_power_of_2(length)))
+    if layout == "parallel" and triton.cdiv(length, chunk) > MAX_GRID_CHUNKS:
+        return _launch_shape(batch, dim, groups, state, length, "sequential")
     warps = WARPS or (4 if block_d * block_n * chunk <= 2048 else 8)
     return dict(heads=heads, block_d=block_d, block_n=block_n, chunk=chunk, warps=warps, layout=layout,
                 n_blocks=triton.cdiv(heads, block_d), n_chunks=triton.cdiv(length, chunk))

@@ -23,7 +23,8 @@ from . import pyramid
 from .grid import Block, BlockGrid
 from .journal import BlockJournal
 from ..data.io import rescaled_voxel_size
-from .stores import OME_ZARR_SUFFIX, VolumeSource, WorkingStore, cast_like, check_output_location, is_ome_zarr_path
+from .stores import (OME_ZARR_SUFFIX, VolumeSource, WorkingStore, cast_like, check_output_location,
+                     is_ome_zarr_path, store_format)
 
 log = logging.getLogger(__name__)
 
@@ -98,7 +99,7 @@ def plan_blocks(shape, output: str, factor: int, axis: int, block=(32, 128, 128)
 def reconstruct_blockwise(source: VolumeSource, output: str, processor: BlockProcessor, *,
                           block=(32, 128, 128), halo=(4, 16, 16), overwrite: bool = False,
                           scheduler: str | None = None, workers: int | None = None, batch_size: int | None = None,
-                          output_dtype=None, output_key: str = "data", progress: bool = True,
+                          output_dtype=None, output_key: str | None = None, progress: bool = True,
                           pyramid_levels: int = 0) -> str:
     """Reconstruct ``source`` into ``output`` (Zarr/OME-Zarr or HDF5) block by block.
 
@@ -116,6 +117,9 @@ def reconstruct_blockwise(source: VolumeSource, output: str, processor: BlockPro
             CPU, 4 for a CUDA processor); blocks of one shape go through one forward pass where the
             processor has a ``process_batch`` method. Memory grows with it.
         output_dtype: default: the input's dtype.
+        output_key: the dataset (HDF5, default "data") or array (Zarr, default "0", OME-Zarr's name for the
+            full-resolution level, recorded in the ``multiscales`` metadata) that holds the result. With
+            ``pyramid_levels`` the levels are "0".."N", so another Zarr name is a ValueError.
         pyramid_levels: resolution levels to add below the full-resolution one (0: none). Level k is
             the 2x2x2 mean of level k - 1 (sizes rounded up, a border voxel averages the voxels that
             exist; integers rounded to nearest, ties to even), stored as OME-Zarr 0.4 datasets "1".."N"
@@ -129,12 +133,15 @@ def reconstruct_blockwise(source: VolumeSource, output: str, processor: BlockPro
         raise ValueError(f"batch_size (blocks read and processed together) must be at least 1, got {batch_size}")
     grid, level_shapes = plan_blocks(source.shape, output, processor.factor, processor.axis, block, halo,
                                      pyramid_levels)
+    array_name = zarr_array_name(output, output_key, pyramid_levels)
     dtype = np.dtype(output_dtype if output_dtype is not None else source.dtype)
     params = {"input": os.path.abspath(source.path), "key": source.key, "shape": list(source.shape),
               "block": list(grid.block), "halo": list(grid.halo), "factor": grid.factor, "axis": grid.axis,
               "dtype": dtype.str, "processor": processor.identity()}
     if pyramid_levels:   # only when used, so that runs without a pyramid keep their journal format
         params["pyramid_levels"] = int(pyramid_levels)
+    if array_name != WorkingStore.ARRAY:
+        params["array"] = array_name
     journal_dir = f"{output}.journal"
     if _finish_interrupted(output, journal_dir, params, grid):
         return output
@@ -146,7 +153,8 @@ def reconstruct_blockwise(source: VolumeSource, output: str, processor: BlockPro
     voxel_size = rescaled_voxel_size(getattr(source, "voxel_size", None), grid.axis, 1 / grid.factor)
     chunks = tuple(min(b * (grid.factor if i == grid.axis else 1), s)
                    for i, (b, s) in enumerate(zip(grid.block, grid.output_shape)))
-    store = WorkingStore(output, grid.output_shape, dtype, chunks, voxel_size, resume=bool(done))
+    store = WorkingStore(output, grid.output_shape, dtype, chunks, voxel_size, resume=bool(done),
+                         array_name=array_name)
     pending = [b for b in grid if b.name not in done]
     if done:
         log.info("resuming: %d of %d blocks already done", len(grid) - len(pending), len(grid))
@@ -167,9 +175,25 @@ def reconstruct_blockwise(source: VolumeSource, output: str, processor: BlockPro
         bar.close()
     if pyramid_levels:
         _build_pyramid(store, journal, level_shapes, progress)
-    path = store.finish(output_key)
+    path = store.finish(output_key or "data")
     journal.remove()
     return path
+
+
+def zarr_array_name(output: str, output_key: str | None, pyramid_levels: int) -> str:
+    """The name of the full-resolution array in the working store (and so in a Zarr output).
+
+    "0" (OME-Zarr's level 0) unless a Zarr output names another; ValueError for a name a pyramid or Zarr
+    cannot take.
+    """
+    if store_format(output) != "zarr" or output_key in (None, WorkingStore.ARRAY):
+        return WorkingStore.ARRAY
+    if pyramid_levels:
+        raise ValueError(f"a pyramid stores its levels as '0'..'{pyramid_levels}': drop the output key "
+                         f"{output_key!r} (the full resolution is '0') or drop the pyramid")
+    if "/" in output_key or not output_key.strip():
+        raise ValueError(f"the output key {output_key!r} must be a plain array name without '/', e.g. 'data'")
+    return output_key
 
 
 def _check_pyramid(output: str, shape, levels) -> list[tuple[int, ...]]:

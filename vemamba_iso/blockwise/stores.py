@@ -171,6 +171,18 @@ class VolumeSource:
         """The voxels of ``region`` as a numpy array."""
         return np.asarray(self._open()[region])
 
+    def close(self) -> None:
+        """Release the open file handle (HDF5, TIFF); a later ``read`` opens it again."""
+        handle, self._file, self._array = self._file, None, None
+        if handle is not None:
+            handle.close()
+
+    def __enter__(self) -> "VolumeSource":
+        return self
+
+    def __exit__(self, *exc) -> None:
+        self.close()
+
 
 def _tiff_voxel_size(tif) -> tuple[float, float, float] | None:
     """(z, y, x) from ImageJ metadata (``spacing``) and the first page's resolution tags, as read_volume does."""
@@ -202,26 +214,29 @@ def check_output_location(output: str, overwrite: bool) -> None:
 class WorkingStore:
     """The Zarr store an output is assembled in, then moved to its final place and format."""
 
-    ARRAY = "0"
+    ARRAY = "0"   # OME-Zarr's name for the full-resolution level
 
-    def __init__(self, output: str, shape, dtype, chunks, voxel_size=None, resume: bool = False):
+    def __init__(self, output: str, shape, dtype, chunks, voxel_size=None, resume: bool = False,
+                 array_name: str = ARRAY):
         import zarr
 
         self.output = output
+        self.array_name = array_name
         self.path = f"{output}.partial.zarr"
         self.format = store_format(output)
         self.voxel_size = voxel_size
         if resume and os.path.isdir(self.path):
-            self.array = zarr.open_group(self.path, mode="r+")[self.ARRAY]
+            self.array = zarr.open_group(self.path, mode="r+")[self.array_name]
             if tuple(self.array.shape) != tuple(shape) or np.dtype(self.array.dtype) != np.dtype(dtype):
                 raise ValueError(f"{self.path} does not match this run (shape {self.array.shape}, dtype "
                                  f"{self.array.dtype}); pass --overwrite to start over")
             return
         shutil.rmtree(self.path, ignore_errors=True)
         group = zarr.open_group(self.path, mode="w", zarr_format=2)
-        self.array = group.create_array(self.ARRAY, shape=tuple(shape), chunks=tuple(chunks), dtype=dtype,
+        self.array = group.create_array(array_name, shape=tuple(shape), chunks=tuple(chunks), dtype=dtype,
                                         fill_value=0)
-        group.attrs["multiscales"] = [ome_multiscales_metadata(voxel_size, name=os.path.basename(output))]
+        group.attrs["multiscales"] = [ome_multiscales_metadata(voxel_size, name=os.path.basename(output),
+                                                               level0_path=array_name)]
         if voxel_size is not None:
             group.attrs["voxel_size"] = list(voxel_size)
 
@@ -315,8 +330,11 @@ def _replace_path(src: str, dst: str) -> None:
         shutil.rmtree(old) if os.path.isdir(old) else os.remove(old)
 
 
-def ome_multiscales_metadata(voxel_size=None, name: str = "volume", levels: int = 0) -> dict:
+def ome_multiscales_metadata(voxel_size=None, name: str = "volume", levels: int = 0,
+                             level0_path: str = "0") -> dict:
     """OME-Zarr 0.4 ``multiscales`` entry for (Z, Y, X) levels 0..``levels`` at paths '0', '1', ...
+
+    ``level0_path`` names the full-resolution array where a user chose another name (no pyramid then).
 
     Level ``k`` has the scale ``voxel_size * 2**k`` (nm; 1 per voxel without a voxel size) and, for
     k >= 1, the translation ``(2**k - 1) / 2 * voxel_size``: a mean-downsampled voxel's centre is the
@@ -332,7 +350,7 @@ def ome_multiscales_metadata(voxel_size=None, name: str = "volume", levels: int 
         transforms = [{"type": "scale", "scale": [v * 2 ** level for v in base]}]
         if level:
             transforms.append({"type": "translation", "translation": [v * (2 ** level - 1) / 2 for v in base]})
-        datasets.append({"path": str(level), "coordinateTransformations": transforms})
+        datasets.append({"path": str(level) if level else level0_path, "coordinateTransformations": transforms})
     metadata = {"version": "0.4", "name": name, "axes": axes, "datasets": datasets}
     if levels:
         metadata["type"] = "mean"

@@ -42,7 +42,9 @@ def build_parser() -> CommandParser:
     parser.add_argument("--output", required=True, help="output volume; format from its extension")
     parser.add_argument("--model", default=None, help="model directory (default: the shipped FIB-25 model for --factor; x4 without --factor)")
     parser.add_argument("--key", default=None, help="dataset key for HDF5/Zarr input")
-    parser.add_argument("--output-key", default="data", help="dataset key for HDF5/Zarr output")
+    parser.add_argument("--output-key", default=None,
+                        help="dataset key for HDF5/Zarr output (default 'data'; '0', OME-Zarr's full-resolution "
+                             "level, for Zarr written block by block)")
     parser.add_argument("--factor", type=int, default=None, help="expected factor; an error if the model differs")
     parser.add_argument("--axis", type=int, default=0, choices=[0, 1, 2], help="degraded axis in (Z, Y, X)")
     parser.add_argument("--dtype", type=numeric_dtype, default=None,
@@ -144,10 +146,10 @@ def _is_blockwise(args) -> bool:
         from ..blockwise import VolumeSource
         path, key = split_key(args.input, args.key)
         try:
-            source = VolumeSource(str(path), key)
+            with VolumeSource(str(path), key) as source:
+                size = int(np.prod(source.shape)) * np.dtype(source.dtype).itemsize
         except (KeyError, ValueError, OSError):
             return False   # a missing key or file: reading it in memory reports it as every command does
-        size = int(np.prod(source.shape)) * np.dtype(source.dtype).itemsize
     if size is not None and size > memory_budget_bytes(args.memory_budget):
         if formats[1] not in CHUNKED + ("tiff",):
             raise CommandError(f"{args.input} ({size / 2 ** 30:.2f} GiB) is over the memory budget and is "
@@ -158,20 +160,28 @@ def _is_blockwise(args) -> bool:
 
 
 def _predict_blockwise(args) -> int:
-    from ..blockwise import VolumeSource, reconstruct_blockwise
-    from ..blockwise.engine import plan_blocks
-    from ..blockwise.model_processor import ModelProcessor, volume_intensity_record
+    from ..blockwise import VolumeSource
     from ..blockwise.stores import is_ome_zarr_path
-    from ..data.intensity import default_scheme
     from ..data.io import split_key
-    from ..inference.tiling import tiles_per_pass
-    if args.pyramid and not is_ome_zarr_path(args.output):
-        raise CommandError(f"--pyramid writes OME-Zarr multiscales: name the output *.ome.zarr (got {args.output}) "
+    output, output_key = split_key(args.output, args.output_key)
+    output = str(output)
+    if args.pyramid and not is_ome_zarr_path(output):
+        raise CommandError(f"--pyramid writes OME-Zarr multiscales: name the output *.ome.zarr (got {output}) "
                            "or drop --pyramid")
-    if not os.path.isdir(f"{str(args.output).rstrip('/')}.journal"):   # else: the engine resumes or finishes it
-        claim_volume_output(args.output, args.overwrite)
+    if not os.path.isdir(f"{output.rstrip('/')}.journal"):   # else: the engine resumes or finishes it
+        claim_volume_output(output, args.overwrite)
     path, key = split_key(args.input, args.key)
-    source = VolumeSource(str(path), key)
+    with VolumeSource(str(path), key) as source:
+        return _reconstruct_source(args, source, output, output_key)
+
+
+def _reconstruct_source(args, source, output: str, output_key: str | None) -> int:
+    """Block-wise reconstruction of an open ``source`` into ``output`` (checked and claimed by the caller)."""
+    from ..blockwise import reconstruct_blockwise
+    from ..blockwise.engine import plan_blocks, zarr_array_name
+    from ..blockwise.model_processor import ModelProcessor, volume_intensity_record
+    from ..data.intensity import default_scheme
+    from ..inference.tiling import tiles_per_pass
     # --block bounds the memory; within a block the network runs on tiles (default: its training patch)
     from ..training.checkpoint import default_model_dir
     processor = ModelProcessor(args.model or default_model_dir(args.factor), intensity={}, axis=args.axis,
@@ -187,19 +197,20 @@ def _predict_blockwise(args) -> int:
             raise CommandError("--scheduler needs Dask: pip install 'bioimage-mamba[dask]', or drop --scheduler "
                                "to reconstruct in this process") from None
     # the block, halo and pyramid arguments are checked before the pass over the whole input below
-    plan_blocks(source.shape, args.output, processor.factor, args.axis, block, args.halo, args.pyramid)
+    plan_blocks(source.shape, output, processor.factor, args.axis, block, args.halo, args.pyramid)
+    zarr_array_name(output, output_key, args.pyramid)
     processor.network()   # load (and so validate) the weights before anything is written
     scheme = processor.metadata.get("normalisation", {}).get("scheme") or default_scheme(source.dtype)
     processor.intensity = volume_intensity_record(source, scheme)
-    os.makedirs(os.path.dirname(os.path.abspath(args.output)), exist_ok=True)   # as the in-memory path does
-    journal = f"{str(args.output).rstrip('/')}.journal"
-    args.interrupt_note = (f"finished blocks are kept in {args.output}.partial.zarr and {journal}: run "
+    os.makedirs(os.path.dirname(os.path.abspath(output)), exist_ok=True)   # as the in-memory path does
+    journal = f"{output.rstrip('/')}.journal"
+    args.interrupt_note = (f"finished blocks are kept in {output}.partial.zarr and {journal}: run "
                            "the same command again to resume (or pass --overwrite to start over)")
     try:
-        out = reconstruct_blockwise(source, args.output, processor, block=block,
+        out = reconstruct_blockwise(source, output, processor, block=block,
                                     halo=args.halo, overwrite=args.overwrite, scheduler=args.scheduler,
                                     workers=args.workers, batch_size=args.batch_size, output_dtype=args.dtype,
-                                    output_key=args.output_key, pyramid_levels=args.pyramid)
+                                    output_key=output_key, pyramid_levels=args.pyramid)
     except BaseException:
         if not os.path.isdir(journal):   # failed before the first block: nothing is kept to resume from
             del args.interrupt_note
