@@ -129,6 +129,7 @@ def _probe_failure(backend: str, device: torch.device, dtype: torch.dtype) -> st
     return None
 
 
+@torch.compiler.disable   # under an opt-in torch.compile the probe runs eagerly, not traced into the graph
 def _backend_works(backend: str, u: torch.Tensor) -> bool:
     """Whether ``backend`` passed its probe on ``u``'s device and dtype (probed on first use)."""
     key = (backend, str(u.device), u.dtype)
