@@ -1,7 +1,9 @@
-"""``nnunet_logmamba`` command line: ``doctor`` checks that nnU-Net can find and run our trainers.
+"""``nnunet_logmamba`` command line: ``doctor`` checks that nnU-Net can find and run our trainers;
+``from-plain`` turns a trained plain nnU-Net into a LoG-VMamba starting point.
 
     nnunet_logmamba doctor
     python -m nnunet_logmamba doctor
+    nnunet_logmamba from-plain fold_0/checkpoint_final.pth start.pth [-tr nnUNetTrainerLoGVMamba]
 
 It exits 1 when a trainer is not discoverable or the scan backend a device would use disagrees with the
 ``reference`` backend on a tiny problem, so that it can gate scripts (``nnunet_logmamba doctor && ...``).
@@ -134,13 +136,42 @@ def doctor() -> int:
     return 0 if problems == 0 else 1
 
 
+def from_plain(args) -> int:
+    """Convert a plain nnU-Net checkpoint for ``-pretrained_weights``; 0, or 2 with the reason on stderr."""
+    from .training.from_plain import convert_plain_checkpoint
+
+    if not os.path.isfile(args.checkpoint):
+        print(f"error: {args.checkpoint}: no such file (a plain training's fold_X/checkpoint_final.pth)",
+              file=sys.stderr)
+        return 2
+    try:
+        found = convert_plain_checkpoint(args.checkpoint, args.output, args.trainer, overwrite=args.overwrite)
+    except (ValueError, FileExistsError) as exc:
+        print(f"error: {exc}", file=sys.stderr)
+        return 2
+    print(f"wrote {args.output}: {found['plain']} tensors of the plain network, {found['new']} of new LoG-VMamba "
+          "blocks (each the identity at the start, so the network computes what the plain one did)\n"
+          f"train with: nnUNetv2_train DATASET {found['configuration']} FOLD -tr {args.trainer} "
+          f"-pretrained_weights {args.output}")
+    return 0
+
+
 def main(argv=None) -> int:
     parser = argparse.ArgumentParser(prog="nnunet_logmamba", description="LoG-VMamba trainers for nnU-Net v2")
     sub = parser.add_subparsers(dest="command", required=True)
     sub.add_parser("doctor", help="check nnU-Net discovery of the trainers, scan backends, CUDA and mamba-ssm")
+    convert = sub.add_parser("from-plain", help="turn a trained plain nnU-Net checkpoint into -pretrained_weights "
+                                                "for a LoG-VMamba trainer (same plans)")
+    convert.add_argument("checkpoint", help="the plain training's fold_X/checkpoint_final.pth (or _best)")
+    convert.add_argument("output", help="the file to write, e.g. plain_start.pth")
+    convert.add_argument("-tr", "--trainer", default="nnUNetTrainerLoGVMamba",
+                         help="the LoG-VMamba trainer that will train from it (default: %(default)s)")
+    convert.add_argument("--overwrite", action="store_true", help="replace an existing output")
     args = parser.parse_args(argv)
     if args.command == "doctor":
         return doctor()
+    if args.command == "from-plain":
+        return from_plain(args)
     return 2
 
 

@@ -167,3 +167,37 @@ def test_lowres_stage_with_residual_encoder_plans(planned_lowres):
     seg = SimpleITK.GetArrayFromImage(SimpleITK.ReadImage(str(prediction / "blob_900.nii.gz")))
     assert seg.shape == (47, 78, 75)
     assert set(np.unique(seg)) <= {0, 1}
+
+
+def test_a_trained_plain_nnunet_starts_a_log_vmamba_training(planned):
+    """from-plain, then the stock ``nnUNetv2_train -pretrained_weights`` (fold 1: the test above uses fold 0)."""
+    from nnunetv2.utilities.get_network_from_plans import get_network_from_plans
+
+    root = planned
+    plans = json.loads((root / "preprocessed" / DATASET / "nnUNetPlans.json").read_text())
+    dataset_json = json.loads((root / "preprocessed" / DATASET / "dataset.json").read_text())
+    arch = plans["configurations"]["3d_fullres"]["architecture"]
+    plain = get_network_from_plans(arch["network_class_name"], arch["arch_kwargs"], arch["_kw_requires_import"],
+                                   1, 2, allow_init=True, deep_supervision=True)
+    # the fields of a plain nnUNetTrainer checkpoint that rebuilding its network needs
+    plain_checkpoint = root / "plain_checkpoint_final.pth"
+    torch.save({"network_weights": plain.state_dict(), "trainer_name": "nnUNetTrainer",
+                "init_args": {"plans": plans, "configuration": "3d_fullres", "fold": 1,
+                              "dataset_json": dataset_json, "device": torch.device("cpu")}}, plain_checkpoint)
+    start = root / "plain_start.pth"
+    convert = [str(BIN / "nnunet_logmamba"), "from-plain", str(plain_checkpoint), str(start), "-tr", TRAINER]
+    proc = subprocess.run(convert, env=_env(root), cwd=root, capture_output=True, text=True, timeout=600)
+    assert proc.returncode == 0, proc.stderr
+    assert "-pretrained_weights" in proc.stdout and "identity" in proc.stdout
+    again = subprocess.run(convert, env=_env(root), cwd=root, capture_output=True, text=True, timeout=600)
+    assert again.returncode == 2 and "--overwrite" in again.stderr
+    ours = subprocess.run([*convert[:2], str(start), str(root / "twice.pth"), "-tr", TRAINER], env=_env(root),
+                          cwd=root, capture_output=True, text=True, timeout=600)
+    assert ours.returncode == 2 and "already holds LoG-VMamba blocks" in ours.stderr
+    assert not (root / "twice.pth").exists()
+
+    out = _run(["nnUNetv2_train", str(DATASET_ID), "3d_fullres", "1", "-tr", TRAINER, "-device", "cpu",
+                "-pretrained_weights", str(start)], _env(root, training=True), root)
+    assert "Loading pretrained weights" in out
+    fold = root / "results" / DATASET / f"{TRAINER}__nnUNetPlans__3d_fullres" / "fold_1"
+    assert (fold / "checkpoint_final.pth").is_file()
