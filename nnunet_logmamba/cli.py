@@ -150,9 +150,10 @@ def from_plain(args) -> int:
         print(f"error: {exc}", file=sys.stderr)
         return 2
     print(f"wrote {args.output}: {found['plain']} tensors of the plain network, {found['new']} of new LoG-VMamba "
-          "blocks (each the identity at the start, so the network computes what the plain one did)\n"
-          f"train with: nnUNetv2_train DATASET {found['configuration']} FOLD -tr {args.trainer} "
-          f"-pretrained_weights {args.output}")
+          "blocks (each the identity at the start; nnU-Net restarts the 1x1 segmentation layers of any "
+          "pretrained weights)\n"
+          f"train with: nnUNetv2_train {found['dataset']} {found['configuration']} FOLD -tr {args.trainer} "
+          f"-p {found['plans']} -pretrained_weights {args.output}")
     return 0
 
 

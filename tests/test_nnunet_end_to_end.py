@@ -188,7 +188,7 @@ def test_a_trained_plain_nnunet_starts_a_log_vmamba_training(planned):
     convert = [str(BIN / "nnunet_logmamba"), "from-plain", str(plain_checkpoint), str(start), "-tr", TRAINER]
     proc = subprocess.run(convert, env=_env(root), cwd=root, capture_output=True, text=True, timeout=600)
     assert proc.returncode == 0, proc.stderr
-    assert "-pretrained_weights" in proc.stdout and "identity" in proc.stdout
+    assert f"nnUNetv2_train {DATASET} 3d_fullres FOLD -tr {TRAINER} -p nnUNetPlans -pretrained_weights" in proc.stdout
     again = subprocess.run(convert, env=_env(root), cwd=root, capture_output=True, text=True, timeout=600)
     assert again.returncode == 2 and "--overwrite" in again.stderr
     ours = subprocess.run([*convert[:2], str(start), str(root / "twice.pth"), "-tr", TRAINER], env=_env(root),

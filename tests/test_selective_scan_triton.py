@@ -177,10 +177,19 @@ def test_auto_prefers_mamba_ssm_then_triton_then_torch_on_cuda(monkeypatch, mamb
     assert dispatch.resolve_backend("auto", torch.zeros(1, 4, 2), torch.zeros(4, 16)) == "torch"
 
 
-def test_a_sequence_of_more_chunks_than_a_grid_holds_runs_in_the_sequential_layout():
+def test_a_sequence_of_more_chunks_than_a_grid_holds_runs_in_the_sequential_layout(monkeypatch):
     import nnunet_logmamba.ssm.triton_kernel as tk
     if tk.triton is None:
         pytest.skip("triton is not installed")
+    # tensors beyond the kernels' 32-bit offsets go to torch under auto
+    monkeypatch.setattr(dispatch, "triton_supports", lambda u: True)
+    shared_bc = SimpleNamespace(dim=lambda: 3)
+    length = 4 * 2 ** 20
+    wide = SimpleNamespace(is_cuda=True, shape=(1, 1024, length))
+    narrow = SimpleNamespace(is_cuda=True, shape=(1, 64, length))
+    assert tk.largest_index(1, 1024, 1, 16, length) > tk.MAX_INDEX >= tk.largest_index(1, 64, 1, 16, length)
+    assert not dispatch._triton_takes(wide, torch.zeros(1024, 16), shared_bc)
+    assert dispatch._triton_takes(narrow, torch.zeros(64, 16), shared_bc)
     short = tk._launch_shape(2, 64, 1, 16, 16384, "parallel")
     assert short["layout"] == "parallel" and short["n_chunks"] == 16384 // short["chunk"]
     longest = short["chunk"] * tk.MAX_GRID_CHUNKS
@@ -210,7 +219,7 @@ def test_auto_skips_a_fast_backend_that_imports_but_fails_where_it_runs(monkeypa
     monkeypatch.setitem(dispatch._IMPLEMENTATIONS, "mamba_ssm", no_kernel_image)
     monkeypatch.setitem(dispatch._IMPLEMENTATIONS, "triton", wrong_result)
     monkeypatch.setattr(dispatch, "kernel_supports", lambda u, A: True)
-    monkeypatch.setattr(dispatch, "_triton_takes", lambda u, A: True)
+    monkeypatch.setattr(dispatch, "_triton_takes", lambda u, A, B=None: True)
     u, A = torch.randn(1, 4, 9), -torch.rand(4, 3)
     with pytest.warns(RuntimeWarning) as caught:
         with torch.inference_mode():   # as in a prediction: the probe still runs its backward

@@ -137,6 +137,8 @@ def test_predict_in_process_keeps_float_dtype_and_axis(tmp_path, capsys, tiny_mo
                                    "--model", str(tiny_model), "--axis", "1", "--tile", "4", "16", "16"]) == 0
     out = read_volume(tmp_path / "o.zarr", key="data")
     assert out.data.shape == (16, 10, 16) and out.data.dtype == np.float32
+    import zarr
+    assert list(zarr.open_group(str(tmp_path / "o.zarr"), mode="r").array_keys()) == ["data"]   # the default key
 
 
 def test_float_input_in_unit_range_is_not_divided_by_255(tmp_path, tiny_model):

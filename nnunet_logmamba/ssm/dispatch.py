@@ -1,6 +1,7 @@
 """Backend choice for :func:`selective_scan`."""
 from __future__ import annotations
 
+import contextlib
 import functools
 import os
 import warnings
@@ -11,7 +12,8 @@ from .chunked import selective_scan_chunked
 from .cpu_kernel import cpu_kernel_status, cpu_kernel_supports, selective_scan_cpu_kernel
 from .cuda_kernel import kernel_supports, mamba_ssm_status, selective_scan_cuda_kernel
 from .reference import selective_scan_reference
-from .triton_kernel import interpreter_active, selective_scan_triton, triton_status, triton_supports
+from .triton_kernel import (MAX_INDEX, interpreter_active, largest_index, selective_scan_triton, triton_status,
+                            triton_supports)
 
 BACKENDS = ("auto", "reference", "torch", "cpu_kernel", "triton", "mamba_ssm")
 _IMPLEMENTATIONS = {
@@ -42,9 +44,13 @@ def available_backends(device: str | torch.device = "cpu") -> list[str]:
     return names
 
 
-def _triton_takes(u: torch.Tensor, A: torch.Tensor) -> bool:
-    """Whether ``auto`` may give these tensors to the Triton kernels (CUDA, dtype, state size)."""
-    return u.is_cuda and triton_supports(u) and A.shape[1] <= MAX_TRITON_STATE
+def _triton_takes(u: torch.Tensor, A: torch.Tensor, B: torch.Tensor | None = None) -> bool:
+    """Whether ``auto`` may give these tensors to the Triton kernels (CUDA, dtype, state size, and tensors
+    within the kernels' 32-bit indexing when ``B`` is given)."""
+    if not (u.is_cuda and triton_supports(u) and A.shape[1] <= MAX_TRITON_STATE):
+        return False
+    groups = 1 if B is None or B.dim() == 3 else B.shape[1]
+    return B is None or largest_index(*u.shape[:2], groups, A.shape[1], u.shape[2]) <= MAX_INDEX
 
 
 def auto_backend_reason(u: torch.Tensor, A: torch.Tensor) -> str:
@@ -64,6 +70,8 @@ def auto_backend_reason(u: torch.Tensor, A: torch.Tensor) -> str:
         return "mamba-ssm's CUDA kernel imports and runs"
     if mamba_imports:
         mamba_reason = f"imports but fails here: {_PROBES[('mamba_ssm', str(u.device), u.dtype)]}"
+    elif mamba_ssm_status()[0]:
+        mamba_reason = f"imports but does not take {u.dtype} tensors with state size {A.shape[1]}"
     else:
         mamba_reason = f"does not import: {mamba_ssm_status()[1].splitlines()[0][:80]}"
     triton_reason = triton_status()[1]
@@ -108,8 +116,9 @@ def _probe_failure(backend: str, device: torch.device, dtype: torch.dtype) -> st
               "delta_bias": (dim,)}
     try:
         # a prediction may call in under no_grad or inference_mode: the probe needs its own autograd
-        with torch.inference_mode(False), torch.enable_grad(), torch.autocast(device.type, enabled=False):
-            inputs = {k: torch.randn(*shape, generator=generator) for k, shape in shapes.items()}
+        on_device = torch.cuda.device(device) if device.type == "cuda" else contextlib.nullcontext()
+        with on_device, torch.inference_mode(False), torch.enable_grad(), torch.autocast(device.type, enabled=False):
+            inputs = {k: torch.randn(*shape, generator=generator, device="cpu") for k, shape in shapes.items()}
             inputs["A"] = -inputs["A"].exp()
             cast = {k: (v if k in ("A", "D", "delta_bias") else v.to(dtype)).to(device).requires_grad_()
                     for k, v in inputs.items()}
@@ -129,21 +138,25 @@ def _probe_failure(backend: str, device: torch.device, dtype: torch.dtype) -> st
     return None
 
 
-@torch.compiler.disable   # under an opt-in torch.compile the probe runs eagerly, not traced into the graph
 def _backend_works(backend: str, u: torch.Tensor) -> bool:
     """Whether ``backend`` passed its probe on ``u``'s device and dtype (probed on first use)."""
     key = (backend, str(u.device), u.dtype)
     if key not in _PROBES:
-        _PROBES[key] = _probe_failure(backend, u.device, u.dtype)
-        if _PROBES[key] is not None:
-            _warn_once(f"the {backend} selective-scan backend imports but fails on {u.device} ({_PROBES[key]}); "
-                       f"using another backend there. `nnunet_logmamba doctor` shows the choice; set "
-                       f"{BACKEND_ENV}={backend} to use it anyway, or reinstall it for this GPU")
+        _run_probe(key, backend, u.device, u.dtype)
     return _PROBES[key] is None
 
 
-def resolve_backend(backend: str, u: torch.Tensor, A: torch.Tensor) -> str:
-    """The concrete backend ``backend`` means for these tensors."""
+@torch.compiler.disable   # under an opt-in torch.compile the probe runs eagerly, once, not traced into a graph
+def _run_probe(key, backend: str, device: torch.device, dtype: torch.dtype) -> None:
+    _PROBES[key] = _probe_failure(backend, device, dtype)
+    if _PROBES[key] is not None:
+        _warn_once(f"the {backend} selective-scan backend imports but fails on {device} ({_PROBES[key]}); "
+                   f"using another backend there. `nnunet_logmamba doctor` shows the choice; set "
+                   f"{BACKEND_ENV}={backend} to use it anyway, or reinstall it for this GPU")
+
+
+def resolve_backend(backend: str, u: torch.Tensor, A: torch.Tensor, B: torch.Tensor | None = None) -> str:
+    """The concrete backend ``backend`` means for these tensors (``B`` lets ``auto`` check sizes, too)."""
     if backend not in BACKENDS:
         raise ValueError(f"unknown selective-scan backend {backend!r}; choose one of {BACKENDS}")
     if backend == "auto":
@@ -158,7 +171,7 @@ def resolve_backend(backend: str, u: torch.Tensor, A: torch.Tensor) -> str:
     if backend == "auto":
         if kernel_supports(u, A) and _backend_works("mamba_ssm", u):
             return "mamba_ssm"
-        if _triton_takes(u, A) and _backend_works("triton", u):
+        if _triton_takes(u, A, B) and _backend_works("triton", u):
             return "triton"
         if not u.is_cuda and cpu_kernel_supports(u):
             return "cpu_kernel"
@@ -185,6 +198,6 @@ def selective_scan(u, delta, A, B, C, D=None, z=None, delta_bias=None, delta_sof
     The recurrence runs in fp32 (fp64 for fp64 inputs) whatever the input dtype and an outer
     autocast; ``y`` comes back in ``u``'s dtype, the last state in the compute dtype.
     """
-    name = resolve_backend(backend, u, A)
+    name = resolve_backend(backend, u, A, B)
     return _IMPLEMENTATIONS[name](u, delta, A, B, C, D=D, z=z, delta_bias=delta_bias,
                                   delta_softplus=delta_softplus, return_last_state=return_last_state)

@@ -59,6 +59,7 @@ LAYOUT = "parallel"
 SEQUENTIAL_CHUNK = 256
 #: CUDA's limit on the second and third grid dimensions: the parallel layout puts its chunks on the third,
 #: so a sequence of more chunks than this (over 4M steps at 64 per chunk) runs in the sequential layout
+#: (within ``MAX_INDEX`` elements per tensor: at that length, fewer than 512 batch x channels)
 MAX_GRID_CHUNKS = 65535
 #: the sequential layout narrows its channel blocks (down to one channel) until this many programs run:
 #: about four per multiprocessor of a large GPU (132 on an H100/H200), so that one program's memory
@@ -84,6 +85,17 @@ def triton_status() -> tuple[bool, str]:
     if triton is None:
         return False, f"triton does not import ({_IMPORT_ERROR}); it comes with torch's CUDA wheels"
     return True, f"triton {triton.__version__}" + (" (interpreter)" if interpreter_active() else "")
+
+
+#: the kernels index their tensors with 32-bit offsets
+MAX_INDEX = 2 ** 31 - 1
+
+
+def largest_index(batch: int, dim: int, groups: int, state: int, length: int) -> int:
+    """The number of elements of the largest tensor the kernels index for this problem (inputs, B/C, the
+    chunk-boundary states kept for backward); must stay within ``MAX_INDEX``."""
+    s = _launch_shape(batch, dim, groups, state, length, LAYOUT)
+    return max(batch * dim * length, batch * groups * state * length, batch * dim * s["n_chunks"] * state)
 
 
 def triton_supports(u: torch.Tensor) -> bool:
@@ -607,5 +619,11 @@ def selective_scan_triton(u, delta, A, B, C, D=None, z=None, delta_bias=None, de
                            "backend='torch' (TRITON_INTERPRET=1 runs it in Triton's interpreter, for tests)")
     if u.shape[-1] == 0:
         raise ValueError("the triton backend needs a sequence length of at least 1")
+    batch, dim, length = u.shape
+    size = largest_index(batch, dim, as_grouped(B).shape[1], A.shape[1], length)
+    if size > MAX_INDEX:
+        raise RuntimeError(f"the triton backend indexes with 32 bits and this scan needs {size} elements in one "
+                           f"tensor (batch {batch} x channels {dim} x length {length}); split the batch or use "
+                           "backend='torch'")
     out, last = _TritonSelectiveScan.apply(u, delta, A, B, C, D, z, delta_bias, bool(delta_softplus))
     return (out, last) if return_last_state else out

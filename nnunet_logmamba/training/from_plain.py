@@ -4,8 +4,9 @@ nnU-Net's ``-pretrained_weights`` needs every tensor of the new network in the f
 nnU-Net checkpoint does not load into a LoG-VMamba network as it is: a stage with a block is wrapped
 (``encoder.stages.3.stage.*``) and the blocks are new. :func:`convert_plain_checkpoint` writes the plain
 network's tensors under our names next to freshly built blocks. A fresh block is the identity (its output
-projection starts at zero), so the converted network computes exactly what the plain one did, and
-fine-tuning starts from the plain model's Dice, not below it.
+projection starts at zero), so with all its tensors the converted network computes exactly what the plain one
+did. Through ``-pretrained_weights`` nnU-Net restarts the 1x1 segmentation layers (as for any pretrained
+weights); every other tensor is the plain model's.
 """
 from __future__ import annotations
 
@@ -99,7 +100,8 @@ def convert_plain_checkpoint(checkpoint: str | os.PathLike, output: str | os.Pat
         output: the file to write (through a temporary name).
         trainer_name: the LoG-VMamba trainer that will train from it.
     Returns:
-        ``{"plain": tensors taken from the plain network, "new": block tensors, "configuration": ...}``.
+        ``{"plain": tensors taken from the plain network, "new": block tensors, "configuration", "dataset",
+        "plans": names to train with}``.
     """
     output = Path(output)
     if output.exists() and not overwrite:
@@ -128,4 +130,6 @@ def convert_plain_checkpoint(checkpoint: str | os.PathLike, output: str | os.Pat
         if tmp.exists():
             tmp.unlink()
     new = sum(1 for twin in twins.values() if twin is None)
-    return {"plain": len(twins) - new, "new": new, "configuration": init["configuration"]}
+    plans = init["plans"]
+    return {"plain": len(twins) - new, "new": new, "configuration": init["configuration"],
+            "dataset": plans.get("dataset_name", "DATASET"), "plans": plans.get("plans_name", "nnUNetPlans")}

@@ -35,8 +35,11 @@ class BlockJournal:
                 previous = json.load(f)
             if previous != self.params:
                 changed = sorted(k for k in set(previous) | set(self.params) if previous.get(k) != self.params.get(k))
+                hint = (" (runs before 2026-12-05 ignored --output-key for Zarr: drop it to resume such a run)"
+                        if changed == ["array"] and "array" not in previous else "")
                 raise ValueError(f"an unfinished run with different parameters ({', '.join(changed)}) is recorded in "
-                                 f"{directory}; repeat the same command to resume it, or pass --overwrite to start over")
+                                 f"{directory}; repeat the same command to resume it, or pass --overwrite to start "
+                                 f"over{hint}")
         else:
             os.makedirs(directory, exist_ok=True)
             write_atomic(path, json.dumps(self.params, indent=1, sort_keys=True).encode())

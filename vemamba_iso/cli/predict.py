@@ -83,6 +83,7 @@ def run(args) -> int:
     from ..inference import reconstruct_volume
     from ..inference.tiling import tiles_per_pass
     from ..training.checkpoint import default_model_dir, load_model
+    args.output_key = args.output_key or "data"   # in memory: a group with this array, as interpolate/degrade write
     claim_volume_output(args.output, args.overwrite, args.output_key)
     volume = read_input(args.input, args.key, sample="anisotropic")
     network, metadata = load_model(args.model or default_model_dir(args.factor), device=args.device)
