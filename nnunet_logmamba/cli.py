@@ -33,35 +33,20 @@ def _nnunet_finds(name: str) -> tuple[bool, str]:
 def scan_parity(device: str, atol: float = 1e-4, rtol: float = 1e-3) -> tuple[bool, str]:
     """Run the scan a model on ``device`` would use (``backend="auto"``) on a tiny problem (forward and
     gradients) and compare it with the ``reference`` backend. Returns (ok, what was found)."""
+    import functools
+
     import torch
 
-    from .ssm import selective_scan, selective_scan_reference
+    from .ssm import selective_scan
+    from .ssm.parity import scan_and_reference
 
-    g = torch.Generator().manual_seed(0)    # not the global generator: doctor must not change a caller's seeds
-
-    def rand(*shape, scale=1.0):
-        return (torch.randn(*shape, generator=g) * scale).to(device).requires_grad_()
-
-    b, d, n, length = 2, 4, 3, 33          # an odd length crosses the chunked backend's segment edges
     worst, ok = 0.0, True
     try:
         # B and C shared by all channels, then in two channel groups: the kernels index them differently
-        for bc_shape in ((b, n, length), (b, 2, n, length)):
-            u, delta, z = rand(b, d, length), rand(b, d, length, scale=0.5), rand(b, d, length)
-            A = (-torch.rand(d, n, generator=g) - 0.5).to(device).requires_grad_()
-            B, C = rand(*bc_shape), rand(*bc_shape)
-            D, bias = rand(d), rand(d, scale=0.1)
-            inputs = (u, delta, A, B, C)
-            kwargs = dict(D=D, z=z, delta_bias=bias, delta_softplus=True)
-            results = []
-            for scan in (lambda: selective_scan(*inputs, **kwargs, backend="auto"),
-                         lambda: selective_scan_reference(*inputs, **kwargs)):
-                y = scan()
-                grads = torch.autograd.grad(y.square().sum(), (u, delta, A, B, C, D))
-                results.append([y.detach()] + [t.detach() for t in grads])
-            worst = max(worst, max(float((a - r).abs().max()) for a, r in zip(*results)))
-            ok = ok and all(torch.isfinite(a).all() and torch.allclose(a, r, atol=atol, rtol=rtol)
-                            for a, r in zip(*results))
+        for groups in (1, 2):
+            pairs = scan_and_reference(functools.partial(selective_scan, backend="auto"), device, groups=groups)
+            worst = max(worst, max(float((a - r).abs().max()) for a, r in pairs))
+            ok = ok and all(torch.isfinite(a).all() and torch.allclose(a, r, atol=atol, rtol=rtol) for a, r in pairs)
     except Exception as exc:  # a backend that cannot run at all fails the check as much as a wrong one
         return False, f"{type(exc).__name__}: {str(exc).splitlines()[0][:160]}"
     return bool(ok), f"largest difference {worst:.1e} on output and gradients (shared and grouped B/C)"

@@ -1,7 +1,6 @@
 """Backend choice for :func:`selective_scan`."""
 from __future__ import annotations
 
-import contextlib
 import functools
 import os
 import warnings
@@ -11,6 +10,7 @@ import torch
 from .chunked import selective_scan_chunked
 from .cpu_kernel import cpu_kernel_status, cpu_kernel_supports, selective_scan_cpu_kernel
 from .cuda_kernel import kernel_supports, mamba_ssm_status, selective_scan_cuda_kernel
+from .parity import scan_and_reference
 from .reference import selective_scan_reference
 from .triton_kernel import (MAX_INDEX, interpreter_active, largest_index, selective_scan_triton, triton_status,
                             triton_supports)
@@ -65,20 +65,21 @@ def auto_backend_reason(u: torch.Tensor, A: torch.Tensor) -> str:
         if not available:
             return f"CPU tensors: the chunked torch scan (the C kernel is unavailable: {how})"
         return f"CPU tensors of dtype {u.dtype}: the chunked torch scan (the C kernel computes in fp32)"
-    mamba_imports = kernel_supports(u, A)
-    if mamba_imports and _backend_works("mamba_ssm", u):
-        return "mamba-ssm's CUDA kernel imports and runs"
-    if mamba_imports:
-        mamba_reason = f"imports but fails here: {_PROBES[('mamba_ssm', str(u.device), u.dtype)]}"
+    if kernel_supports(u, A):
+        failure = _probe_result("mamba_ssm", u)
+        if failure is None:
+            return "mamba-ssm's CUDA kernel imports and runs"
+        mamba_reason = f"imports but fails here: {failure}"
     elif mamba_ssm_status()[0]:
         mamba_reason = f"imports but does not take {u.dtype} tensors with state size {A.shape[1]}"
     else:
         mamba_reason = f"does not import: {mamba_ssm_status()[1].splitlines()[0][:80]}"
     triton_reason = triton_status()[1]
-    if _triton_takes(u, A) and _backend_works("triton", u):
-        return f"mamba-ssm {mamba_reason}; {triton_reason} runs"
     if _triton_takes(u, A):
-        triton_reason = f"{triton_reason} fails here: {_PROBES[('triton', str(u.device), u.dtype)]}"
+        failure = _probe_result("triton", u)
+        if failure is None:
+            return f"mamba-ssm {mamba_reason}; {triton_reason} runs"
+        triton_reason = f"{triton_reason} fails here: {failure}"
     return f"neither mamba-ssm ({mamba_reason}) nor triton ({triton_reason}) runs here"
 
 
@@ -109,41 +110,32 @@ def _probe_failure(backend: str, device: torch.device, dtype: torch.dtype) -> st
     architecture ("no kernel image is available"), a Triton without a working compiler. ``auto`` must
     not hand a training to such a backend, so it tries each fast backend once per device and dtype.
     """
-    generator = torch.Generator().manual_seed(0)
-    batch, dim, state, length = 1, 4, 4, 33
-    shapes = {"u": (batch, dim, length), "delta": (batch, dim, length), "A": (dim, state),
-              "B": (batch, state, length), "C": (batch, state, length), "D": (dim,), "z": (batch, dim, length),
-              "delta_bias": (dim,)}
     try:
-        # a prediction may call in under no_grad or inference_mode: the probe needs its own autograd
-        on_device = torch.cuda.device(device) if device.type == "cuda" else contextlib.nullcontext()
-        with on_device, torch.inference_mode(False), torch.enable_grad(), torch.autocast(device.type, enabled=False):
-            inputs = {k: torch.randn(*shape, generator=generator, device="cpu") for k, shape in shapes.items()}
-            inputs["A"] = -inputs["A"].exp()
-            cast = {k: (v if k in ("A", "D", "delta_bias") else v.to(dtype)).to(device).requires_grad_()
-                    for k, v in inputs.items()}
-            y = _IMPLEMENTATIONS[backend](**cast, delta_softplus=True)
-            y.float().sum().backward()
-            expected = selective_scan_reference(**{k: v.detach().float().cpu() for k, v in cast.items()},
-                                                delta_softplus=True)
-        error = (y.detach().float().cpu() - expected).abs().max().item()
-        tolerance = 5e-2 if dtype in (torch.float16, torch.bfloat16) else 1e-3
-        if not error <= tolerance * max(1.0, expected.abs().max().item()):
-            return f"its output differs from the reference scan by {error:.3g}"
-        if any(v.grad is None or not torch.isfinite(v.grad).all() for v in cast.values()):
-            return "its backward pass gave missing or non-finite gradients"
+        pairs = scan_and_reference(_IMPLEMENTATIONS[backend], device, dtype)
     except Exception as exc:   # a kernel that cannot run here fails in many ways (RuntimeError, CompilationError ...)
         text = str(exc).strip()
         return f"{type(exc).__name__}: {text.splitlines()[0][:200]}" if text else type(exc).__name__
+    (y, expected), gradients = pairs[0], pairs[1:]
+    error = (y - expected).abs().max().item()
+    tolerance = 5e-2 if dtype in (torch.float16, torch.bfloat16) else 1e-3
+    if not error <= tolerance * max(1.0, expected.abs().max().item()):
+        return f"its output differs from the reference scan by {error:.3g}"
+    if not all(torch.isfinite(ours).all() for ours, _ in gradients):
+        return "its backward pass gave missing or non-finite gradients"
     return None
 
 
-def _backend_works(backend: str, u: torch.Tensor) -> bool:
-    """Whether ``backend`` passed its probe on ``u``'s device and dtype (probed on first use)."""
+def _probe_result(backend: str, u: torch.Tensor) -> str | None:
+    """Why ``backend`` failed its probe on ``u``'s device and dtype, or None (probed on first use)."""
     key = (backend, str(u.device), u.dtype)
     if key not in _PROBES:
         _run_probe(key, backend, u.device, u.dtype)
-    return _PROBES[key] is None
+    return _PROBES[key]
+
+
+def _backend_works(backend: str, u: torch.Tensor) -> bool:
+    """Whether ``backend`` passed its probe on ``u``'s device and dtype."""
+    return _probe_result(backend, u) is None
 
 
 @torch.compiler.disable   # under an opt-in torch.compile the probe runs eagerly, once, not traced into a graph

@@ -91,10 +91,11 @@ def triton_status() -> tuple[bool, str]:
 MAX_INDEX = 2 ** 31 - 1
 
 
-def largest_index(batch: int, dim: int, groups: int, state: int, length: int) -> int:
+def largest_index(batch: int, dim: int, groups: int, state: int, length: int, launch: dict | None = None) -> int:
     """The number of elements of the largest tensor the kernels index for this problem (inputs, B/C, the
-    chunk-boundary states kept for backward); must stay within ``MAX_INDEX``."""
-    s = _launch_shape(batch, dim, groups, state, length, LAYOUT)
+    chunk-boundary states kept for backward); must stay within ``MAX_INDEX``. ``launch``: the problem's
+    ``_launch_shape`` where the caller has it."""
+    s = launch or _launch_shape(batch, dim, groups, state, length, LAYOUT)
     return max(batch * dim * length, batch * groups * state * length, batch * dim * s["n_chunks"] * state)
 
 
@@ -516,6 +517,11 @@ class _TritonSelectiveScan(torch.autograd.Function):
         B4, C4 = as_grouped(B).contiguous(), as_grouped(C).contiguous()
         groups, state = B4.shape[1], B4.shape[2]
         s = _launch_shape(batch, dim, groups, state, length, LAYOUT)
+        size = largest_index(batch, dim, groups, state, length, s)
+        if size > MAX_INDEX:
+            raise RuntimeError(f"the triton backend indexes with 32 bits and this scan needs {size} elements in "
+                               f"one tensor (batch {batch} x channels {dim} x length {length}); split the batch or "
+                               "use backend='torch'")
         u, delta = u.contiguous(), delta.contiguous()
         z = z.contiguous() if z is not None else None
         A32 = A.float().contiguous()
@@ -619,11 +625,5 @@ def selective_scan_triton(u, delta, A, B, C, D=None, z=None, delta_bias=None, de
                            "backend='torch' (TRITON_INTERPRET=1 runs it in Triton's interpreter, for tests)")
     if u.shape[-1] == 0:
         raise ValueError("the triton backend needs a sequence length of at least 1")
-    batch, dim, length = u.shape
-    size = largest_index(batch, dim, as_grouped(B).shape[1], A.shape[1], length)
-    if size > MAX_INDEX:
-        raise RuntimeError(f"the triton backend indexes with 32 bits and this scan needs {size} elements in one "
-                           f"tensor (batch {batch} x channels {dim} x length {length}); split the batch or use "
-                           "backend='torch'")
     out, last = _TritonSelectiveScan.apply(u, delta, A, B, C, D, z, delta_bias, bool(delta_softplus))
     return (out, last) if return_last_state else out

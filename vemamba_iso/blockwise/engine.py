@@ -89,11 +89,14 @@ def run_processor(processor: BlockProcessor, arrays: Sequence[np.ndarray]) -> li
 
 
 def plan_blocks(shape, output: str, factor: int, axis: int, block=(32, 128, 128), halo=(4, 16, 16),
-                pyramid_levels: int = 0) -> tuple[BlockGrid, list[tuple[int, ...]]]:
-    """The block grid of an input of ``shape`` and the shapes of its pyramid levels: every error in the
-    block, halo and pyramid arguments, raised before any data is read (the commands call it first)."""
+                pyramid_levels: int = 0,
+                output_key: str | None = None) -> tuple[BlockGrid, list[tuple[int, ...]], str]:
+    """The block grid of an input of ``shape``, the shapes of its pyramid levels and the name of the
+    working store's full-resolution array (:func:`zarr_array_name`): every error in the block, halo,
+    pyramid and output-key arguments, raised before any data is read (the commands call it first)."""
     grid = BlockGrid(shape, block, halo, factor, axis)
-    return grid, _check_pyramid(str(output).rstrip("/"), grid.output_shape, pyramid_levels)
+    level_shapes = _check_pyramid(str(output).rstrip("/"), grid.output_shape, pyramid_levels)
+    return grid, level_shapes, zarr_array_name(output, output_key, pyramid_levels)
 
 
 def reconstruct_blockwise(source: VolumeSource, output: str, processor: BlockProcessor, *,
@@ -131,9 +134,8 @@ def reconstruct_blockwise(source: VolumeSource, output: str, processor: BlockPro
     output = str(output).rstrip("/")
     if batch_size is not None and batch_size < 1:
         raise ValueError(f"batch_size (blocks read and processed together) must be at least 1, got {batch_size}")
-    grid, level_shapes = plan_blocks(source.shape, output, processor.factor, processor.axis, block, halo,
-                                     pyramid_levels)
-    array_name = zarr_array_name(output, output_key, pyramid_levels)
+    grid, level_shapes, array_name = plan_blocks(source.shape, output, processor.factor, processor.axis, block,
+                                                 halo, pyramid_levels, output_key)
     dtype = np.dtype(output_dtype if output_dtype is not None else source.dtype)
     params = {"input": os.path.abspath(source.path), "key": source.key, "shape": list(source.shape),
               "block": list(grid.block), "halo": list(grid.halo), "factor": grid.factor, "axis": grid.axis,

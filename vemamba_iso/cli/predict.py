@@ -179,7 +179,7 @@ def _predict_blockwise(args) -> int:
 def _reconstruct_source(args, source, output: str, output_key: str | None) -> int:
     """Block-wise reconstruction of an open ``source`` into ``output`` (checked and claimed by the caller)."""
     from ..blockwise import reconstruct_blockwise
-    from ..blockwise.engine import plan_blocks, zarr_array_name
+    from ..blockwise.engine import plan_blocks
     from ..blockwise.model_processor import ModelProcessor, volume_intensity_record
     from ..data.intensity import default_scheme
     from ..inference.tiling import tiles_per_pass
@@ -197,9 +197,8 @@ def _reconstruct_source(args, source, output: str, output_key: str | None) -> in
         except ImportError:
             raise CommandError("--scheduler needs Dask: pip install 'bioimage-mamba[dask]', or drop --scheduler "
                                "to reconstruct in this process") from None
-    # the block, halo and pyramid arguments are checked before the pass over the whole input below
-    plan_blocks(source.shape, output, processor.factor, args.axis, block, args.halo, args.pyramid)
-    zarr_array_name(output, output_key, args.pyramid)
+    # the block, halo, pyramid and output-key arguments are checked before the pass over the whole input below
+    plan_blocks(source.shape, output, processor.factor, args.axis, block, args.halo, args.pyramid, output_key)
     processor.network()   # load (and so validate) the weights before anything is written
     scheme = processor.metadata.get("normalisation", {}).get("scheme") or default_scheme(source.dtype)
     processor.intensity = volume_intensity_record(source, scheme)
