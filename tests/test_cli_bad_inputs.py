@@ -154,6 +154,7 @@ def test_bad_input_is_refused_and_nothing_is_written(name, row, source, extra, m
     ("to_nnunet", lambda a, d: a + ["--labels", str(d / "labels.tif")], "give one label volume per image"),
     ("predict", lambda a, d: a + ["--no-such-flag"], "unrecognized arguments"),
     ("train", lambda a, d: a + ["--time-limit", "0"], "--time-limit must be a positive number of minutes"),
+    ("train", lambda a, d: a + ["--weight-average", "1"], "--weight-average must be a decay in [0, 1)"),
     ("predict", lambda a, d: a + ["--batch-size", "-1"], "argument --batch-size: must be at least 1, got -1"),
     ("predict", lambda a, d: a + ["--overlap", "-4", "4", "4"], "argument --overlap: must be 0 or more, got -4"),
     ("predict", lambda a, d: a + ["--tile", "0", "16", "16"], "argument --tile: must be at least 1, got 0"),
@@ -167,7 +168,7 @@ def test_bad_input_is_refused_and_nothing_is_written(name, row, source, extra, m
         "factor too small (interpolate)", "smaller than the patch (train)", "too short to degrade",
         "missing model folder", "missing model folder (evaluate)", "truncated checkpoint",
         "truncated checkpoint (evaluate)", "bad --dtype", "unpaired labels", "unknown flag",
-        "zero time limit (train)", "negative batch (predict)", "negative overlap (predict)", "zero tile (predict)",
+        "zero time limit (train)", "weight-average decay of 1 (train)", "negative batch (predict)", "negative overlap (predict)", "zero tile (predict)",
         "negative overlap (evaluate)", "zero steps per epoch (train)", "zero batch (train)", "non-integer steps (train)",
         "smaller than the SSIM window (evaluate)"])
 def test_bad_arguments_are_refused_and_nothing_is_written(name, argv_edit, message, inputs, tiny_model, tmp_path,

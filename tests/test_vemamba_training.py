@@ -332,9 +332,61 @@ def test_initialise_from_a_model_for_another_factor(tmp_path):
     assert target.moco_done
 
 
-def test_resume_after_a_crash_ends_with_the_weights_of_an_uninterrupted_run(tmp_path):
-    """Killed mid-epoch (nothing after its last checkpoint survives), then resumed: the same weights, bit for bit."""
-    config = tiny_config(steps=6, steps_per_epoch=2)
+def test_weight_average_follows_its_decay_and_gives_the_trained_weights_back():
+    from vemamba_iso.training.weight_average import WeightAverage
+    w = torch.nn.Parameter(torch.zeros(3))
+    average = WeightAverage([("w", w)], decay=0.5)
+    expected = torch.zeros(3)
+    for step, value in enumerate([1.0, 2.0, 3.0, 4.0]):
+        with torch.no_grad():
+            w.fill_(value)
+        d = min(0.5, (1 + step) / (10 + step))     # warm-up: 0.1, 0.18, 0.25, then the decay 0.5
+        expected = d * expected + (1 - d) * value
+        average.update()
+        assert torch.allclose(average.average["w"], expected)
+    with average.applied():
+        assert torch.allclose(w, expected)
+    assert torch.equal(w, torch.full((3,), 4.0))   # the trained weights are back after the block
+    restored = WeightAverage([("w", torch.nn.Parameter(torch.zeros(3)))], decay=0.9)
+    restored.load_state_dict(average.state_dict())
+    assert torch.equal(restored.average["w"], average.average["w"]) and restored.updates == 4
+    with pytest.raises(ValueError, match="holds other tensors"):
+        WeightAverage([("v", w)], 0.5).load_state_dict(average.state_dict())
+    for bad in (0.0, 1.0, -0.5):
+        with pytest.raises(ValueError, match="decay must be in"):
+            WeightAverage([("w", w)], bad)
+
+
+def test_training_with_a_weight_average_writes_and_validates_the_average(tmp_path):
+    quiet = dict(progress=False, log=lambda *_: None)
+    trainer = Trainer([tiny_volume()], 2, tmp_path / "model", tiny_config(steps=6, steps_per_epoch=3,
+                                                                          weight_average_decay=0.9), **quiet)
+    metadata = trainer.run(resume=False)
+    assert metadata["training"]["weight_average_decay"] == 0.9 and trainer.weight_average.updates == 6
+    network, _ = load_model(tmp_path / "model")
+    written = network.state_dict()
+    trained = dict(trainer.network.named_parameters())
+    averaged = [n for n in trained if not n.startswith("degradation_encoder.")]
+    assert averaged and set(averaged) == set(trainer.weight_average.average)
+    for name in averaged:
+        assert torch.equal(written[name], trainer.weight_average.average[name]), name
+    assert any(not torch.equal(written[n], trained[n].detach()) for n in averaged)   # not the last weights
+    for name, tensor in trained.items():       # the frozen encoder is written as it is
+        if name.startswith("degradation_encoder."):
+            assert torch.equal(written[name], tensor.detach()), name
+    # validation measured the average: the validation of the written model gives the last record again
+    trainer.weight_average = None
+    trainer.network.load_state_dict(written)
+    assert trainer.validate()["val_psnr"] == trainer.history[-1]["val_psnr"]
+    with pytest.raises(ValueError, match="weight_average_decay must be in"):
+        Trainer([tiny_volume()], 2, tmp_path / "other", tiny_config(weight_average_decay=1.0), **quiet)
+
+
+@pytest.mark.parametrize("weight_average_decay", [0.0, 0.9])
+def test_resume_after_a_crash_ends_with_the_weights_of_an_uninterrupted_run(tmp_path, weight_average_decay):
+    """Killed mid-epoch (nothing after its last checkpoint survives), then resumed: the same weights (and weight
+    average), bit for bit."""
+    config = tiny_config(steps=6, steps_per_epoch=2, weight_average_decay=weight_average_decay)
     quiet = dict(progress=False, log=lambda *_: None)
     reference = Trainer([tiny_volume()], 2, tmp_path / "reference", config, **quiet)
     reference.run(resume=False)
@@ -358,6 +410,10 @@ def test_resume_after_a_crash_ends_with_the_weights_of_an_uninterrupted_run(tmp_
     for name, tensor in reference.network.state_dict().items():
         assert torch.equal(tensor, resumed.network.state_dict()[name]), name
     assert [{k: v for k, v in h.items()} for h in resumed.history] == reference.history
+    if weight_average_decay:
+        assert resumed.weight_average.updates == reference.weight_average.updates == 6
+        for name, tensor in reference.weight_average.average.items():
+            assert torch.equal(tensor, resumed.weight_average.average[name]), name
 
 
 @pytest.mark.slow

@@ -22,7 +22,7 @@ from tqdm.auto import tqdm
 from . import pyramid
 from .grid import Block, BlockGrid
 from .journal import BlockJournal
-from ..data.io import rescaled_voxel_size
+from ..data.io import DEFAULT_KEY, rescaled_voxel_size
 from .stores import (OME_ZARR_SUFFIX, VolumeSource, WorkingStore, cast_like, check_output_location,
                      is_ome_zarr_path, store_format)
 
@@ -177,7 +177,7 @@ def reconstruct_blockwise(source: VolumeSource, output: str, processor: BlockPro
         bar.close()
     if pyramid_levels:
         _build_pyramid(store, journal, level_shapes, progress)
-    path = store.finish(output_key or "data")
+    path = store.finish(output_key or DEFAULT_KEY)
     journal.remove()
     return path
 

@@ -20,7 +20,7 @@ import shutil
 import numpy as np
 
 from ..data.atomic import check_writable
-from ..data.io import HDF5_SUFFIXES, TIFF_SUFFIXES, ZARR_SUFFIXES, VolumeFormatError, file_format
+from ..data.io import DEFAULT_KEY, HDF5_SUFFIXES, TIFF_SUFFIXES, ZARR_SUFFIXES, VolumeFormatError, file_format
 
 
 def store_format(path: str) -> str:
@@ -271,7 +271,7 @@ class WorkingStore:
     def write(self, region, values: np.ndarray) -> None:
         self.array[region] = values
 
-    def finish(self, output_key: str = "data") -> str:
+    def finish(self, output_key: str = DEFAULT_KEY) -> str:
         """Move the assembled volume to the output (atomically replacing an old one); returns its path."""
         if self.format == "zarr":
             _replace_path(self.path, self.output)

@@ -13,6 +13,7 @@ import sys
 import numpy as np
 
 from .common import CommandError, CommandParser, read_input, run_command
+from ..data.io import DEFAULT_KEY
 from .outputs import claim_volume_output, write_output_volume
 
 
@@ -34,7 +35,7 @@ def build_parser() -> CommandParser:
     parser.add_argument("--axis", type=int, default=0, choices=[0, 1, 2], help="axis to degrade in (Z, Y, X)")
     parser.add_argument("--seed", type=int, default=0, help="random seed of the noise/jitter (realistic preset)")
     parser.add_argument("--key", default=None, help="dataset key for HDF5/Zarr input")
-    parser.add_argument("--output-key", default="data", help="dataset key for HDF5/Zarr output")
+    parser.add_argument("--output-key", default=DEFAULT_KEY, help="dataset key for HDF5/Zarr output")
     return parser
 
 

@@ -12,6 +12,7 @@ import sys
 import numpy as np
 
 from .common import CommandError, CommandParser, numeric_dtype, read_input, run_command
+from ..data.io import DEFAULT_KEY
 from .outputs import claim_volume_output, write_output_volume
 
 
@@ -33,7 +34,7 @@ def build_parser() -> CommandParser:
                              "the first of K output slices; average_pool/realistic: at the centre of its slab)")
     parser.add_argument("--axis", type=int, default=0, choices=[0, 1, 2], help="coarse axis in (Z, Y, X)")
     parser.add_argument("--key", default=None, help="dataset key for HDF5/Zarr input")
-    parser.add_argument("--output-key", default="data", help="dataset key for HDF5/Zarr output")
+    parser.add_argument("--output-key", default=DEFAULT_KEY, help="dataset key for HDF5/Zarr output")
     parser.add_argument("--dtype", type=numeric_dtype, default=None, help="output dtype (default: the input's)")
     return parser
 

@@ -12,6 +12,7 @@ import numpy as np
 
 from .common import (CommandError, CommandParser, add_device_args, check_factor, non_negative_int, numeric_dtype,
                      positive_int, read_input, run_command, setup_torch)
+from ..data.io import DEFAULT_KEY
 from .outputs import claim_volume_output, write_output_volume
 
 CHUNKED = ("zarr", "hdf5")
@@ -83,7 +84,7 @@ def run(args) -> int:
     from ..inference import reconstruct_volume
     from ..inference.tiling import tiles_per_pass
     from ..training.checkpoint import default_model_dir, load_model
-    args.output_key = args.output_key or "data"   # in memory: a group with this array, as interpolate/degrade write
+    args.output_key = args.output_key or DEFAULT_KEY   # in memory: a group with this array, as interpolate/degrade write
     claim_volume_output(args.output, args.overwrite, args.output_key)
     volume = read_input(args.input, args.key, sample="anisotropic")
     network, metadata = load_model(args.model or default_model_dir(args.factor), device=args.device)

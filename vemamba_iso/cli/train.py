@@ -34,6 +34,9 @@ def build_parser() -> CommandParser:
     parser.add_argument("--lr", type=float, default=4e-4, help="peak Adam learning rate")
     parser.add_argument("--warmup-steps", type=non_negative_int, default=None,
                         help="default: 5%% of --steps (at most 100 with --time-limit)")
+    parser.add_argument("--weight-average", type=float, default=0.0, metavar="DECAY",
+                        help="write (and validate) an exponential moving average of the weights with this decay, "
+                             "e.g. 0.999 (about the last thousand steps); 0, the default, writes the last weights")
     parser.add_argument("--steps-per-epoch", type=positive_int, default=100, help="validation/checkpoint interval")
     parser.add_argument("--dim", type=positive_int, default=32)
     parser.add_argument("--groups", type=positive_int, default=4)
@@ -77,6 +80,8 @@ def run(args) -> int:
         raise CommandError(f"--factor must be in {MIN_FACTOR}..{MAX_FACTOR}, got {args.factor}")
     if args.time_limit is not None and not args.time_limit > 0:
         raise CommandError(f"--time-limit must be a positive number of minutes, got {args.time_limit}")
+    if not 0.0 <= args.weight_average < 1.0:
+        raise CommandError(f"--weight-average must be a decay in [0, 1) (0: off), got {args.weight_average}")
     args.restart = args.restart or args.overwrite   # replacing the output means not resuming what it holds
     claim_model_dir(args.output, args.overwrite, args.restart)
     from ..training import Trainer, TrainingConfig
@@ -86,7 +91,8 @@ def run(args) -> int:
         learning_rate=args.lr,
         warmup_steps=(args.warmup_steps if args.warmup_steps is not None
                       else default_warmup(args.steps, args.time_limit)),
-        time_limit_minutes=args.time_limit, steps_per_epoch=args.steps_per_epoch, moco_steps=args.moco_steps,
+        time_limit_minutes=args.time_limit, weight_average_decay=args.weight_average,
+        steps_per_epoch=args.steps_per_epoch, moco_steps=args.moco_steps,
         degradation=args.degradation, pair_axes=args.pair_axes, seed=args.seed,
         network=dict(dim=args.dim, groups=args.groups, blocks=args.blocks, state_size=args.state_size,
                      use_degradation_encoder=not args.no_degradation_encoder, paths_per_chunk=args.scan_paths,

@@ -21,6 +21,8 @@ HDF5_SUFFIXES = (".h5", ".hdf5", ".hdf")
 ZARR_SUFFIXES = (".zarr",)
 NIFTI_SUFFIXES = (".nii", ".nii.gz")
 SUPPORTED = TIFF_SUFFIXES + HDF5_SUFFIXES + ZARR_SUFFIXES + NIFTI_SUFFIXES
+#: the dataset (HDF5) or array (in-memory Zarr group) a volume is written to when no key is given
+DEFAULT_KEY = "data"
 
 
 class VolumeFormatError(ValueError):
@@ -219,7 +221,7 @@ def _write_tiff(tmp: Path, data, voxel_size, key) -> None:
 def _write_hdf5(tmp: Path, data, voxel_size, key) -> None:
     import h5py
     with h5py.File(tmp, "w") as f:
-        ds = f.create_dataset(key or "data", data=data, chunks=True, compression="gzip")
+        ds = f.create_dataset(key or DEFAULT_KEY, data=data, chunks=True, compression="gzip")
         if voxel_size is not None:
             ds.attrs["voxel_size"] = np.asarray(voxel_size, dtype=float)
 

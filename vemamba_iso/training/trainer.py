@@ -2,12 +2,14 @@
 
 Stages: (1) MoCo pre-training of the degradation encoder (skipped when it is switched off), then
 (2) reconstruction training with the encoder frozen: L1 + (1 - SSIM), Adam, linear warm-up then cosine
-decay, PSNR/SSIM on a held-out slab after every epoch, atomic checkpoints, resume after interruption.
+decay, PSNR/SSIM on a held-out slab after every epoch, atomic checkpoints, resume after interruption. With
+``weight_average_decay`` the model written (and validated) is an exponential moving average of the weights.
 """
 from __future__ import annotations
 
 import math
 import time
+from contextlib import nullcontext
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 
@@ -25,6 +27,7 @@ from ..inference.tiling import reconstruct_volume
 from ..model import MoCoDegradationLearner, NetworkConfig, VEMambaNetwork, count_parameters
 from .checkpoint import RESUME_FILE, read_model_file, save_model, save_torch_atomic, training_stages
 from .losses import reconstruction_loss
+from .weight_average import WeightAverage
 
 
 @dataclass
@@ -49,6 +52,7 @@ class TrainingConfig:
     seed: int = 0
     network: dict = field(default_factory=dict)
     time_limit_minutes: float | None = None  # stop reconstruction training after this long; ``steps`` is then a cap
+    weight_average_decay: float = 0.0  # > 0: validate and write an exponential moving average of the weights
 
 
 def learning_rate_factor(step: int, total: int, warmup: int, floor: float, time_fraction: float = 0.0) -> float:
@@ -102,6 +106,9 @@ class Trainer:
                  device: str = "cpu", progress: bool = True, log=print):
         if config.time_limit_minutes is not None and not config.time_limit_minutes > 0:
             raise ValueError(f"time_limit_minutes must be positive (or None), got {config.time_limit_minutes}")
+        if not 0.0 <= config.weight_average_decay < 1.0:
+            raise ValueError(f"weight_average_decay must be in [0, 1) (0: no weight average), got "
+                             f"{config.weight_average_decay}")
         self.config, self.device, self.progress, self.log = config, torch.device(device), progress, log
         self.output_dir = Path(output_dir)
         self.degradation = preset(config.degradation, factor)
@@ -138,6 +145,8 @@ class Trainer:
         self.running_loss = None
         self.initialised_from = None
         self.earlier_stages = []   # the training runs of the model this one was initialised from
+        self.weight_average: WeightAverage | None = None   # started by run(), on the weights it starts from
+        self.resumed_weight_average: dict | None = None
 
     def training_seconds(self) -> float:
         """Reconstruction training time so far in seconds, resumed runs included (MoCo pre-training, loading,
@@ -180,8 +189,16 @@ class Trainer:
                  "earlier_stages": self.earlier_stages}
         if self.device.type == "cuda":
             state["cuda_rng"] = torch.cuda.get_rng_state(self.device)
+        if self.weight_average is not None:
+            state["weight_average"] = self.weight_average.state_dict()
         save_torch_atomic(state, self.output_dir / RESUME_FILE)
-        save_model(self.output_dir, self.network, self.metadata())
+        with self.averaged_weights():
+            save_model(self.output_dir, self.network, self.metadata())
+
+    def averaged_weights(self):
+        """Context in which the network holds the weights to validate and ship: the weight average when one
+        is kept, else the trained weights."""
+        return self.weight_average.applied() if self.weight_average is not None else nullcontext()
 
     def initialise_from(self, model_dir) -> int:
         """Copy every parameter whose name and shape match from another trained model (e.g. another factor);
@@ -227,6 +244,7 @@ class Trainer:
         else:   # a checkpoint of an older version: the batches after it differ from an uninterrupted run's
             self.sampler.rng = np.random.default_rng(self.config.seed + self.step)
         self.running_loss = state.get("running_loss")
+        self.resumed_weight_average = state.get("weight_average")
         self.initialised_from = state.get("initialised_from")
         self.earlier_stages = state.get("earlier_stages", [])
         # a run started before kept slices existed finishes with the objective it started with
@@ -251,6 +269,18 @@ class Trainer:
             bar.set_postfix(infonce=f"{loss.item():.3f}")
         optimizer.zero_grad(set_to_none=True)
         self.moco_done = True
+
+    def start_weight_average(self) -> None:
+        """Start the weight average on the current weights (after MoCo, after any --init-from), or continue
+        the one of the checkpoint resumed from."""
+        if not self.config.weight_average_decay:
+            self.weight_average = None
+            return
+        trained = [(n, p) for n, p in self.network.named_parameters() if not n.startswith("degradation_encoder.")]
+        self.weight_average = WeightAverage(trained, self.config.weight_average_decay)
+        if self.resumed_weight_average is not None:
+            self.weight_average.load_state_dict(self.resumed_weight_average)
+            self.weight_average.decay = self.config.weight_average_decay
 
     def train_step(self) -> float:
         self.network.train()
@@ -281,7 +311,8 @@ class Trainer:
         n = (target.shape[0] // self.degradation.factor) * self.degradation.factor
         target = target[:n]
         degraded = degrade_axial(target, self.degradation, axis=0, rng=np.random.default_rng(1234))
-        estimate = reconstruct_volume(self.network, degraded, device=self.device, progress=False)
+        with self.averaged_weights():
+            estimate = reconstruct_volume(self.network, degraded, device=self.device, progress=False)
         e, t = torch.from_numpy(np.clip(estimate, 0, 1)), torch.from_numpy(target)
         linear = torch.from_numpy(interpolate_axial(degraded, self.degradation.factor,
                                                     self.network.config.sample_offset, "linear"))
@@ -294,12 +325,15 @@ class Trainer:
         self.pretrain_degradation_encoder()
         self.network.freeze_degradation_encoder()
         c = self.config
+        self.start_weight_average()
         bar = tqdm(total=c.steps, initial=self.step, desc=f"training x{self.network.config.factor}",
                    disable=not self.progress)
         self.epoch_started = time.time()
         done = self.finished()   # a resumed run may have nothing left
         while not done:
             loss = self.train_step()
+            if self.weight_average is not None:
+                self.weight_average.update()
             self.step += 1
             running = loss if self.running_loss is None else 0.95 * self.running_loss + 0.05 * loss
             self.running_loss = running
