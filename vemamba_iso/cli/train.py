@@ -36,7 +36,8 @@ def build_parser() -> CommandParser:
                         help="default: 5%% of --steps (at most 100 with --time-limit)")
     parser.add_argument("--weight-average", type=float, default=0.0, metavar="DECAY",
                         help="write (and validate) an exponential moving average of the weights with this decay, "
-                             "e.g. 0.999 (about the last thousand steps); 0, the default, writes the last weights")
+                             "e.g. 0.999 (at most the last thousand steps; early on about the last ninth of the "
+                             "steps so far); 0, the default, writes the last weights")
     parser.add_argument("--steps-per-epoch", type=positive_int, default=100, help="validation/checkpoint interval")
     parser.add_argument("--dim", type=positive_int, default=32)
     parser.add_argument("--groups", type=positive_int, default=4)

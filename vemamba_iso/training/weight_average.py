@@ -20,7 +20,8 @@ class WeightAverage:
     Args:
         named_parameters: ``(name, parameter)`` pairs to average (the trained ones; frozen weights stay as
             they are in the network).
-        decay: the largest decay, in (0, 1); 0.999 averages over about the last thousand steps.
+        decay: the largest decay, in (0, 1); 0.999 averages over about the last thousand steps once it is
+            reached (after about 9000 updates; until then over about the last ninth of the updates).
     """
 
     def __init__(self, named_parameters, decay: float):
