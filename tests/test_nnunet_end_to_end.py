@@ -82,6 +82,24 @@ def planned(tmp_path_factory):
     return root
 
 
+def _as_one_optimiser_group(checkpoint: dict) -> dict:
+    """The checkpoint's SGD state as releases before the parameter groups wrote it: one group, parameters
+    numbered in the network's order."""
+    from nnunet_logmamba.training.from_plain import build_trainer_network
+    from nnunet_logmamba.training.optimizer_groups import parameter_groups
+    from nnunet_logmamba.training.trainers import nnUNetTrainerLoGVMamba
+    args = checkpoint["init_args"]
+    network = build_trainer_network(checkpoint["trainer_name"], args["plans"], args["configuration"],
+                                    args["dataset_json"])
+    position = {id(p): i for i, p in enumerate(network.parameters())}
+    grouped = [p for g in parameter_groups(network, 3e-5, nnUNetTrainerLoGVMamba.readout_lr_scale) for p in g["params"]]
+    saved = checkpoint["optimizer_state"]
+    assert len(grouped) == sum(len(g["params"]) for g in saved["param_groups"])
+    group = {k: v for k, v in saved["param_groups"][0].items() if k not in ("params", "lr_scale")}
+    return {"state": {position[id(grouped[i])]: state for i, state in saved["state"].items()},
+            "param_groups": [{**group, "params": list(range(len(grouped)))}]}
+
+
 @pytest.mark.parametrize("configuration", ["2d", "3d_fullres"])
 def test_train_and_predict_with_stock_commands(planned, configuration):
     root = planned
@@ -101,6 +119,17 @@ def test_train_and_predict_with_stock_commands(planned, configuration):
         _run(["nnUNetv2_train", str(DATASET_ID), configuration, "0", "-tr", TRAINER, "-device", "cpu", "--c"],
              _env(root, training=True), root)
         assert (fold / "validation" / "summary.json").is_file()
+        # a checkpoint of an earlier release (nnU-Net's single optimiser group): --c keeps each parameter's momentum
+        before = torch.load(fold / "checkpoint_final.pth", map_location="cpu", weights_only=False)
+        torch.save({**before, "optimizer_state": _as_one_optimiser_group(before)}, fold / "checkpoint_final.pth")
+        (fold / "validation" / "summary.json").unlink()
+        _run(["nnUNetv2_train", str(DATASET_ID), configuration, "0", "-tr", TRAINER, "-device", "cpu", "--c"],
+             _env(root, training=True), root)
+        after = torch.load(fold / "checkpoint_final.pth", map_location="cpu", weights_only=False)["optimizer_state"]
+        assert len(after["param_groups"]) == len(before["optimizer_state"]["param_groups"]) == 3
+        assert after["state"].keys() == before["optimizer_state"]["state"].keys()
+        for index, state in before["optimizer_state"]["state"].items():
+            assert torch.equal(after["state"][index]["momentum_buffer"], state["momentum_buffer"]), index
 
     prediction = root / f"pred_{configuration}"
     _run(["nnUNetv2_predict", "-i", str(root / "raw" / DATASET / "imagesTs"), "-o", str(prediction),
