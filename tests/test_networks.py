@@ -216,6 +216,31 @@ def test_placement_follows_spatial_size_not_stage_index():
             assert p["mode"] == config.rule.mode_for(p["size"], 2 if net is small else 1)
 
 
+def test_weights_of_another_block_placement_are_refused_with_the_reason():
+    arch, patch, strides, features, batch = PLANS["3d_plain_4stages_aniso"]
+    trained, _ = build("3d_plain_4stages_aniso")
+    # the same plans with a larger batch: the cost cap leaves a stage without its block
+    edited = build_log_vmamba_network(arch, arch_kwargs(arch, strides, features, 3), IMPORTS, 1, 3, patch, 400, True,
+                                      LoGVMambaConfig())
+    assert len(edited.log_vmamba_blocks) < len(trained.log_vmamba_blocks)
+    with pytest.raises(RuntimeError, match=r"the weights hold LoG-VMamba blocks in \['encoder.stages.0', "
+                                           r"'encoder.stages.1', 'encoder.stages.2', 'encoder.stages.3'\], this "
+                                           r"network in \['encoder.stages.3'\].*plans.json saved next to"):
+        edited.load_state_dict(trained.state_dict())
+    # other token modes at the same stages
+    local_only = build("3d_plain_4stages_aniso", config=LoGVMambaConfig(rule=PlacementRule(variant="local")))[0]
+    with pytest.raises(RuntimeError, match="have other parameters in the weights"):
+        local_only.load_state_dict(trained.state_dict())
+    with pytest.raises(RuntimeError, match="the weights hold LoG-VMamba blocks"):   # non-strict too
+        edited.load_state_dict(trained.state_dict(), strict=False)
+    # the network's own weights load; weights without blocks are left to the caller
+    build("3d_plain_4stages_aniso")[0].load_state_dict(trained.state_dict())
+    without_blocks = {k: v for k, v in trained.state_dict().items() if ".mamba." not in k}
+    with pytest.raises(RuntimeError, match="Missing key") as raised:
+        edited.load_state_dict(without_blocks)
+    assert "LoG-VMamba" not in str(raised.value)
+
+
 def test_2d_places_blocks_in_the_decoder_3d_in_the_encoder():
     net2d, _ = build("2d_plain_7stages_aniso")
     net3d, _ = build("3d_plain_6stages_odd")

@@ -237,4 +237,40 @@ def build_log_vmamba_network(arch_class_name: str, arch_kwargs: dict, arch_kwarg
     network = get_network_from_plans(arch_class_name, arch_kwargs, arch_kwargs_req_import, input_channels,
                                      output_channels, allow_init=True, deep_supervision=enable_deep_supervision)
     network.log_vmamba_blocks = insert_log_vmamba_blocks(network, patch_size, batch_size, config)
+    network.register_load_state_dict_pre_hook(explain_block_mismatch)
     return network
+
+
+def _block_places(keys) -> list[str]:
+    # the decoder keeps a reference to the encoder: its keys repeat the encoder's under "decoder.encoder."
+    return sorted({k.split(".mamba.")[0] for k in keys if not k.startswith("decoder.encoder.")})
+
+
+def explain_block_mismatch(module, state_dict, prefix, local_metadata, strict, missing_keys, unexpected_keys,
+                           error_msgs) -> None:
+    """``load_state_dict`` pre-hook: weights whose LoG-VMamba blocks are not this network's raise the reason and
+    the fix, instead of torch's lists of hundreds of missing and unexpected keys.
+
+    The placement follows the plans' patch size and batch size (the cost cap) and the trainer, so a
+    ``plans.json`` edited after training, or another ``-tr``, builds another network. Weights without any
+    block (a plain nnU-Net's) are left to the caller. torch hands hooks ``strict=True`` whatever the caller
+    passed, so a non-strict load of blocks placed elsewhere is refused too: trained blocks would be dropped
+    or fresh ones left untrained; remove the ``.mamba.`` entries first to load only the convolutions.
+
+    Raises:
+        RuntimeError: the weights hold LoG-VMamba blocks, and not this network's.
+    """
+    theirs = {k[len(prefix):] for k in state_dict if k.startswith(prefix) and ".mamba." in k}
+    ours = {k for k in module.state_dict() if ".mamba." in k}
+    if not theirs or theirs == ours:
+        return
+    where_theirs, where_ours = _block_places(theirs), _block_places(ours)
+    if where_theirs != where_ours:
+        what = f"the weights hold LoG-VMamba blocks in {where_theirs}, this network in {where_ours}"
+    else:
+        what = (f"the LoG-VMamba blocks in {where_ours} have other parameters in the weights (another token "
+                "mode or block setting)")
+    raise RuntimeError(f"Error(s) in loading state_dict for {type(module).__name__}: {what}. Where blocks go "
+                       "follows the plans' patch_size and batch_size and the trainer: build the network with the "
+                       "plans.json saved next to the trained model "
+                       "(nnUNet_results/DATASET/TRAINER__PLANS__CONFIGURATION/plans.json) and the same -tr.")
