@@ -233,6 +233,10 @@ def test_weights_of_another_block_placement_are_refused_with_the_reason():
         local_only.load_state_dict(trained.state_dict())
     with pytest.raises(RuntimeError, match="the weights hold LoG-VMamba blocks"):   # non-strict too
         edited.load_state_dict(trained.state_dict(), strict=False)
+    # the weights of a compiled network: torch's own error, which names the prefix
+    with pytest.raises(RuntimeError, match="Unexpected key") as raised:
+        edited.load_state_dict({f"_orig_mod.{k}": v for k, v in trained.state_dict().items()})
+    assert "plans.json" not in str(raised.value)
     # the network's own weights load; weights without blocks are left to the caller
     build("3d_plain_4stages_aniso")[0].load_state_dict(trained.state_dict())
     without_blocks = {k: v for k, v in trained.state_dict().items() if ".mamba." not in k}

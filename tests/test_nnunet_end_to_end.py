@@ -125,8 +125,13 @@ def test_train_and_predict_with_stock_commands(planned, configuration):
         (fold / "validation" / "summary.json").unlink()
         _run(["nnUNetv2_train", str(DATASET_ID), configuration, "0", "-tr", TRAINER, "-device", "cpu", "--c"],
              _env(root, training=True), root)
+        assert (fold / "validation" / "summary.json").is_file()
         after = torch.load(fold / "checkpoint_final.pth", map_location="cpu", weights_only=False)["optimizer_state"]
         assert len(after["param_groups"]) == len(before["optimizer_state"]["param_groups"]) == 3
+        for regrouped, original in zip(after["param_groups"], before["optimizer_state"]["param_groups"]):
+            assert regrouped["params"] == original["params"]
+            assert (regrouped["weight_decay"], regrouped.get("lr_scale")) == (original["weight_decay"],
+                                                                               original.get("lr_scale"))
         assert after["state"].keys() == before["optimizer_state"]["state"].keys()
         for index, state in before["optimizer_state"]["state"].items():
             assert torch.equal(after["state"][index]["momentum_buffer"], state["momentum_buffer"]), index

@@ -382,6 +382,26 @@ def test_training_with_a_weight_average_writes_and_validates_the_average(tmp_pat
         Trainer([tiny_volume()], 2, tmp_path / "other", tiny_config(weight_average_decay=1.0), **quiet)
 
 
+def test_a_resumed_run_keeps_the_weight_average_it_started_with(tmp_path):
+    quiet = dict(progress=False, log=lambda *_: None)
+    Trainer([tiny_volume()], 2, tmp_path / "averaged", tiny_config(steps=2, steps_per_epoch=2,
+                                                                   weight_average_decay=0.9), **quiet).run()
+    Trainer([tiny_volume()], 2, tmp_path / "plain", tiny_config(steps=2, steps_per_epoch=2), **quiet).run()
+    adopted = Trainer([tiny_volume()], 2, tmp_path / "averaged", tiny_config(steps=4, steps_per_epoch=2), **quiet)
+    assert adopted.try_resume() and adopted.config.weight_average_decay == 0.9
+    adopted.run(resume=False)
+    assert adopted.weight_average.updates == 4 and adopted.metadata()["training"]["weight_average_decay"] == 0.9
+    for folder, decay, message in (("averaged", 0.99, "trained with --weight-average 0.9, not 0.99"),
+                                   ("averaged", 0.0, "trained with --weight-average 0.9, not 0"),
+                                   ("plain", 0.9, "trained with --weight-average 0, not 0.9")):
+        with pytest.raises(ValueError, match=message):
+            Trainer([tiny_volume()], 2, tmp_path / folder, tiny_config(steps=4, weight_average_decay=decay),
+                    **quiet).try_resume()
+    plain = Trainer([tiny_volume()], 2, tmp_path / "plain", tiny_config(steps=4, steps_per_epoch=2), **quiet)
+    plain.run()
+    assert plain.weight_average is None and plain.metadata()["training"]["weight_average_decay"] == 0.0
+
+
 @pytest.mark.parametrize("weight_average_decay", [0.0, 0.9])
 def test_resume_after_a_crash_ends_with_the_weights_of_an_uninterrupted_run(tmp_path, weight_average_decay):
     """Killed mid-epoch (nothing after its last checkpoint survives), then resumed: the same weights (and weight

@@ -262,8 +262,8 @@ def explain_block_mismatch(module, state_dict, prefix, local_metadata, strict, m
     """
     theirs = {k[len(prefix):] for k in state_dict if k.startswith(prefix) and ".mamba." in k}
     ours = {k for k in module.state_dict() if ".mamba." in k}
-    if not theirs or theirs == ours:
-        return
+    if not theirs or theirs == ours or any(k.startswith(("module.", "_orig_mod.")) for k in theirs):
+        return   # no blocks, ours, or the weights of a wrapped network (DDP, torch.compile): torch says that
     where_theirs, where_ours = _block_places(theirs), _block_places(ours)
     if where_theirs != where_ours:
         what = f"the weights hold LoG-VMamba blocks in {where_theirs}, this network in {where_ours}"

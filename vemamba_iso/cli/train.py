@@ -34,10 +34,11 @@ def build_parser() -> CommandParser:
     parser.add_argument("--lr", type=float, default=4e-4, help="peak Adam learning rate")
     parser.add_argument("--warmup-steps", type=non_negative_int, default=None,
                         help="default: 5%% of --steps (at most 100 with --time-limit)")
-    parser.add_argument("--weight-average", type=float, default=0.0, metavar="DECAY",
+    parser.add_argument("--weight-average", type=float, default=None, metavar="DECAY",
                         help="write (and validate) an exponential moving average of the weights with this decay, "
-                             "e.g. 0.999 (at most the last thousand steps; early on about the last ninth of the "
-                             "steps so far); 0, the default, writes the last weights")
+                             "e.g. 0.999: over about the last 1/(1-DECAY) steps once warmed up (after about "
+                             "9/(1-DECAY) steps; before that about the last tenth of the steps so far). 0 writes "
+                             "the last weights (the default for a new model); a resumed run keeps its setting")
     parser.add_argument("--steps-per-epoch", type=positive_int, default=100, help="validation/checkpoint interval")
     parser.add_argument("--dim", type=positive_int, default=32)
     parser.add_argument("--groups", type=positive_int, default=4)
@@ -81,7 +82,7 @@ def run(args) -> int:
         raise CommandError(f"--factor must be in {MIN_FACTOR}..{MAX_FACTOR}, got {args.factor}")
     if args.time_limit is not None and not args.time_limit > 0:
         raise CommandError(f"--time-limit must be a positive number of minutes, got {args.time_limit}")
-    if not 0.0 <= args.weight_average < 1.0:
+    if args.weight_average is not None and not 0.0 <= args.weight_average < 1.0:
         raise CommandError(f"--weight-average must be a decay in [0, 1) (0: off), got {args.weight_average}")
     args.restart = args.restart or args.overwrite   # replacing the output means not resuming what it holds
     claim_model_dir(args.output, args.overwrite, args.restart)

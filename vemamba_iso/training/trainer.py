@@ -52,7 +52,9 @@ class TrainingConfig:
     seed: int = 0
     network: dict = field(default_factory=dict)
     time_limit_minutes: float | None = None  # stop reconstruction training after this long; ``steps`` is then a cap
-    weight_average_decay: float = 0.0  # > 0: validate and write an exponential moving average of the weights
+    # > 0: validate and write an exponential moving average of the weights; None: as the checkpoint resumed
+    # (its average, or none), else none
+    weight_average_decay: float | None = None
 
 
 def learning_rate_factor(step: int, total: int, warmup: int, floor: float, time_fraction: float = 0.0) -> float:
@@ -106,7 +108,7 @@ class Trainer:
                  device: str = "cpu", progress: bool = True, log=print):
         if config.time_limit_minutes is not None and not config.time_limit_minutes > 0:
             raise ValueError(f"time_limit_minutes must be positive (or None), got {config.time_limit_minutes}")
-        if not 0.0 <= config.weight_average_decay < 1.0:
+        if config.weight_average_decay is not None and not 0.0 <= config.weight_average_decay < 1.0:
             raise ValueError(f"weight_average_decay must be in [0, 1) (0: no weight average), got "
                              f"{config.weight_average_decay}")
         self.config, self.device, self.progress, self.log = config, torch.device(device), progress, log
@@ -244,7 +246,7 @@ class Trainer:
         else:   # a checkpoint of an older version: the batches after it differ from an uninterrupted run's
             self.sampler.rng = np.random.default_rng(self.config.seed + self.step)
         self.running_loss = state.get("running_loss")
-        self.resumed_weight_average = state.get("weight_average")
+        self.adopt_weight_average(state.get("weight_average"), path)
         self.initialised_from = state.get("initialised_from")
         self.earlier_stages = state.get("earlier_stages", [])
         # a run started before kept slices existed finishes with the objective it started with
@@ -270,17 +272,36 @@ class Trainer:
         optimizer.zero_grad(set_to_none=True)
         self.moco_done = True
 
+    def adopt_weight_average(self, saved: dict | None, path) -> None:
+        """Take over the weight average of a checkpoint being resumed: a run keeps the average it started with
+        (an unset ``weight_average_decay`` adopts it), so that its model is one average over the whole run.
+
+        Raises:
+            ValueError: ``weight_average_decay`` was set and differs from the checkpoint's.
+        """
+        saved_decay = saved["decay"] if saved is not None else 0.0
+        wanted = self.config.weight_average_decay
+        if wanted is not None and wanted != saved_decay:
+            raise ValueError(f"{path} was trained with --weight-average {saved_decay:g}, not {wanted:g}; resume "
+                             f"with --weight-average {saved_decay:g} (or without the option), or start a new model "
+                             "from this one's weights with --init-from MODEL_DIR --output NEW_DIR")
+        self.config.weight_average_decay = saved_decay
+        self.resumed_weight_average = saved
+
     def start_weight_average(self) -> None:
         """Start the weight average on the current weights (after MoCo, after any --init-from), or continue
-        the one of the checkpoint resumed from."""
+        the one of the checkpoint resumed from, or the one a previous ``run`` kept."""
         if not self.config.weight_average_decay:
+            self.config.weight_average_decay = 0.0   # recorded as off in the metadata
             self.weight_average = None
+            return
+        if self.weight_average is not None and self.resumed_weight_average is None:
             return
         trained = [(n, p) for n, p in self.network.named_parameters() if not n.startswith("degradation_encoder.")]
         self.weight_average = WeightAverage(trained, self.config.weight_average_decay)
         if self.resumed_weight_average is not None:
             self.weight_average.load_state_dict(self.resumed_weight_average)
-            self.weight_average.decay = self.config.weight_average_decay
+            self.resumed_weight_average = None
 
     def train_step(self) -> float:
         self.network.train()
@@ -297,9 +318,13 @@ class Trainer:
         # also make a resumed run, which has none, clip differently)
         torch.nn.utils.clip_grad_norm_([p for g in self.optimizer.param_groups for p in g["params"]],
                                        self.config.gradient_clip)
+        scale = self.scaler.get_scale() if self.use_amp else None
         self.scaler.step(self.optimizer)
         self.scaler.update()
         self.scheduler.step()
+        # the loss scaler skips a step whose gradients overflowed (and lowers its scale): nothing to average then
+        if self.weight_average is not None and (scale is None or self.scaler.get_scale() >= scale):
+            self.weight_average.update()
         return float(loss.item())
 
     def validate(self) -> dict:
@@ -332,8 +357,6 @@ class Trainer:
         done = self.finished()   # a resumed run may have nothing left
         while not done:
             loss = self.train_step()
-            if self.weight_average is not None:
-                self.weight_average.update()
             self.step += 1
             running = loss if self.running_loss is None else 0.95 * self.running_loss + 0.05 * loss
             self.running_loss = running

@@ -20,8 +20,9 @@ class WeightAverage:
     Args:
         named_parameters: ``(name, parameter)`` pairs to average (the trained ones; frozen weights stay as
             they are in the network).
-        decay: the largest decay, in (0, 1); 0.999 averages over about the last thousand steps once it is
-            reached (after about 9000 updates; until then over about the last ninth of the updates).
+        decay: the largest decay, in (0, 1): once reached (after about ``9 / (1 - decay)`` updates) the average
+            spans about the last ``1 / (1 - decay)`` steps (a thousand for 0.999); before that its weights'
+            mean age is about a tenth of the updates so far.
     """
 
     def __init__(self, named_parameters, decay: float):
