@@ -49,8 +49,10 @@ def _triton_takes(u: torch.Tensor, A: torch.Tensor, B: torch.Tensor | None = Non
     within the kernels' 32-bit indexing when ``B`` is given)."""
     if not (u.is_cuda and triton_supports(u) and A.shape[1] <= MAX_TRITON_STATE):
         return False
-    groups = 1 if B is None or B.dim() == 3 else B.shape[1]
-    return B is None or largest_index(*u.shape[:2], groups, A.shape[1], u.shape[2]) <= MAX_INDEX
+    if B is None:
+        return True
+    groups = 1 if B.dim() == 3 else B.shape[1]
+    return largest_index(*u.shape[:2], groups, A.shape[1], u.shape[2]) <= MAX_INDEX
 
 
 def auto_backend_reason(u: torch.Tensor, A: torch.Tensor) -> str:

@@ -176,9 +176,9 @@ class Trainer:
 
     def save(self) -> None:
         """Write the model and the checkpoint to resume from: everything the next steps depend on (weights,
-        optimizer, schedule, loss scaler, both random generators), so that a run killed at any point and
-        resumed ends with the weights of an uninterrupted run (bit for bit on a CPU, same thread count; not with a
-        time limit, where the schedule follows the clock).
+        weight average, optimizer, schedule, loss scaler, both random generators), so that a run killed at any
+        point and resumed ends with the weights of an uninterrupted run (bit for bit on a CPU, same thread count;
+        not with a time limit, where the schedule follows the clock).
 
         The checkpoint goes first: a kill between the two writes leaves a checkpoint to resume from, never a
         model without one."""
