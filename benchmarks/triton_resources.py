@@ -64,6 +64,7 @@ def kernel_resources(kernel, constexprs: dict, ints: dict, warps: int, arch: int
         with open(cubin, "wb") as f:
             f.write(compiled.asm["cubin"])
         report = subprocess.run([cuobjdump, "-res-usage", cubin], capture_output=True, text=True)
+        sass = subprocess.run([cuobjdump, "-sass", cubin], capture_output=True, text=True).stdout
     usage = re.search(r"REG:(\d+) STACK:(\d+) SHARED:(\d+)", report.stdout)
     if report.returncode != 0 or usage is None:
         raise RuntimeError(f"cuobjdump could not read {kernel.fn.__name__}: {report.stderr[-500:]}")
@@ -72,7 +73,19 @@ def kernel_resources(kernel, constexprs: dict, ints: dict, warps: int, arch: int
     per_warp = -(-regs * 32 // 256) * 256                     # registers are allocated per warp, 256 at a time
     blocks = min(REGISTERS_PER_SM // (per_warp * warps), SHARED_PER_SM // max(shared, 1), MAX_BLOCKS_PER_SM)
     return {"registers": regs, "stack_bytes": stack, "shared_bytes": shared,
-            "warps_per_sm": min(MAX_WARPS_PER_SM, blocks * warps)}
+            "warps_per_sm": min(MAX_WARPS_PER_SM, blocks * warps), **instruction_counts(sass)}
+
+
+def instruction_counts(sass: str) -> dict:
+    """Static counts of a kernel's machine instructions (``cuobjdump -sass``): all of them, the special-function
+    ones (``MUFU``: exp2, reciprocals, ...), the warp shuffles (``SHFL``) and the barriers (``BAR``). A kernel
+    without loops (the parallel layout's) runs each instruction once per warp, so its count times warps times
+    programs is the work of a launch; a loop's body (the sequential layout's) counts once here. Static counts,
+    not timings: a proxy for the work of kernels that differ in their code, not in their memory traffic."""
+    ops = re.findall(r"/\*[0-9a-f]{4,}\*/\s+(?:@!?U?P\w+\s+)?([A-Z][A-Z0-9_]*)", sass)
+    ops = [op for op in ops if op != "NOP"]
+    return {"instructions": len(ops), "mufu": sum(op == "MUFU" for op in ops),
+            "shuffles": sum(op == "SHFL" for op in ops), "barriers": sum(op == "BAR" for op in ops)}
 
 
 def resources(config: str, batch: int, dim: int, groups: int, state: int, length: int, arch: int) -> list[dict]:
@@ -86,9 +99,19 @@ def resources(config: str, batch: int, dim: int, groups: int, state: int, length
                 n_blocks=s["n_blocks"])
     programs = batch * groups * s["n_blocks"] * (s["n_chunks"] if s["layout"] == "parallel" else 1)
     return [{"config": config, "layout": s["layout"], "kernel": name, "chunk": s["chunk"], "block_d": s["block_d"],
-             "warps": s["warps"], "programs": programs,
+             "warps": s["warps"], "programs": programs, "n_chunks": s["n_chunks"],
              **kernel_resources(kernel, {**flags, **sizes}, ints, s["warps"], arch)}
             for name, (kernel, flags) in _kernels(tk, s["layout"]).items()]
+
+
+def launch_work(row: dict) -> str:
+    """Millions of warp-instructions one launch issues: static count x warps x programs for the parallel layout's
+    loop-free kernels; for the sequential layout, whose programs run their loop once per chunk, that times the
+    chunks ("<", an upper bound: the code outside the loop counts once per chunk too)."""
+    work = row["instructions"] * row["warps"] * row["programs"] / 1e6
+    if row["layout"] == "parallel":
+        return f"{work:.1f}"
+    return f"< {work * row['n_chunks']:.0f}"
 
 
 def main(argv=None) -> None:
@@ -111,7 +134,8 @@ def main(argv=None) -> None:
     print(f"Shape batch {args.shape[0]}, dim {args.shape[1]}, groups {args.shape[2]}, state {args.shape[3]}, "
           f"length {args.shape[4]}; sm_{args.arch}\n")
     print("| config | layout | kernel | chunk | channels per program | warps | programs | registers | "
-          "stack (spill) bytes | shared bytes | warps per SM |\n|---|---|---|---|---|---|---|---|---|---|---|")
+          "stack (spill) bytes | shared bytes | warps per SM | instructions (MUFU / SHFL / BAR) | "
+          "warp-instructions per launch (M) |\n|---|---|---|---|---|---|---|---|---|---|---|---|---|")
     for config in args.configs:
         done = subprocess.run([sys.executable, __file__, "--worker", config, "--arch", str(args.arch),
                                "--shape", *map(str, args.shape)], capture_output=True, text=True)
@@ -121,7 +145,8 @@ def main(argv=None) -> None:
         for r in json.loads(done.stdout.strip().splitlines()[-1]):
             print(f"| {r['config']} | {r['layout']} | {r['kernel']} | {r['chunk']} | {r['block_d']} | {r['warps']} | "
                   f"{r['programs']} | {r['registers']} | {r['stack_bytes']} | {r['shared_bytes']} | "
-                  f"{r['warps_per_sm']} |", flush=True)
+                  f"{r['warps_per_sm']} | {r['instructions']} ({r['mufu']} / {r['shuffles']} / {r['barriers']}) | "
+                  f"{launch_work(r)} |", flush=True)
 
 
 if __name__ == "__main__":

@@ -142,6 +142,56 @@ def test_triton_kernels_match_the_reference_in_the_interpreter(case, layout, int
         assert min(result["channels_per_program"]) > 1
 
 
+SUMMARY_ROUNDING = textwrap.dedent('''
+    import json, os
+    os.environ["TRITON_INTERPRET"] = "1"
+    import torch
+    import nnunet_logmamba.ssm.triton_kernel as tk
+    from nnunet_logmamba.ssm import selective_scan
+    assert tk.LAYOUT == "parallel" and tk.CHUNK == 64
+    # two chunks of 64 steps whose first 60 steps have dt = 40 and the last 4 dt = 0.01: the chunk's total dt
+    # is 2400, whose rounding (2.4e-4) times |A| = 16 would be a 0.4 % error in the last steps' weights if the
+    # decay after each step were taken as (total) - (dt up to the step)
+    length, dt = 128, torch.full((128,), 40.0)
+    dt[60:64] = dt[124:] = 0.01
+    delta = torch.log(torch.expm1(dt)).view(1, 1, length).repeat(1, 2, 1)   # softplus(delta) = dt
+    g = torch.Generator().manual_seed(0)
+    u, B, C = (torch.randn(1, 2, length, generator=g), torch.randn(1, 2, length, generator=g),
+               torch.randn(1, 2, length, generator=g))
+    A = torch.tensor([[-16.0, -0.5], [-1.0, -8.0]])
+    errors = {}
+    found = {}
+    for backend, dtype in (("triton", torch.float32), ("reference", torch.float64)):
+        xs = [t.to(dtype).clone().requires_grad_() for t in (u, delta, A, B, C)]
+        y, last = selective_scan(*xs, delta_softplus=True, return_last_state=True, backend=backend)
+        (y * torch.linspace(-1, 1, length, dtype=dtype)).sum().add(last.sum()).backward()
+        found[backend] = [y, last] + [x.grad for x in xs]
+    for name, t, r in zip(["y", "last", "du", "ddelta", "dA", "dB", "dC"], found["triton"], found["reference"]):
+        errors[name] = float((t.double() - r).abs().max() / r.abs().max())
+    print(json.dumps(errors))
+''')
+
+
+@pytest.mark.slow
+def test_triton_chunk_summaries_keep_fp32_accuracy_when_dt_varies_widely():
+    """At the default chunk length, a chunk's summary (its end state from a zero start, and the adjoint's
+    counterpart) weights each step's input by its decay over the chunk's other steps; dt that spans 0.01 to 40
+    within a chunk must not cost the output, the last state or the gradients more than fp32 rounding."""
+    pytest.importorskip("triton")
+    env = {**os.environ, "TRITON_INTERPRET": "1", "OMP_NUM_THREADS": "1"}
+    proc = subprocess.run([sys.executable, "-c", SUMMARY_ROUNDING], capture_output=True, text=True, env=env,
+                          timeout=600)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    errors = json.loads(proc.stdout.strip().splitlines()[-1])
+    assert set(errors) == {"y", "last", "du", "ddelta", "dA", "dB", "dC"}
+    # the torch backend's fp32 errors here are 4e-8 to 1.5e-7; (chunk total) - (dt up to a step) as the
+    # summaries' exponents gave 2.7e-4 for the last state
+    assert max(v for k, v in errors.items() if k != "dA") < 2e-6, errors
+    # dA comes from exp(dt A) h_{t-1} taken as h_t - dt u B, whose difference loses digits where a step's decay
+    # is close to 0 (dt A = -640 here); 2.9e-5, as before the summaries changed
+    assert errors["dA"] < 1e-4, errors
+
+
 def test_triton_backend_says_clearly_why_it_cannot_run(monkeypatch):
     import nnunet_logmamba.ssm.triton_kernel as tk
 
@@ -294,8 +344,9 @@ COMPILER = textwrap.dedent('''
 @pytest.mark.slow
 def test_triton_kernels_compile_for_a_gpu_without_one():
     """Both layouts compile to sm_90 machine code here, with and without their optional inputs (the
-    interpreter never compiles: a kernel that only runs there could still fail on a GPU), and the default
-    sizes keep every kernel free of register spills (benchmarks/triton_resources.py measures them)."""
+    interpreter never compiles: a kernel that only runs there could still fail on a GPU), the default
+    sizes keep every kernel free of register spills, and the chunk summaries cost less than a scan of the
+    chunk (benchmarks/triton_resources.py measures them)."""
     pytest.importorskip("triton")
     from pathlib import Path
     benchmarks = Path(__file__).resolve().parents[1] / "benchmarks"
@@ -311,3 +362,8 @@ def test_triton_kernels_compile_for_a_gpu_without_one():
     for r in rows:
         assert r["stack_bytes"] == 0, r          # no spills at these sizes (the GPU sweep's candidates)
         assert 0 < r["registers"] < 255 and r["warps_per_sm"] >= 8, r
+        assert r["instructions"] > r["mufu"] > 0, r   # exponentials at least: the machine code was read
+    work = {r["kernel"]: r["instructions"] for r in rows if r["layout"] == "parallel"}
+    # the chunk summaries are sums over time, not scans: cheaper than the kernels that scan the same chunk
+    assert work["forward summary"] < 0.75 * work["forward output"], work
+    assert work["backward summary"] < 0.75 * work["forward output"] < work["backward gradient"], work

@@ -7,17 +7,20 @@ The recurrence ``h_t = exp(dt_t A) h_{t-1} + dt_t u_t B_t`` is a first-order lin
 computed as an associative scan over pairs ``(decay, input)`` and split into chunks of ``CHUNK``
 steps that run in parallel (a GPU has far more cores than a (batch, channel) grid fills):
 
-* forward: (1) every chunk scans itself from a zero state and writes its end state and total decay;
+* forward: (1) every chunk writes its summary, the map ``h -> decay h + value`` of its steps: ``decay =
+  exp(A sum dt)``, and ``value``, its end state from a zero start, is a sum of its inputs, each decayed by
+  ``exp(A x)`` with ``x`` the dt of the steps after it: a sum over the chunk, not a scan (with ``A < 0`` and
+  ``dt >= 0``, as softplus makes it, every exponent is ``<= 0``);
   (2) one short scan over the chunk summaries gives each chunk's start state (and the last state);
-  (3) every chunk scans again from its start state and writes ``out``. The state lives in registers;
+  (3) every chunk scans its steps from its start state and writes ``out``. The state lives in registers;
   only the per-chunk start states reach global memory (``state / CHUNK`` of a full state tensor) and
   are kept for backward.
 * backward: the adjoint ``lambda_t = exp(dt_{t+1} A) lambda_{t+1} + C_t dy_t`` is the same kind of
   recurrence run backwards; it is scanned from each chunk's end (``reverse=True``), with the same
-  three stages (chunk summaries, carries between chunks, then per chunk the states recomputed from
-  the saved start state and every gradient). Reductions over channels (``dB``, ``dC``) are summed per channel block
-  in registers and over blocks in torch, the ones over batch and time (``dA``, ``dD``,
-  ``d delta_bias``) per chunk in torch: deterministic, no atomics.
+  three stages (chunk summaries, summed the same way as the forward's; carries between chunks; then per
+  chunk the states recomputed from the saved start state and every gradient). Reductions over channels
+  (``dB``, ``dC``) are summed per channel block in registers and over blocks in torch, the ones over batch
+  and time (``dA``, ``dD``, ``d delta_bias``) per chunk in torch: deterministic, no atomics.
 
 That is the ``parallel`` layout (``LAYOUT``, the default). The ``sequential`` layout runs the same per-chunk
 code in one program per (batch x group, channel block) that walks its chunks in order, the state (forward)
@@ -162,25 +165,52 @@ if triton is not None:
         return pid_bg, pid_h, pid_c, batch, chans, mask_d, offs_n, mask_n, t, rows, bc_rows, summary
 
     @triton.jit
-    def _tile_inputs(u_ptr, delta_ptr, a_ptr, b_ptr, bias_ptr, rows, chans, bc_rows, t, mask_d, mask_n,
-                     offs_n, length, state,
-                     HAS_BIAS: tl.constexpr, SOFTPLUS: tl.constexpr):
-        # the scan pairs (decay, input) of one chunk as (channels, state, T) tiles, plus dt, u, B, A
+    def _step_dt(delta_ptr, bias_ptr, rows, chans, t, mask_d, length,
+                 HAS_BIAS: tl.constexpr, SOFTPLUS: tl.constexpr):
+        # dt at steps t (channels, T): delta (+ delta_bias) (through softplus); 0 past the end
         valid = mask_d[:, None] & (t[None, :] < length)
         dt = tl.load(delta_ptr + rows[:, None] + t[None, :], mask=valid, other=0.0).to(tl.float32)
         if HAS_BIAS:
             dt = dt + tl.load(bias_ptr + chans, mask=mask_d, other=0.0).to(tl.float32)[:, None]
         if SOFTPLUS:
             dt = _softplus(dt)
-        dt = tl.where(valid, dt, 0.0)
+        return tl.where(valid, dt, 0.0)
+
+    @triton.jit
+    def _step_inputs(u_ptr, delta_ptr, a_ptr, b_ptr, bias_ptr, rows, chans, bc_rows, t, mask_d, mask_n,
+                     offs_n, length, state,
+                     HAS_BIAS: tl.constexpr, SOFTPLUS: tl.constexpr):
+        # one chunk's dt, u (channels, T), B (state, T) and A (channels, state); zeros past the end
+        valid = mask_d[:, None] & (t[None, :] < length)
+        dt = _step_dt(delta_ptr, bias_ptr, rows, chans, t, mask_d, length, HAS_BIAS, SOFTPLUS)
         u = tl.load(u_ptr + rows[:, None] + t[None, :], mask=valid, other=0.0).to(tl.float32)
         b = tl.load(b_ptr + bc_rows[:, None] + t[None, :], mask=mask_n[:, None] & (t[None, :] < length),
                     other=0.0).to(tl.float32)
         a = tl.load(a_ptr + chans[:, None] * state + offs_n[None, :], mask=mask_d[:, None] & mask_n[None, :],
                     other=0.0).to(tl.float32)
+        return dt, u, b, a
+
+    @triton.jit
+    def _tile_inputs(u_ptr, delta_ptr, a_ptr, b_ptr, bias_ptr, rows, chans, bc_rows, t, mask_d, mask_n,
+                     offs_n, length, state,
+                     HAS_BIAS: tl.constexpr, SOFTPLUS: tl.constexpr):
+        # the scan pairs (decay, input) of one chunk as (channels, state, T) tiles, plus dt, u, B, A
+        dt, u, b, a = _step_inputs(u_ptr, delta_ptr, a_ptr, b_ptr, bias_ptr, rows, chans, bc_rows, t, mask_d,
+                                   mask_n, offs_n, length, state, HAS_BIAS, SOFTPLUS)
         decay = tl.exp(dt[:, None, :] * a[:, :, None])
         drive = (dt * u)[:, None, :] * b[None, :, :]
         return decay, drive, dt, u, b, a
+
+    @triton.jit
+    def _chunk_map(weight_exponent, total_exponent, drive, a):
+        # A chunk's whole map h -> total_decay h + value without scanning it: value = sum_t exp(A x_t) drive_t,
+        # where x_t (channels, T) is the dt summed over the steps that decay step t's input within the chunk,
+        # and total_decay = exp(A x) with x (channels,) the dt of the whole chunk. Exponentials and one sum over
+        # time, in place of a scan of (decay, input) pairs, which needs shuffles between threads at every level.
+        # x_t is summed from those steps' dt alone, never taken as a difference of two running sums: that
+        # would carry the rounding of a large sum into the weight of a step whose x_t is small.
+        weight = tl.exp(weight_exponent[:, None, :] * a[:, :, None])
+        return tl.exp(total_exponent[:, None] * a), tl.sum(weight * drive, axis=2)
 
     @triton.jit
     def _forward_chunk_summary_kernel(u_ptr, delta_ptr, a_ptr, b_ptr, bias_ptr, end_ptr, decay_ptr,
@@ -189,12 +219,16 @@ if triton is not None:
                                       T: tl.constexpr, BLOCK_D: tl.constexpr, BLOCK_N: tl.constexpr):
         pid_bg, pid_h, pid_c, batch, chans, mask_d, offs_n, mask_n, t, rows, bc_rows, summary = _chunk_program(
             dim, length, groups, heads, state, n_chunks, T, BLOCK_D, BLOCK_N)
-        decay, drive, dt, u, b, a = _tile_inputs(u_ptr, delta_ptr, a_ptr, b_ptr, bias_ptr, rows, chans, bc_rows,
-                                                 t, mask_d, mask_n, offs_n, length, state, HAS_BIAS, SOFTPLUS)
-        total_decay, end = tl.associative_scan((decay, drive), 2, _linear_combine)
+        dt, u, b, a = _step_inputs(u_ptr, delta_ptr, a_ptr, b_ptr, bias_ptr, rows, chans, bc_rows, t, mask_d,
+                                   mask_n, offs_n, length, state, HAS_BIAS, SOFTPLUS)
+        # the end state from a zero start: each input decays over the dt of the steps after it in the chunk
+        dt_after = _step_dt(delta_ptr, bias_ptr, rows, chans, t + 1, mask_d, length, HAS_BIAS, SOFTPLUS)
+        dt_after = tl.where((tl.arange(0, T) == T - 1)[None, :], 0.0, dt_after)
+        total_decay, end = _chunk_map(tl.cumsum(dt_after, axis=1, reverse=True), tl.sum(dt, axis=1),
+                                      (dt * u)[:, None, :] * b[None, :, :], a)
         mask_dn = mask_d[:, None] & mask_n[None, :]
-        tl.store(end_ptr + summary, _last_along_time(end, T), mask=mask_dn)
-        tl.store(decay_ptr + summary, _last_along_time(total_decay, T), mask=mask_dn)
+        tl.store(end_ptr + summary, end, mask=mask_dn)
+        tl.store(decay_ptr + summary, total_decay, mask=mask_dn)
 
     @triton.jit
     def _chunk_carry_kernel(decay_ptr, value_ptr, init_ptr, carry_ptr, last_ptr, n_chunks, state,
@@ -293,33 +327,21 @@ if triton is not None:
                        HAS_BIAS: tl.constexpr, SOFTPLUS: tl.constexpr):
         # the adjoint's decays exp(dt_{t+1} A) as a (channels, state, T) tile: 1 at the last step
         # (lambda_{L-1} = C dy + d last) and beyond it
-        nxt = t + 1
-        has_next = mask_d[:, None] & (nxt[None, :] < length)
-        dt_next = tl.load(delta_ptr + rows[:, None] + nxt[None, :], mask=has_next, other=0.0).to(tl.float32)
-        if HAS_BIAS:
-            dt_next = dt_next + tl.load(bias_ptr + chans, mask=mask_d, other=0.0).to(tl.float32)[:, None]
-        if SOFTPLUS:
-            dt_next = _softplus(dt_next)
-        dt_next = tl.where(has_next, dt_next, 0.0)
+        dt_next = _step_dt(delta_ptr, bias_ptr, rows, chans, t + 1, mask_d, length, HAS_BIAS, SOFTPLUS)
         return tl.exp(dt_next[:, None, :] * a[:, :, None])
 
     @triton.jit
-    def _adjoint_inputs(delta_ptr, a_ptr, c_ptr, z_ptr, bias_ptr, dout_ptr, rows, chans, bc_rows, t, mask_d,
-                        mask_n, offs_n, length, state,
-                        HAS_Z: tl.constexpr, HAS_BIAS: tl.constexpr, SOFTPLUS: tl.constexpr):
-        # The adjoint pairs (exp(dt_{t+1} A), C_t dy_t) of a chunk's steps t, identity pairs past the end.
+    def _adjoint_drive(c_ptr, z_ptr, dout_ptr, rows, bc_rows, t, mask_d, mask_n, length, HAS_Z: tl.constexpr):
+        # the adjoint's inputs C_t dy_t (channels, state, T), dy the gradient reaching the scan's output
         valid_t = t < length
         valid = mask_d[:, None] & valid_t[None, :]
-        a = tl.load(a_ptr + chans[:, None] * state + offs_n[None, :], mask=mask_d[:, None] & mask_n[None, :],
-                    other=0.0).to(tl.float32)
-        decay = _adjoint_decay(delta_ptr, bias_ptr, a, rows, chans, t, mask_d, length, HAS_BIAS, SOFTPLUS)
         dy = tl.load(dout_ptr + rows[:, None] + t[None, :], mask=valid, other=0.0).to(tl.float32)
         if HAS_Z:
             z = tl.load(z_ptr + rows[:, None] + t[None, :], mask=valid, other=0.0).to(tl.float32)
             dy = dy * z * tl.sigmoid(z)
         c = tl.load(c_ptr + bc_rows[:, None] + t[None, :], mask=mask_n[:, None] & valid_t[None, :],
                     other=0.0).to(tl.float32)
-        return decay, dy[:, None, :] * c[None, :, :]
+        return dy[:, None, :] * c[None, :, :]
 
     @triton.jit
     def _backward_chunk_summary_kernel(delta_ptr, a_ptr, c_ptr, z_ptr, bias_ptr, dout_ptr, end_ptr, decay_ptr,
@@ -328,13 +350,20 @@ if triton is not None:
                                        T: tl.constexpr, BLOCK_D: tl.constexpr, BLOCK_N: tl.constexpr):
         pid_bg, pid_h, pid_c, batch, chans, mask_d, offs_n, mask_n, t, rows, bc_rows, summary = _chunk_program(
             dim, length, groups, heads, state, n_chunks, T, BLOCK_D, BLOCK_N)
-        decay, drive = _adjoint_inputs(delta_ptr, a_ptr, c_ptr, z_ptr, bias_ptr, dout_ptr, rows, chans, bc_rows,
-                                       t, mask_d, mask_n, offs_n, length, state, HAS_Z, HAS_BIAS, SOFTPLUS)
-        # scanned from the chunk's end to its start: the first step holds the whole chunk's map
-        total_decay, lam = tl.associative_scan((decay, drive), 2, _linear_combine, reverse=True)
+        a = tl.load(a_ptr + chans[:, None] * state + offs_n[None, :], mask=mask_d[:, None] & mask_n[None, :],
+                    other=0.0).to(tl.float32)
+        # the adjoint at the chunk's first step from a zero adjoint entering at its end: step t's input decays
+        # over the dt of the chunk's steps from its second one to t (the adjoint runs backwards in time), the
+        # whole chunk's map over those and the first step of the next chunk
+        dt_later = _step_dt(delta_ptr, bias_ptr, rows, chans, t, mask_d, length, HAS_BIAS, SOFTPLUS)
+        dt_later = tl.where((tl.arange(0, T) == 0)[None, :], 0.0, dt_later)
+        dt_next = _step_dt(delta_ptr, bias_ptr, rows, chans, t + 1, mask_d, length, HAS_BIAS, SOFTPLUS)
+        total_decay, first = _chunk_map(tl.cumsum(dt_later, axis=1), tl.sum(dt_next, axis=1),
+                                        _adjoint_drive(c_ptr, z_ptr, dout_ptr, rows, bc_rows, t, mask_d, mask_n,
+                                                       length, HAS_Z), a)
         mask_dn = mask_d[:, None] & mask_n[None, :]
-        tl.store(end_ptr + summary, _first_along_time(lam, T), mask=mask_dn)
-        tl.store(decay_ptr + summary, _first_along_time(total_decay, T), mask=mask_dn)
+        tl.store(end_ptr + summary, first, mask=mask_dn)
+        tl.store(decay_ptr + summary, total_decay, mask=mask_dn)
 
     @triton.jit
     def _chunk_gradients(u_ptr, delta_ptr, a_ptr, b_ptr, c_ptr, d_ptr, z_ptr, bias_ptr, dout_ptr, h0, lam_end,
