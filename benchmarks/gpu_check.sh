@@ -1,11 +1,13 @@
 #!/usr/bin/env bash
-# Everything that needs a GPU, for a machine with one, most urgent first. The scan part (~8 min, each step
-# under its own timeout): Triton parity on the device (both kernel layouts), the scan benchmark (torch /
-# triton / mamba_ssm when installed), a sweep of the Triton sizes at 16k steps, a kernel-by-kernel profile,
-# the other CUDA tests. With HIPPOCAMPUS=1 and the plans of `python benchmarks/eval_hippocampus.py
-# --prepare-only`: a LoG-VMamba training step per backend with AMP and the hippocampus 1000-step pairs (up to
-# 17 min more). Writes under ${OUT:-/tmp/gpu_check}.   bash benchmarks/gpu_check.sh   (from the repository
-# root, after the README's install)
+# Everything that needs a GPU, for a machine with one, in parts that each fit one 10-minute device call, the
+# most urgent first (each step under its own timeout):
+#   bash benchmarks/gpu_check.sh scan      (default, ~7 min) Triton parity on the device (both kernel layouts),
+#       the scan benchmark (torch / triton / mamba_ssm when installed), a sweep of the Triton sizes at 16k steps
+#   bash benchmarks/gpu_check.sh profile   (~4 min) a kernel-by-kernel profile, the other CUDA tests
+#   bash benchmarks/gpu_check.sh hippocampus   (~17 min, needs the plans of `python benchmarks/eval_hippocampus.py
+#       --prepare-only`) a LoG-VMamba training step per backend with AMP and the hippocampus 1000-step pairs
+# (HIPPOCAMPUS=1 also runs that part after the others.) Writes under ${OUT:-/tmp/gpu_check}; from the repository
+# root, after the README's install (PYTHON=python where the device's own Python has torch).
 set -uo pipefail
 cd "$(dirname "$0")/.."
 out="${OUT:-/tmp/gpu_check}"
@@ -13,27 +15,38 @@ mkdir -p "$out"
 py=${PYTHON:-.venv/bin/python}
 work=${HIPPOCAMPUS_WORK:-/tmp/nnunet_logmamba_hippocampus}
 pre=$work/nnUNet_preprocessed/Dataset004_Hippocampus
+part=${1:-scan}
+case "$part" in scan|profile|hippocampus|all) ;; *) echo "unknown part '$part': scan, profile, hippocampus or all" >&2
+  exit 2 ;; esac
 nvidia-smi > "$out/nvidia-smi.txt" 2>&1
 $py -m nnunet_logmamba doctor > "$out/doctor.txt" 2>&1
-# the Triton kernels against the torch backend on the device, both layouts (the sequential one compiles here
-# for the first time)
-timeout 150 $py -m pytest -p no:cacheprovider -q -m cuda tests/test_selective_scan_triton.py \
-    > "$out/cuda_tests_triton.txt" 2>&1
-# the issue's comparison (the reference loop takes seconds per repeat on a GPU: left out)
-timeout 120 $py benchmarks/bench_scan.py --device cuda --lengths 4096 16384 --long 65536 --repeats 10 \
-    --backends torch triton mamba_ssm > "$out/bench_scan_cuda.txt" 2>&1
-# Triton sizes and layouts at 16k steps: the candidates of benchmarks/results/triton_resources.md
-timeout 170 $py benchmarks/bench_scan.py --device cuda --lengths 16384 --long 0 --repeats 10 \
-    --backends triton mamba_ssm \
-    --triton-tiles 32x4096 16x4096 32x1024x8 64x4096x16 32x2048x8 seq64x1024x8 seq128x2048x16 \
-    > "$out/bench_scan_sweep_cuda.txt" 2>&1
-# where a step's time goes (kernels against host work), kernel by kernel
-timeout 90 $py benchmarks/profile_scan.py --device cuda --length 16384 \
-    --backends triton "triton[32x1024x8]" "triton[seq64x1024x8]" mamba_ssm > "$out/profile_scan_cuda.txt" 2>&1
-# the other CUDA tests (AMP training steps, batched blocks)
-timeout 150 $py -m pytest -p no:cacheprovider -q -m cuda tests --ignore=tests/test_selective_scan_triton.py \
-    > "$out/cuda_tests.txt" 2>&1
-if [ "${HIPPOCAMPUS:-0}" = 1 ] && [ -f "$pre/nnUNetPlans.json" ]; then
+if [ "$part" = scan ] || [ "$part" = all ]; then
+  # the Triton kernels against the torch backend on the device, both layouts (the sequential one compiles here
+  # for the first time)
+  timeout 150 $py -m pytest -p no:cacheprovider -q -m cuda tests/test_selective_scan_triton.py \
+      > "$out/cuda_tests_triton.txt" 2>&1
+  # the issue's comparison (the reference loop takes seconds per repeat on a GPU: left out)
+  timeout 120 $py benchmarks/bench_scan.py --device cuda --lengths 4096 16384 --long 65536 --repeats 10 \
+      --backends torch triton mamba_ssm > "$out/bench_scan_cuda.txt" 2>&1
+  # Triton sizes and layouts at 16k steps: the candidates of benchmarks/results/triton_resources.md
+  timeout 170 $py benchmarks/bench_scan.py --device cuda --lengths 16384 --long 0 --repeats 10 \
+      --backends triton mamba_ssm \
+      --triton-tiles 32x4096 16x4096 32x1024x8 64x4096x16 32x2048x8 seq64x1024x8 seq128x2048x16 \
+      > "$out/bench_scan_sweep_cuda.txt" 2>&1
+fi
+if [ "$part" = profile ] || [ "$part" = all ]; then
+  # where a step's time goes (kernels against host work), kernel by kernel
+  timeout 90 $py benchmarks/profile_scan.py --device cuda --length 16384 \
+      --backends triton "triton[32x1024x8]" "triton[seq64x1024x8]" mamba_ssm > "$out/profile_scan_cuda.txt" 2>&1
+  # the other CUDA tests (AMP training steps, batched blocks)
+  timeout 150 $py -m pytest -p no:cacheprovider -q -m cuda tests --ignore=tests/test_selective_scan_triton.py \
+      > "$out/cuda_tests.txt" 2>&1
+fi
+if [ "$part" = hippocampus ] || [ "${HIPPOCAMPUS:-0}" = 1 ]; then
+  if [ ! -f "$pre/nnUNetPlans.json" ]; then
+    echo "no hippocampus plans at $pre: run python benchmarks/eval_hippocampus.py --prepare-only first" >&2
+    exit 2
+  fi
   for backend in triton torch mamba_ssm; do
     BIOIMAGE_MAMBA_SCAN_BACKEND=$backend timeout 60 $py benchmarks/bench_network.py --device cuda --steps 5 --amp \
         -c 3d_fullres --plans "$pre/nnUNetPlans.json" --dataset-json "$pre/dataset.json" \
