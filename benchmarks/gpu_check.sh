@@ -29,9 +29,9 @@ if [ "$part" = scan ] || [ "$part" = all ]; then
   timeout 120 $py benchmarks/bench_scan.py --device cuda --lengths 4096 16384 --long 65536 --repeats 10 \
       --backends torch triton mamba_ssm > "$out/bench_scan_cuda.txt" 2>&1
   # Triton sizes and layouts at 16k steps: the candidates of benchmarks/results/triton_resources.md
-  timeout 170 $py benchmarks/bench_scan.py --device cuda --lengths 16384 --long 0 --repeats 10 \
+  timeout 200 $py benchmarks/bench_scan.py --device cuda --lengths 16384 --long 0 --repeats 10 \
       --backends triton mamba_ssm \
-      --triton-tiles 32x4096 16x4096 32x1024x8 64x4096x16 32x2048x8 seq64x1024x8 seq128x2048x16 \
+      --triton-tiles 32x4096 16x4096 32x1024x8 64x4096x16 32x2048x8 seq64x1024 seq64x1024x8 seq128x2048x16 \
       > "$out/bench_scan_sweep_cuda.txt" 2>&1
 fi
 if [ "$part" = profile ] || [ "$part" = all ]; then

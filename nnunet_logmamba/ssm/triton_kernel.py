@@ -26,7 +26,8 @@ That is the ``parallel`` layout (``LAYOUT``, the default). The ``sequential`` la
 code in one program per (batch x group, channel block) that walks its chunks in order, the state (forward)
 or adjoint state (backward) carried in registers from chunk to chunk, as mamba-ssm's kernel does: one launch
 each way and no chunk summaries, but only as many programs as channel blocks (it narrows the blocks, down
-to one channel, to fill the GPU). Its ``dB``/``dC`` partial sums are per channel block like the parallel
+to one channel, to fill the GPU); its loop over chunks is software-pipelined, the next chunk's loads in flight
+while this one is computed. Its ``dB``/``dC`` partial sums are per channel block like the parallel
 layout's, so at one channel per program they take ``state`` times the memory of ``u`` (2 x 134 MB at batch 2, 64
 channels, state 16, 16k steps; the parallel layout's 4-channel blocks a quarter of that). Both layouts pass the
 interpreter tests; the sequential one has not run on a GPU yet, and which is faster where is to be measured there.
@@ -313,7 +314,10 @@ if triton is not None:
             pid_bg, pid_h, dim, length, groups, heads, state, BLOCK_D, BLOCK_N)
         mask_dn = mask_d[:, None] & mask_n[None, :]
         h = tl.zeros([BLOCK_D, BLOCK_N], dtype=tl.float32)
-        for pid_c in range(0, n_chunks):
+        # Software-pipelined (num_stages=2): the next chunk's loads are in flight while this one is scanned.
+        # A plain range leaves every iteration waiting on its own loads, and with one program per channel
+        # block (128 at batch 2 x 64 channels, about one per multiprocessor) no other program hides that wait.
+        for pid_c in tl.range(0, n_chunks, num_stages=2):
             t, summary = _chunk_steps(pid_c, batch, chans, offs_n, dim, state, n_chunks, T)
             tl.store(start_ptr + summary, h, mask=mask_dn)
             h = _chunk_output(u_ptr, delta_ptr, a_ptr, b_ptr, c_ptr, d_ptr, z_ptr, bias_ptr, out_ptr, h,
@@ -488,7 +492,7 @@ if triton is not None:
         sum_a = tl.zeros([BLOCK_D, BLOCK_N], dtype=tl.float32)
         sum_d = tl.zeros([BLOCK_D], dtype=tl.float32)
         sum_bias = tl.zeros([BLOCK_D], dtype=tl.float32)
-        for i in range(0, n_chunks):
+        for i in tl.range(0, n_chunks, num_stages=2):    # pipelined, as in the forward
             pid_c = n_chunks - 1 - i
             t, summary = _chunk_steps(pid_c, batch, chans, offs_n, dim, state, n_chunks, T)
             h0 = tl.load(start_ptr + summary, mask=mask_dn, other=0.0)
@@ -504,26 +508,36 @@ if triton is not None:
                               chans, mask_d, offs_n, mask_n, dim, state, HAS_D, HAS_BIAS)
 
 
+def _next_power_of_2(n: int) -> int:
+    # plain integers: triton.next_power_of_2 and triton.cdiv are constexpr-function wrappers (in Triton 3.9), whose
+    # host calls cost about 1 us each; ten per scan
+    return 1 << max(0, n - 1).bit_length()
+
+
+def _cdiv(a: int, b: int) -> int:
+    return -(-a // b)
+
+
 def _launch_shape(batch: int, dim: int, groups: int, state: int, length: int, layout: str) -> dict:
     """Tile sizes: channels per program, padded state, chunk length (powers of two within ``TILE``), and the
     layout (``layout``, or sequential where the parallel one would launch more chunks than a grid holds)."""
     if layout not in ("parallel", "sequential"):
         raise ValueError(f"unknown Triton scan layout {layout!r}; use 'parallel' or 'sequential'")
     heads = dim // groups
-    block_n = triton.next_power_of_2(state)
+    block_n = _next_power_of_2(state)
     if layout == "parallel":
-        chunk = max(2, min(CHUNK, TILE // block_n, triton.next_power_of_2(length)))
-        block_d = max(1, min(triton.next_power_of_2(heads), TILE // (block_n * chunk)))
+        chunk = max(2, min(CHUNK, TILE // block_n, _next_power_of_2(length)))
+        block_d = max(1, min(_next_power_of_2(heads), TILE // (block_n * chunk)))
     else:  # programs are (batch x group, channel block) only: narrow blocks keep the GPU busy
-        block_d = max(1, min(triton.next_power_of_2(heads), TILE // (2 * block_n)))
-        while block_d > 1 and batch * groups * triton.cdiv(heads, block_d) < SEQUENTIAL_PROGRAMS:
+        block_d = max(1, min(_next_power_of_2(heads), TILE // (2 * block_n)))
+        while block_d > 1 and batch * groups * _cdiv(heads, block_d) < SEQUENTIAL_PROGRAMS:
             block_d //= 2
-        chunk = max(2, min(SEQUENTIAL_CHUNK, TILE // (block_n * block_d), triton.next_power_of_2(length)))
-    if layout == "parallel" and triton.cdiv(length, chunk) > MAX_GRID_CHUNKS:
+        chunk = max(2, min(SEQUENTIAL_CHUNK, TILE // (block_n * block_d), _next_power_of_2(length)))
+    if layout == "parallel" and _cdiv(length, chunk) > MAX_GRID_CHUNKS:
         return _launch_shape(batch, dim, groups, state, length, "sequential")
     warps = WARPS or (4 if block_d * block_n * chunk <= 2048 else 8)
     return dict(heads=heads, block_d=block_d, block_n=block_n, chunk=chunk, warps=warps, layout=layout,
-                n_blocks=triton.cdiv(heads, block_d), n_chunks=triton.cdiv(length, chunk))
+                n_blocks=_cdiv(heads, block_d), n_chunks=_cdiv(length, chunk))
 
 
 def _carry(decay, value, init, reverse: bool, block_n: int):
@@ -532,7 +546,7 @@ def _carry(decay, value, init, reverse: bool, block_n: int):
     batch, dim, n_chunks, state = decay.shape
     carry = torch.empty_like(decay)
     last = carry if reverse else decay.new_empty(batch, dim, state)  # reverse never writes it
-    cb = max(2, min(CARRY_BLOCK, triton.next_power_of_2(n_chunks)))
+    cb = max(2, min(CARRY_BLOCK, _next_power_of_2(n_chunks)))
     _chunk_carry_kernel[(batch * dim,)](decay, value, init if init is not None else decay, carry, last,
                                         n_chunks, state, REVERSE=reverse, HAS_INIT=init is not None,
                                         CB=cb, BLOCK_N=block_n)
