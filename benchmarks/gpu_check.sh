@@ -1,13 +1,17 @@
 #!/usr/bin/env bash
-# Everything that needs a GPU, for a machine with one, in parts that each fit one 10-minute device call, the
-# most urgent first (each step under its own timeout):
+# Everything that needs a GPU, for a machine with one, in parts, the most urgent first (each step under its own
+# timeout):
 #   bash benchmarks/gpu_check.sh scan      (default, ~7 min) Triton parity on the device (both kernel layouts),
 #       the scan benchmark (torch / triton / mamba_ssm when installed), a sweep of the Triton sizes at 16k steps
-#   bash benchmarks/gpu_check.sh profile   (~4 min) a kernel-by-kernel profile, the other CUDA tests
-#   bash benchmarks/gpu_check.sh hippocampus   (~17 min, needs the plans of `python benchmarks/eval_hippocampus.py
-#       --prepare-only`) a LoG-VMamba training step per backend with AMP and the hippocampus 1000-step pairs
-# (HIPPOCAMPUS=1 also runs that part after the others.) Writes under ${OUT:-/tmp/gpu_check}; from the repository
-# root, after the README's install (PYTHON=python where the device's own Python has torch).
+#   bash benchmarks/gpu_check.sh profile   (~7 min) a kernel-by-kernel profile, the other CUDA tests, and, where
+#       the plans of `python benchmarks/eval_hippocampus.py --prepare-only` exist, a LoG-VMamba training step per
+#       scan backend with AMP
+#   bash benchmarks/gpu_check.sh all       scan, then profile (~14 min)
+#   bash benchmarks/gpu_check.sh hippocampus   (~14 min, needs those plans) the hippocampus 1000-step pairs
+# scan and profile each fit one 10-minute device call; hippocampus does not: start it in the background
+# (`nohup bash benchmarks/gpu_check.sh hippocampus &`) and collect its output in a later call. Writes under
+# ${OUT:-/tmp/gpu_check}; from the repository root, after the README's install (PYTHON=python where the device's
+# own Python has torch).
 set -uo pipefail
 cd "$(dirname "$0")/.."
 out="${OUT:-/tmp/gpu_check}"
@@ -16,13 +20,19 @@ py=${PYTHON:-.venv/bin/python}
 work=${HIPPOCAMPUS_WORK:-/tmp/nnunet_logmamba_hippocampus}
 pre=$work/nnUNet_preprocessed/Dataset004_Hippocampus
 part=${1:-scan}
-case "$part" in scan|profile|hippocampus|all) ;; *) echo "unknown part '$part': scan, profile, hippocampus or all" >&2
-  exit 2 ;; esac
+case "$part" in
+  scan|profile|all) ;;
+  hippocampus)
+    if [ ! -f "$pre/nnUNetPlans.json" ]; then
+      echo "no hippocampus plans at $pre: run python benchmarks/eval_hippocampus.py --prepare-only first" >&2
+      exit 2
+    fi ;;
+  *) echo "unknown part '$part': scan, profile, all or hippocampus" >&2; exit 2 ;;
+esac
 nvidia-smi > "$out/nvidia-smi.txt" 2>&1
 $py -m nnunet_logmamba doctor > "$out/doctor.txt" 2>&1
 if [ "$part" = scan ] || [ "$part" = all ]; then
-  # the Triton kernels against the torch backend on the device, both layouts (the sequential one compiles here
-  # for the first time)
+  # the Triton kernels against the torch backend on the device, both layouts
   timeout 150 $py -m pytest -p no:cacheprovider -q -m cuda tests/test_selective_scan_triton.py \
       > "$out/cuda_tests_triton.txt" 2>&1
   # the issue's comparison (the reference loop takes seconds per repeat on a GPU: left out)
@@ -35,23 +45,22 @@ if [ "$part" = scan ] || [ "$part" = all ]; then
       > "$out/bench_scan_sweep_cuda.txt" 2>&1
 fi
 if [ "$part" = profile ] || [ "$part" = all ]; then
-  # where a step's time goes (kernels against host work), kernel by kernel
+  # where a step's time goes (kernels against host work), kernel by kernel: the default and the candidates
+  # with the fewest instructions per layout (triton_resources.md)
   timeout 90 $py benchmarks/profile_scan.py --device cuda --length 16384 \
-      --backends triton "triton[32x1024x8]" "triton[seq64x1024x8]" mamba_ssm > "$out/profile_scan_cuda.txt" 2>&1
+      --backends triton "triton[16x4096]" "triton[seq64x1024]" mamba_ssm > "$out/profile_scan_cuda.txt" 2>&1
   # the other CUDA tests (AMP training steps, batched blocks)
   timeout 150 $py -m pytest -p no:cacheprovider -q -m cuda tests --ignore=tests/test_selective_scan_triton.py \
       > "$out/cuda_tests.txt" 2>&1
-fi
-if [ "$part" = hippocampus ] || [ "${HIPPOCAMPUS:-0}" = 1 ]; then
-  if [ ! -f "$pre/nnUNetPlans.json" ]; then
-    echo "no hippocampus plans at $pre: run python benchmarks/eval_hippocampus.py --prepare-only first" >&2
-    exit 2
+  if [ -f "$pre/nnUNetPlans.json" ]; then
+    for backend in triton torch mamba_ssm; do
+      BIOIMAGE_MAMBA_SCAN_BACKEND=$backend timeout 60 $py benchmarks/bench_network.py --device cuda --steps 5 \
+          --amp -c 3d_fullres --plans "$pre/nnUNetPlans.json" --dataset-json "$pre/dataset.json" \
+          --json "$out/bench_network_cuda_$backend.json" > "$out/bench_network_cuda_$backend.txt" 2>&1
+    done
   fi
-  for backend in triton torch mamba_ssm; do
-    BIOIMAGE_MAMBA_SCAN_BACKEND=$backend timeout 60 $py benchmarks/bench_network.py --device cuda --steps 5 --amp \
-        -c 3d_fullres --plans "$pre/nnUNetPlans.json" --dataset-json "$pre/dataset.json" \
-        --json "$out/bench_network_cuda_$backend.json" > "$out/bench_network_cuda_$backend.txt" 2>&1
-  done
+fi
+if [ "$part" = hippocampus ]; then
   # the 1000-step pairs of benchmarks/results/hippocampus_gpu.md (AMP, 2 augmentation workers per training), in
   # their own work folder (prepared there), so that no CPU checkpoint of the same trainers is continued
   timeout 840 $py benchmarks/eval_hippocampus.py --work "${work}_cuda" --device cuda --folds 0 1 --parallel 4 \

