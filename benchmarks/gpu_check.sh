@@ -3,9 +3,9 @@
 # timeout):
 #   bash benchmarks/gpu_check.sh scan      (default, ~7 min) Triton parity on the device (both kernel layouts),
 #       the scan benchmark (torch / triton / mamba_ssm when installed), a sweep of the Triton sizes at 16k steps
-#   bash benchmarks/gpu_check.sh profile   (~7 min) a kernel-by-kernel profile, the other CUDA tests, and, where
-#       the plans of `python benchmarks/eval_hippocampus.py --prepare-only` exist, a LoG-VMamba training step per
-#       scan backend with AMP
+#   bash benchmarks/gpu_check.sh profile   (~8 min) a kernel-by-kernel profile, the other CUDA tests, a VEMamba
+#       and, where the plans of `python benchmarks/eval_hippocampus.py --prepare-only` exist, a LoG-VMamba training
+#       step per scan backend with AMP, and LoG-VMamba against the plain network
 #   bash benchmarks/gpu_check.sh all       scan, then profile (~14 min)
 #   bash benchmarks/gpu_check.sh hippocampus   (~14 min, needs those plans) the hippocampus 1000-step pairs
 # scan and profile each fit one 10-minute device call; hippocampus does not: start it in the background
@@ -52,12 +52,14 @@ if [ "$part" = profile ] || [ "$part" = all ]; then
   # the other CUDA tests (AMP training steps, batched blocks)
   timeout 150 $py -m pytest -p no:cacheprovider -q -m cuda tests --ignore=tests/test_selective_scan_triton.py \
       > "$out/cuda_tests.txt" 2>&1
-  if [ -f "$pre/nnUNetPlans.json" ]; then
-    for backend in triton torch mamba_ssm; do
-      BIOIMAGE_MAMBA_SCAN_BACKEND=$backend timeout 60 $py benchmarks/bench_network.py --device cuda --steps 5 \
-          --amp -c 3d_fullres --plans "$pre/nnUNetPlans.json" --dataset-json "$pre/dataset.json" \
-          --json "$out/bench_network_cuda_$backend.json" > "$out/bench_network_cuda_$backend.txt" 2>&1
-    done
+  # a VEMamba and (with the hippocampus plans) a LoG-VMamba training step per scan backend, AMP
+  timeout 150 $py benchmarks/bench_training_step.py --device cuda --amp --plans "$pre/nnUNetPlans.json" \
+      --dataset-json "$pre/dataset.json" --json "$out/bench_training_step_cuda.json" \
+      > "$out/bench_training_step_cuda.txt" 2>&1
+  if [ -f "$pre/nnUNetPlans.json" ]; then  # LoG-VMamba against the plain network of the same plans, auto backend
+    timeout 60 $py benchmarks/bench_network.py --device cuda --steps 5 --amp -c 3d_fullres \
+        --plans "$pre/nnUNetPlans.json" --dataset-json "$pre/dataset.json" \
+        --json "$out/bench_network_cuda.json" > "$out/bench_network_cuda.txt" 2>&1
   fi
 fi
 if [ "$part" = hippocampus ]; then

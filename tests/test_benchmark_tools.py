@@ -76,3 +76,24 @@ def test_triton_sizes_and_layout_from_the_tuning_string(monkeypatch):
     for bad in ("seq256", "64x4096x8x2", "64xlots"):
         with pytest.raises(ValueError, match=r"\[seq\]CHUNKxTILE\[xWARPS\]"):
             bench_scan.configure_triton(bad)
+
+
+def test_training_step_benchmark_times_each_backend_in_its_own_process(tmp_path):
+    """bench_training_step.py runs the shipped VEMamba model's training step once per scan backend (CPU here, one
+    patch), writes the rows it prints, skips LoG-VMamba with the reason when no plans exist, and refuses a
+    backend the device does not have."""
+    out = tmp_path / "steps.json"
+    cmd = [sys.executable, str(BENCHMARKS / "bench_training_step.py"), "--device", "cpu", "--backends", "torch",
+           "reference", "--batch-size", "1", "--steps", "1", "--threads", "1", "--plans", str(tmp_path / "none.json"),
+           "--json", str(out)]
+    done = subprocess.run(cmd, capture_output=True, text=True, timeout=600)
+    assert done.returncode == 0, done.stderr[-2000:]
+    assert "logvmamba skipped: no plans at" in done.stdout
+    import json
+    rows = json.loads(out.read_text())
+    assert [(r["network"], r["backend"]) for r in rows] == [("vemamba", "torch"), ("vemamba", "reference")]
+    for r in rows:
+        assert r["finite"] and r["seconds"] > 0 and r["batch"] == 1 and r["patch"] == [8, 32, 32]
+    assert re.search(r"vemamba\s+reference\s+1\s+8x32x32\s+[\d.]+\s+-\s+[\d.]+x\s+True", done.stdout), done.stdout
+    bad = subprocess.run(cmd[:5] + ["mamba_ssm"], capture_output=True, text=True, timeout=120)
+    assert bad.returncode != 0 and "not available on cpu" in bad.stderr
