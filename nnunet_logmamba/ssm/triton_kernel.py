@@ -222,12 +222,15 @@ if triton is not None:
                                       T: tl.constexpr, BLOCK_D: tl.constexpr, BLOCK_N: tl.constexpr):
         pid_bg, pid_h, pid_c, batch, chans, mask_d, offs_n, mask_n, t, rows, bc_rows, summary = _chunk_program(
             dim, length, groups, heads, state, n_chunks, T, BLOCK_D, BLOCK_N)
-        dt, u, b, a = _step_inputs(u_ptr, delta_ptr, a_ptr, b_ptr, bias_ptr, rows, chans, bc_rows, t, mask_d,
+        # the end state from a zero start: each input decays over the dt of the steps after it in the chunk. The
+        # steps are taken last first, so that a forward cumsum gives those suffix sums (Triton's reverse scans
+        # have had wrong results on GPUs, triton-lang/triton#4362); the order of a sum does not matter.
+        steps = pid_c * T + (T - 1 - tl.arange(0, T))
+        dt, u, b, a = _step_inputs(u_ptr, delta_ptr, a_ptr, b_ptr, bias_ptr, rows, chans, bc_rows, steps, mask_d,
                                    mask_n, offs_n, length, state, HAS_BIAS, SOFTPLUS)
-        # the end state from a zero start: each input decays over the dt of the steps after it in the chunk
-        dt_after = _step_dt(delta_ptr, bias_ptr, rows, chans, t + 1, mask_d, length, HAS_BIAS, SOFTPLUS)
-        dt_after = tl.where((tl.arange(0, T) == T - 1)[None, :], 0.0, dt_after)
-        total_decay, end = _chunk_map(tl.cumsum(dt_after, axis=1, reverse=True), tl.sum(dt, axis=1),
+        dt_after = _step_dt(delta_ptr, bias_ptr, rows, chans, steps + 1, mask_d, length, HAS_BIAS, SOFTPLUS)
+        dt_after = tl.where((tl.arange(0, T) == 0)[None, :], 0.0, dt_after)     # the chunk's last step
+        total_decay, end = _chunk_map(tl.cumsum(dt_after, axis=1), tl.sum(dt, axis=1),
                                       (dt * u)[:, None, :] * b[None, :, :], a)
         mask_dn = mask_d[:, None] & mask_n[None, :]
         tl.store(end_ptr + summary, end, mask=mask_dn)
