@@ -138,6 +138,14 @@ def bench_configuration(plans, dataset_json, configuration, trainer_name, device
                        "peak_memory": mem["ours"] / max(mem["plain"], 1e-9)}}
 
 
+def write_json(results, path: str) -> None:
+    """``results`` as indented JSON at ``path``, written under a temporary name first (no partial file)."""
+    tmp = path + ".tmp"
+    with open(tmp, "w") as f:
+        json.dump(results, f, indent=1)
+    os.replace(tmp, path)
+
+
 def main(argv=None):
     parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     parser.add_argument("--plans", default=os.path.join(DEFAULT_PRE, "nnUNetPlans.json"))
@@ -178,10 +186,7 @@ def main(argv=None):
               f" ratio {r['ratios']['peak_memory']:.3f}  (issue 10: <= 1.5)")
         print(f"  loss finite plain {r['loss_finite']['plain']}   ours {r['loss_finite']['ours']}")
     if args.json:
-        tmp = args.json + ".tmp"
-        with open(tmp, "w") as f:
-            json.dump(results, f, indent=1)
-        os.replace(tmp, args.json)
+        write_json(results, args.json)
     return results
 
 

@@ -178,10 +178,8 @@ def main(argv=None) -> list[dict]:
                   f"{speed:>9} {str(r['finite']):>6}", flush=True)
             results.append(r)
     if args.json:
-        tmp = args.json + ".tmp"
-        with open(tmp, "w") as f:
-            json.dump(results, f, indent=1)
-        os.replace(tmp, args.json)
+        from bench_network import write_json
+        write_json(results, args.json)
     return results
 
 
