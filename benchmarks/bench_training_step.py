@@ -43,8 +43,7 @@ def vemamba_step(device, batch_size: int, amp: bool):
     g = torch.Generator().manual_seed(0)
     x = torch.rand(batch_size, 1, axial, lateral, lateral, generator=g).to(device)
     target = torch.rand(batch_size, 1, axial * factor, lateral, lateral, generator=g).to(device)
-    trained = [p for n, p in network.named_parameters() if not n.startswith("degradation_encoder.")]
-    optimizer = torch.optim.Adam(trained, lr=1e-4)
+    optimizer = torch.optim.Adam([p for _, p in network.reconstruction_parameters()], lr=1e-4)
     scaler = torch.amp.GradScaler(device.type, enabled=amp)
 
     def step():

@@ -179,6 +179,12 @@ if triton is not None:
         return tl.where(valid, dt, 0.0)
 
     @triton.jit
+    def _load_a(a_ptr, chans, mask_d, offs_n, mask_n, state):
+        # A of the program's channels (channels, state) in fp32; 0 at masked channels and padded states
+        return tl.load(a_ptr + chans[:, None] * state + offs_n[None, :], mask=mask_d[:, None] & mask_n[None, :],
+                       other=0.0).to(tl.float32)
+
+    @triton.jit
     def _step_inputs(u_ptr, delta_ptr, a_ptr, b_ptr, bias_ptr, rows, chans, bc_rows, t, mask_d, mask_n,
                      offs_n, length, state,
                      HAS_BIAS: tl.constexpr, SOFTPLUS: tl.constexpr):
@@ -188,8 +194,7 @@ if triton is not None:
         u = tl.load(u_ptr + rows[:, None] + t[None, :], mask=valid, other=0.0).to(tl.float32)
         b = tl.load(b_ptr + bc_rows[:, None] + t[None, :], mask=mask_n[:, None] & (t[None, :] < length),
                     other=0.0).to(tl.float32)
-        a = tl.load(a_ptr + chans[:, None] * state + offs_n[None, :], mask=mask_d[:, None] & mask_n[None, :],
-                    other=0.0).to(tl.float32)
+        a = _load_a(a_ptr, chans, mask_d, offs_n, mask_n, state)
         return dt, u, b, a
 
     @triton.jit
@@ -359,8 +364,7 @@ if triton is not None:
                                        T: tl.constexpr, BLOCK_D: tl.constexpr, BLOCK_N: tl.constexpr):
         pid_bg, pid_h, pid_c, batch, chans, mask_d, offs_n, mask_n, t, rows, bc_rows, summary = _chunk_program(
             dim, length, groups, heads, state, n_chunks, T, BLOCK_D, BLOCK_N)
-        a = tl.load(a_ptr + chans[:, None] * state + offs_n[None, :], mask=mask_d[:, None] & mask_n[None, :],
-                    other=0.0).to(tl.float32)
+        a = _load_a(a_ptr, chans, mask_d, offs_n, mask_n, state)
         # the adjoint at the chunk's first step from a zero adjoint entering at its end: step t's input decays
         # over the dt of the chunk's steps from its second one to t (the adjoint runs backwards in time), the
         # whole chunk's map over those and the first step of the next chunk (0 past the end)

@@ -124,6 +124,11 @@ class VEMambaNetwork(nn.Module):
         nn.init.zeros_(self.last_conv.weight)
         nn.init.zeros_(self.last_conv.bias)
 
+    def reconstruction_parameters(self):
+        """(name, parameter) pairs the reconstruction loss trains: all but the degradation encoder's, which MoCo
+        trains first and which stays frozen after."""
+        return [(n, p) for n, p in self.named_parameters() if not n.startswith("degradation_encoder.")]
+
     def freeze_degradation_encoder(self) -> None:
         if self.degradation_encoder is not None:
             self.degradation_encoder.requires_grad_(False)

@@ -135,8 +135,8 @@ class Trainer:
                                    "keep_observed": config.degradation == "subsample",
                                    "training_patch": (config.low_res_length, config.lateral)})
         self.network = VEMambaNetwork(net_cfg).to(self.device)
-        self.optimizer = torch.optim.Adam([p for n, p in self.network.named_parameters()
-                                           if not n.startswith("degradation_encoder.")], lr=config.learning_rate)
+        self.optimizer = torch.optim.Adam([p for _, p in self.network.reconstruction_parameters()],
+                                          lr=config.learning_rate)
         # before the scheduler: LambdaLR's constructor already calls the schedule, which reads the training time
         self.seconds, self.epoch_started = 0.0, None
         self.scheduler = torch.optim.lr_scheduler.LambdaLR(self.optimizer, lambda s: learning_rate_factor(
@@ -297,8 +297,7 @@ class Trainer:
             return
         if self.weight_average is not None and self.resumed_weight_average is None:
             return
-        trained = [(n, p) for n, p in self.network.named_parameters() if not n.startswith("degradation_encoder.")]
-        self.weight_average = WeightAverage(trained, self.config.weight_average_decay)
+        self.weight_average = WeightAverage(self.network.reconstruction_parameters(), self.config.weight_average_decay)
         if self.resumed_weight_average is not None:
             self.weight_average.load_state_dict(self.resumed_weight_average)
             self.resumed_weight_average = None
