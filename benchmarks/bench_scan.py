@@ -14,6 +14,7 @@ from __future__ import annotations
 import argparse
 import json
 import os
+import re
 import resource
 import subprocess
 import sys
@@ -53,23 +54,23 @@ def scan_step(backend: str, length: int, dev):
 
 
 def configure_triton(tiles: str) -> None:
-    """Set the Triton kernel's layout and sizes from "[seq]CHUNKxTILE[xWARPS]": chunk length, register tile,
-    warps; the "seq" prefix selects the sequential layout (one program walks its chunks in order)."""
+    """Set the Triton kernel's layout and sizes from "[seq]CHUNKxTILE[xWARPS][rREGISTERS]": chunk length, register
+    tile, warps, the register cap of the parallel backward gradient kernel; the "seq" prefix selects the
+    sequential layout (one program walks its chunks in order)."""
     import nnunet_logmamba.ssm.triton_kernel as tk
-    sequential = tiles.startswith("seq")
-    try:
-        sizes = [int(v) for v in tiles.removeprefix("seq").split("x")]
-    except ValueError:
-        sizes = []
-    if not 2 <= len(sizes) <= 3:
-        raise ValueError(f"triton sizes {tiles!r}: expected [seq]CHUNKxTILE[xWARPS], e.g. 64x4096 or seq128x2048x16")
+    form = re.fullmatch(r"(seq)?(\d+)x(\d+)(?:x(\d+))?(?:r(\d+))?", tiles)
+    if form is None or (form.group(1) and form.group(5)):
+        raise ValueError(f"triton sizes {tiles!r}: expected [seq]CHUNKxTILE[xWARPS][rREGISTERS] (the register cap "
+                         "only for the parallel layout), e.g. 64x4096, 64x4096r128 or seq128x2048x16")
+    sequential, chunk, tile, warps, registers = form.groups()
     tk.LAYOUT = "sequential" if sequential else "parallel"
     if sequential:
-        tk.SEQUENTIAL_CHUNK = sizes[0]
+        tk.SEQUENTIAL_CHUNK = int(chunk)
     else:
-        tk.CHUNK = sizes[0]
-    tk.TILE = sizes[1]
-    tk.WARPS = sizes[2] if len(sizes) > 2 else None
+        tk.CHUNK = int(chunk)
+    tk.TILE = int(tile)
+    tk.WARPS = int(warps) if warps else None
+    tk.GRADIENT_REGISTERS = int(registers) if registers else None
 
 
 def worker(backend: str, length: int, device: str, repeats: int, tiles: str | None = None) -> dict:
@@ -123,8 +124,9 @@ def main() -> None:
     parser.add_argument("--backends", nargs="+", default=None,
                         help="only these backends (default: every one available on the device)")
     parser.add_argument("--triton-tiles", nargs="+", default=[],
-                        help="also time the triton backend with these [seq]CHUNKxTILE[xWARPS] sizes (tuning; "
-                             "'seq': the sequential layout, e.g. seq256x4096)")
+                        help="also time the triton backend with these [seq]CHUNKxTILE[xWARPS][rREGISTERS] sizes "
+                             "(tuning; 'seq': the sequential layout, e.g. seq256x4096; 'r': the backward gradient "
+                             "kernel's register cap, e.g. 64x4096r128)")
     parser.add_argument("--tiles", help=argparse.SUPPRESS)
     parser.add_argument("--worker", help=argparse.SUPPRESS)
     parser.add_argument("--length", type=int, help=argparse.SUPPRESS)

@@ -33,7 +33,7 @@ nvidia-smi > "$out/nvidia-smi.txt" 2>&1
 $py -m nnunet_logmamba doctor > "$out/doctor.txt" 2>&1
 if [ "$part" = scan ] || [ "$part" = all ]; then
   # the Triton kernels against the torch backend on the device, both layouts
-  timeout 150 $py -m pytest -p no:cacheprovider -q -m cuda tests/test_selective_scan_triton.py \
+  timeout 180 $py -m pytest -p no:cacheprovider -q -m cuda tests/test_selective_scan_triton.py \
       > "$out/cuda_tests_triton.txt" 2>&1
   # the comparison (the reference loop takes seconds per repeat on a GPU: left out)
   timeout 120 $py benchmarks/bench_scan.py --device cuda --lengths 4096 16384 --long 65536 --repeats 10 \
@@ -41,14 +41,16 @@ if [ "$part" = scan ] || [ "$part" = all ]; then
   # Triton sizes and layouts at 16k steps: the candidates of benchmarks/results/triton_resources.md
   timeout 200 $py benchmarks/bench_scan.py --device cuda --lengths 16384 --long 0 --repeats 10 \
       --backends triton mamba_ssm \
-      --triton-tiles 32x4096 16x4096 32x1024x8 64x4096x16 32x2048x8 seq64x1024 seq64x1024x8 seq128x2048x16 \
+      --triton-tiles 64x4096r128 32x4096r128 32x4096 16x4096 32x1024x8 32x2048x8 seq64x1024 seq64x1024x8 \
+      seq128x2048x16 \
       > "$out/bench_scan_sweep_cuda.txt" 2>&1
 fi
 if [ "$part" = profile ] || [ "$part" = all ]; then
-  # where a step's time goes (kernels against host work), kernel by kernel: the default and the candidates
-  # with the fewest instructions per layout (triton_resources.md)
+  # where a step's time goes (kernels against host work), kernel by kernel: the default, the register-capped
+  # gradient kernel and the candidates with the fewest instructions per layout (triton_resources.md)
   timeout 90 $py benchmarks/profile_scan.py --device cuda --length 16384 \
-      --backends triton "triton[16x4096]" "triton[seq64x1024]" mamba_ssm > "$out/profile_scan_cuda.txt" 2>&1
+      --backends triton "triton[64x4096r128]" "triton[16x4096]" "triton[seq64x1024]" mamba_ssm \
+      > "$out/profile_scan_cuda.txt" 2>&1
   # the other CUDA tests (AMP training steps, batched blocks)
   timeout 150 $py -m pytest -p no:cacheprovider -q -m cuda tests --ignore=tests/test_selective_scan_triton.py \
       > "$out/cuda_tests.txt" 2>&1

@@ -7,8 +7,8 @@ Triton compiles a kernel down to the GPU's machine code without a device, specia
 specialise it; ``cuobjdump`` (shipped with Triton) reads what each kernel uses per thread. A kernel
 whose registers allow few warps per multiprocessor hides memory latency badly, and spills go to local
 memory: both show here before any GPU time is spent, so a tuning sweep on a lent GPU can start from the
-promising sizes. Configurations are ``bench_scan.py --triton-tiles`` strings ("[seq]CHUNKxTILE[xWARPS]";
-"default": the module's sizes). Shapes default to bench_scan's (batch 2, dim 64, state 16, 16 384
+promising sizes. Configurations are ``bench_scan.py --triton-tiles`` strings
+("[seq]CHUNKxTILE[xWARPS][rREGISTERS]"; "default": the module's sizes). Shapes default to bench_scan's (batch 2, dim 64, state 16, 16 384
 steps).
 """
 from __future__ import annotations
@@ -42,12 +42,13 @@ def _kernels(tk, layout: str) -> dict:
             "backward gradient": (tk._backward_gradient_kernel, FLAGS)}
 
 
-def kernel_resources(kernel, constexprs: dict, ints: dict, warps: int, arch: int) -> dict:
+def kernel_resources(kernel, constexprs: dict, ints: dict, warps: int, arch: int,
+                     max_registers: int | None = None) -> dict:
     """Compile ``kernel`` for ``sm_<arch>`` the way a launch would: fp32 pointers aligned to 16 bytes, integer
     arguments from ``ints`` (equal to 1: compiled in as a constant; divisible by 16: marked so), the rest
-    i32. Returns Triton's own machine code's registers per thread, stack bytes per thread (spills), shared
-    memory per program (bytes), the warps a multiprocessor can hold and the instruction counts of
-    :func:`instruction_counts`."""
+    i32; ``max_registers``: the launch's ``maxnreg`` cap. Returns Triton's own machine code's registers per
+    thread, stack bytes per thread (spills), shared memory per program (bytes), the warps a multiprocessor can
+    hold and the instruction counts of :func:`instruction_counts`."""
     import triton
     from triton.backends.compiler import GPUTarget
     from triton.compiler import ASTSource
@@ -58,7 +59,8 @@ def kernel_resources(kernel, constexprs: dict, ints: dict, warps: int, arch: int
     aligned = [n for n in names if n.endswith("_ptr") or (n not in constexprs and ints.get(n, 1) % 16 == 0)]
     source = ASTSource(kernel, signature, constexprs={(names.index(k),): v for k, v in constexprs.items()},
                        attrs={(names.index(n),): [["tt.divisibility", 16]] for n in aligned})
-    compiled = triton.compile(source, target=GPUTarget("cuda", arch, 32), options={"num_warps": warps})
+    compiled = triton.compile(source, target=GPUTarget("cuda", arch, 32), options={"num_warps": warps,
+                                                                            "maxnreg": max_registers})
     cuobjdump = os.path.join(os.path.dirname(triton.__file__), "backends", "nvidia", "bin", "cuobjdump")
     with tempfile.TemporaryDirectory() as tmp:
         cubin = os.path.join(tmp, "kernel.cubin")
@@ -101,7 +103,8 @@ def resources(config: str, batch: int, dim: int, groups: int, state: int, length
     programs = batch * groups * s["n_blocks"] * (s["n_chunks"] if s["layout"] == "parallel" else 1)
     return [{"config": config, "layout": s["layout"], "kernel": name, "chunk": s["chunk"], "block_d": s["block_d"],
              "warps": s["warps"], "programs": programs, "n_chunks": s["n_chunks"],
-             **kernel_resources(kernel, {**flags, **sizes}, ints, s["warps"], arch)}
+             **kernel_resources(kernel, {**flags, **sizes}, ints, s["warps"], arch,
+                                s["gradient_registers"] if name == "backward gradient" else None)}
             for name, (kernel, flags) in _kernels(tk, s["layout"]).items()]
 
 

@@ -67,14 +67,20 @@ def test_triton_sizes_and_layout_from_the_tuning_string(monkeypatch):
     monkeypatch.syspath_prepend(str(BENCHMARKS))
     import bench_scan
     import nnunet_logmamba.ssm.triton_kernel as tk
-    for name in ("LAYOUT", "CHUNK", "SEQUENTIAL_CHUNK", "TILE", "WARPS"):
+    for name in ("LAYOUT", "CHUNK", "SEQUENTIAL_CHUNK", "TILE", "WARPS", "GRADIENT_REGISTERS"):
         monkeypatch.setattr(tk, name, getattr(tk, name))   # restored after the test
+    bench_scan.configure_triton("64x4096r128")
+    assert (tk.LAYOUT, tk.CHUNK, tk.TILE, tk.WARPS, tk.GRADIENT_REGISTERS) == ("parallel", 64, 4096, None, 128)
+    assert tk._launch_shape(2, 64, 1, 16, 16384, tk.LAYOUT)["gradient_registers"] == 128
     bench_scan.configure_triton("seq128x2048x4")
-    assert (tk.LAYOUT, tk.SEQUENTIAL_CHUNK, tk.TILE, tk.WARPS) == ("sequential", 128, 2048, 4)
+    assert (tk.LAYOUT, tk.SEQUENTIAL_CHUNK, tk.TILE, tk.WARPS, tk.GRADIENT_REGISTERS) == (
+        "sequential", 128, 2048, 4, None)
+    bench_scan.configure_triton("32x4096x8r96")
+    assert (tk.LAYOUT, tk.CHUNK, tk.TILE, tk.WARPS, tk.GRADIENT_REGISTERS) == ("parallel", 32, 4096, 8, 96)
     bench_scan.configure_triton("32x4096")
-    assert (tk.LAYOUT, tk.CHUNK, tk.TILE, tk.WARPS) == ("parallel", 32, 4096, None)
-    for bad in ("seq256", "64x4096x8x2", "64xlots"):
-        with pytest.raises(ValueError, match=r"\[seq\]CHUNKxTILE\[xWARPS\]"):
+    assert (tk.LAYOUT, tk.CHUNK, tk.TILE, tk.WARPS, tk.GRADIENT_REGISTERS) == ("parallel", 32, 4096, None, None)
+    for bad in ("seq256", "64x4096x8x2", "64xlots", "seq64x1024r128", "64x4096r"):
+        with pytest.raises(ValueError, match=r"\[seq\]CHUNKxTILE\[xWARPS\]\[rREGISTERS\]"):
             bench_scan.configure_triton(bad)
 
 

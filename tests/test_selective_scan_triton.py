@@ -51,7 +51,7 @@ CHECKER = textwrap.dedent('''
                "sequential_narrow": ("sequential", 10 ** 6)}
     # which kernels ran and with how many channels per program: a layout that silently fell back to the
     # other one would otherwise pass every comparison
-    launched, shapes = set(), []
+    launched, shapes, caps = set(), [], []
 
     class Counted:
         def __init__(self, name):
@@ -59,7 +59,13 @@ CHECKER = textwrap.dedent('''
 
         def __getitem__(self, grid):
             launched.add(self.name)
-            return self.kernel[grid]
+            kernel = self.kernel[grid]
+
+            def launch(*args, **options):   # the register cap is a launch option (the interpreter ignores it)
+                if self.name == "_backward_gradient_kernel":
+                    caps.append(options.get("maxnreg"))
+                return kernel(*args, **options)
+            return launch
 
     for kernel in ("_forward_output_kernel", "_backward_gradient_kernel", "_sequential_forward_kernel",
                    "_sequential_backward_kernel"):
@@ -98,13 +104,18 @@ CHECKER = textwrap.dedent('''
                 "finite": all(bool(torch.isfinite(v).all()) for k, v in tri.items() if k != "y_dtype")}
 
     results = {}
-    for layout, (kernel_layout, programs) in LAYOUTS.items():
-        tk.LAYOUT, tk.SEQUENTIAL_PROGRAMS = kernel_layout, programs
-        for case in json.loads(sys.argv[1]):
-            launched.clear(), shapes.clear()
-            result = run(case)
-            result.update(kernels=sorted(launched), channels_per_program=[s["block_d"] for s in shapes])
-            results[f"{layout}/{case[0]}"] = result
+    cases = json.loads(sys.argv[1])
+    # every case in every layout, and one with the backward gradient kernel's register cap
+    runs = [(layout, case) for layout in LAYOUTS for case in cases] + [("parallel_capped", cases[1])]
+    LAYOUTS["parallel_capped"] = ("parallel", 1)
+    for layout, case in runs:
+        tk.LAYOUT, tk.SEQUENTIAL_PROGRAMS = LAYOUTS[layout]
+        tk.GRADIENT_REGISTERS = 128 if layout == "parallel_capped" else None
+        launched.clear(), shapes.clear(), caps.clear()
+        result = run(case)
+        result.update(kernels=sorted(launched), channels_per_program=[s["block_d"] for s in shapes],
+                      gradient_caps=list(caps))
+        results[f"{layout}/{case[0]}"] = result
     print(json.dumps(results))
 ''')
 
@@ -125,6 +136,8 @@ def interpreter_results():
 def test_triton_kernels_match_the_reference_in_the_interpreter(case, layout, interpreter_results):
     name, *_, options, dtype = case
     result = interpreter_results[f"{layout}/{name}"]
+    # no register cap unless one is set (the default); the sequential layout has no gradient kernel
+    assert result["gradient_caps"] == ([] if layout.startswith("sequential") else [None])
     assert result["finite"]
     assert result["y_dtype"] == result["ref_dtype"] == f"torch.{dtype}"  # output in u's dtype
     optional = {"last": "last", "D": "dD", "z": "dz", "bias": "ddelta_bias"}
@@ -140,6 +153,16 @@ def test_triton_kernels_match_the_reference_in_the_interpreter(case, layout, int
         assert set(result["channels_per_program"]) == {1}
     elif sequential:  # wide blocks: wider than the group's channels where those are odd, so some are masked
         assert min(result["channels_per_program"]) > 1
+
+
+@pytest.mark.slow
+def test_triton_register_cap_reaches_the_gradient_kernel_launch(interpreter_results):
+    """``GRADIENT_REGISTERS`` goes to the backward gradient kernel's launch as ``maxnreg`` (a compiler option: the
+    interpreter ignores it, the compile test checks its effect on the machine code, the CUDA test its results)."""
+    result = interpreter_results[f"parallel_capped/{CASES[1][0]}"]
+    assert result["gradient_caps"] == [128]
+    assert result["kernels"] == ["_backward_gradient_kernel", "_forward_output_kernel"]
+    assert result["finite"] and max(result["errors"].values()) < 1e-4, result["errors"]
 
 
 SUMMARY_ROUNDING = textwrap.dedent('''
@@ -299,12 +322,14 @@ def test_auto_skips_a_fast_backend_that_imports_but_fails_where_it_runs(monkeypa
 @pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU")
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
 @pytest.mark.parametrize("length", [1, 7, 130, 4099])
-@pytest.mark.parametrize("layout", ["parallel", "sequential", "sequential_wide"])
+@pytest.mark.parametrize("layout", ["parallel", "parallel_capped", "sequential", "sequential_wide"])
 def test_cuda_triton_matches_the_torch_backend(length, dtype, layout, monkeypatch):
     import nnunet_logmamba.ssm.triton_kernel as tk
-    monkeypatch.setattr(tk, "LAYOUT", layout.removesuffix("_wide"))
+    monkeypatch.setattr(tk, "LAYOUT", layout.split("_")[0])
     if layout == "sequential_wide":  # 3 channels per group in blocks of 4: masked channels, compiled
         monkeypatch.setattr(tk, "SEQUENTIAL_PROGRAMS", 1)
+    if layout == "parallel_capped":  # the gradient kernel compiled under a register cap (spills, same results)
+        monkeypatch.setattr(tk, "GRADIENT_REGISTERS", 128)
     with_last = length != 130  # and once without: the backward without a last-state gradient
     g = torch.Generator().manual_seed(length)
     r = lambda *s: torch.randn(*s, generator=g).cuda()  # noqa: E731
@@ -337,6 +362,9 @@ COMPILER = textwrap.dedent('''
                  HAS_INIT=True)
     rows.append({"layout": "sequential", "kernel": "backward, bare, last state",
                  **kernel_resources(tk._sequential_backward_kernel, sizes, dict(length=7, dim=3), 4, 90)})
+    # the default sizes with the backward gradient kernel's register cap (bench_scan's 64x4096r128)
+    capped = [r for r in resources("64x4096r128", 2, 64, 2, 16, 16384, 90) if r["kernel"] == "backward gradient"]
+    rows += [{**r, "kernel": "backward gradient, 128 registers"} for r in capped]
     print(json.dumps(rows))
 ''')
 
@@ -358,14 +386,19 @@ def test_triton_kernels_compile_for_a_gpu_without_one():
     assert [(r["layout"], r["kernel"]) for r in rows] == [
         ("parallel", "forward summary"), ("parallel", "forward output"), ("parallel", "backward summary"),
         ("parallel", "backward gradient"), ("sequential", "forward"), ("sequential", "backward"),
-        ("sequential", "backward, bare, last state")]
-    for r in rows:
+        ("sequential", "backward, bare, last state"), ("parallel", "backward gradient, 128 registers")]
+    for r in rows[:-1]:
         # no spills in the default layout at the default sizes; the sequential layout's loop over its chunks
         # is software-pipelined (the next chunk's loads in flight during this one's arithmetic), which costs
         # registers: a few bytes of stack are allowed there
         assert r["stack_bytes"] <= (0 if r["layout"] == "parallel" else 16), r
         assert 0 < r["registers"] < 255 and r["warps_per_sm"] >= 8, r
+    for r in rows:
         assert r["instructions"] > r["mufu"] > 0, r   # exponentials at least: the machine code was read
+    # the register cap is applied: two 8-warp programs per multiprocessor instead of one, for a few bytes of spill
+    capped = rows[-1]
+    assert capped["registers"] <= 128 and capped["warps_per_sm"] >= 16 and capped["stack_bytes"] <= 32, capped
+    assert rows[3]["warps_per_sm"] < capped["warps_per_sm"], (rows[3], capped)
     work = {r["kernel"]: r["instructions"] for r in rows if r["layout"] == "parallel"}
     # the chunk summaries are sums over time, not scans: cheaper than the kernels that scan the same chunk
     assert work["forward summary"] < 0.75 * work["forward output"], work

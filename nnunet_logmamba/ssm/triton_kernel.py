@@ -56,6 +56,11 @@ CARRY_BLOCK = 128
 TILE = 4096
 #: warps per program (None: 4 up to 2048 tile elements, else 8)
 WARPS = None
+#: registers per thread the parallel layout's backward gradient kernel may use (ptxas ``maxnreg``; None: the
+#: compiler's choice). Its states and adjoint states both live in registers: 177 per thread at the default
+#: sizes on sm_90, so one 8-warp program per multiprocessor; 128 fits two, at 8 bytes of spill per thread
+#: (``benchmarks/results/triton_resources.md``). Not yet timed on a GPU.
+GRADIENT_REGISTERS = None
 #: "parallel": every chunk its own program, chunks joined by a scan over their summaries (three launches
 #: each way); "sequential": one program per channel block walks its chunks in order with the state in
 #: registers (one launch each way, as mamba-ssm's kernel does). Not yet timed on a GPU against each other.
@@ -549,7 +554,8 @@ def _launch_shape(batch: int, dim: int, groups: int, state: int, length: int, la
         return _launch_shape(batch, dim, groups, state, length, "sequential")
     warps = WARPS or (4 if block_d * block_n * chunk <= 2048 else 8)
     return dict(heads=heads, block_d=block_d, block_n=block_n, chunk=chunk, warps=warps, layout=layout,
-                n_blocks=_cdiv(heads, block_d), n_chunks=_cdiv(length, chunk))
+                n_blocks=_cdiv(heads, block_d), n_chunks=_cdiv(length, chunk),
+                gradient_registers=GRADIENT_REGISTERS if layout == "parallel" else None)
 
 
 def _carry(decay, value, init, reverse: bool, block_n: int):
@@ -647,8 +653,9 @@ class _TritonSelectiveScan(torch.autograd.Function):
             lam_ends, _ = _carry(decays, ends, init, True, s["block_n"])
             # per (batch, chunk): dA (dim x state), dD (dim), d delta_bias (dim), summed over batch and chunks
             param_part = torch.empty(batch, n_chunks, dim * (state + 2), **f32)
+            cap = {} if s["gradient_registers"] is None else {"maxnreg": s["gradient_registers"]}
             _backward_gradient_kernel[grid](*operands, lam_ends, *outputs, param_part, db_part, dc_part, *sizes,
-                                            HAS_D=D32 is not None, **flags)
+                                            HAS_D=D32 is not None, **flags, **cap)
         dB, dC = bc_part.sum(3)
         if b_ndim == 3:
             dB, dC = dB.squeeze(1), dC.squeeze(1)
