@@ -10,21 +10,25 @@
 #   bash benchmarks/gpu_check.sh hippocampus   (~14 min, needs those plans) the hippocampus 1000-step pairs
 # scan and profile each fit one 10-minute device call; hippocampus does not: start it in the background
 # (`nohup bash benchmarks/gpu_check.sh hippocampus &`) and collect its output in a later call. Writes under
-# ${OUT:-/tmp/gpu_check}; from the repository root, after the README's install (PYTHON=python where the device's
-# own Python has torch).
+# ${OUT:-/tmp/gpu_check}; from the repository root. On a lent GPU machine, in the same call, first
+# `bash benchmarks/gpu_setup.sh install` (with the wheels of `gpu_setup.sh download` carried): its venv
+# (/tmp/gpu_venv) is then the default Python; elsewhere .venv (the README's install), or PYTHON=...
 set -uo pipefail
 cd "$(dirname "$0")/.."
 out="${OUT:-/tmp/gpu_check}"
 mkdir -p "$out"
-py=${PYTHON:-.venv/bin/python}
+if [ -n "${PYTHON:-}" ]; then py=$PYTHON
+elif [ -x .venv/bin/python ]; then py=.venv/bin/python
+else py=${GPU_VENV:-/tmp/gpu_venv}/bin/python; fi
 work=${HIPPOCAMPUS_WORK:-/tmp/nnunet_logmamba_hippocampus}
 pre=$work/nnUNet_preprocessed/Dataset004_Hippocampus
 part=${1:-scan}
 case "$part" in
   scan|profile|all) ;;
   hippocampus)
-    if [ ! -f "$pre/nnUNetPlans.json" ]; then
-      echo "no hippocampus plans at $pre: run python benchmarks/eval_hippocampus.py --prepare-only first" >&2
+    if [ ! -d "$pre/nnUNetPlans_3d_fullres" ]; then
+      echo "no preprocessed hippocampus data at $pre: run python benchmarks/eval_hippocampus.py --prepare-only" \
+           "first" >&2
       exit 2
     fi ;;
   *) echo "unknown part '$part': scan, profile, all or hippocampus" >&2; exit 2 ;;

@@ -1,5 +1,6 @@
 """The benchmark tools that write the tables and figures of benchmarks/results (run on a CPU, small inputs)."""
 import math
+import os
 import re
 import subprocess
 import sys
@@ -103,3 +104,69 @@ def test_training_step_benchmark_times_each_backend_in_its_own_process(tmp_path)
     assert re.search(r"vemamba\s+reference\s+1\s+8x32x32\s+[\d.]+\s+-\s+[\d.]+x\s+True", done.stdout), done.stdout
     bad = subprocess.run(cmd[:5] + ["mamba_ssm"], capture_output=True, text=True, timeout=120)
     assert bad.returncode != 0 and "not available on cpu" in bad.stderr
+
+
+def test_mamba_ssm_build_stubs_exactly_the_kernels_it_leaves_out(monkeypatch):
+    """selective_scan.cpp dispatches u's dtype (fp32, fp16, bf16) x A's (real, complex) each way; the fp32 build
+    compiles three of those twelve kernels (fwd fp32 real and complex, bwd fp32 real) and must define the other
+    nine as stubs: one missing gives an undefined symbol at import, one twice a duplicate symbol at link."""
+    monkeypatch.syspath_prepend(str(BENCHMARKS))
+    import build_mamba_ssm_scan as build
+    every = {(way, i, w) for way in ("fwd", "bwd") for i in ("float", "at::Half", "at::BFloat16")
+             for w in ("float", "complex_t")}
+    compiled = {("fwd", "float", "float"), ("fwd", "float", "complex_t"), ("bwd", "float", "float")}
+    assert {"selective_scan_fwd_fp32.cu", "selective_scan_bwd_fp32_real.cu"} < set(build.FP32_SOURCES)
+    stubbed = {(way, i, w) for way, pairs in build.MISSING.items() for i, w in pairs}
+    assert stubbed == every - compiled and sum(map(len, build.MISSING.values())) == len(stubbed)
+    source = build.stub_source()
+    params = {"fwd": "SSMParamsBase", "bwd": "SSMParamsBwd"}
+    for way, i, w in stubbed:
+        assert f"template void selective_scan_{way}_cuda<{i}, {w}>({params[way]} &, cudaStream_t);" in source
+    assert source.count("TORCH_CHECK(false") == 2      # one generic body each way, naming this build
+    assert not any(f"selective_scan_{way}_cuda<{i}, {w}>" in source for way, i, w in compiled)
+
+
+def test_mamba_ssm_build_refuses_what_is_not_its_sdist(tmp_path):
+    import tarfile
+    script = str(BENCHMARKS / "build_mamba_ssm_scan.py")
+    missing = subprocess.run([sys.executable, script, "--sdist", str(tmp_path / "none.tar.gz"), "--out",
+                              str(tmp_path / "out")], capture_output=True, text=True)
+    assert missing.returncode != 0 and "no sdist at" in missing.stderr and "pip download" in missing.stderr
+    (tmp_path / "pkg" / "other").mkdir(parents=True)
+    (tmp_path / "pkg" / "other" / "setup.py").write_text("")
+    foreign = tmp_path / "other-1.0.tar.gz"
+    with tarfile.open(foreign, "w:gz") as archive:
+        archive.add(tmp_path / "pkg" / "other", arcname="other-1.0")
+    for sdist, why in ((foreign, "no csrc/selective_scan"), (tmp_path / "pkg" / "other" / "setup.py", "readable")):
+        done = subprocess.run([sys.executable, script, "--sdist", str(sdist), "--out", str(tmp_path / "out")],
+                              capture_output=True, text=True)
+        assert done.returncode != 0 and "is not a mamba-ssm sdist" in done.stderr and why in done.stderr
+    assert not (tmp_path / "out").exists()                 # refused before anything was written
+
+
+def test_gpu_setup_wheels_are_pinned_and_unknown_steps_refused():
+    """Every package gpu_setup.sh carries to the GPU machine has a version in constraints.txt (the one CI tests),
+    and the script names its steps when given another."""
+    script = (BENCHMARKS / "gpu_setup.sh").read_text()
+    names = re.search(r'WHEELS="([^"]+)"', script).group(1).split()
+    norm = lambda n: re.sub(r"[-_.]+", "-", n).lower()  # noqa: E731
+    pins = {norm(line.split("==")[0]) for line in (BENCHMARKS.parent / "constraints.txt").read_text().splitlines()
+            if "==" in line and not line.startswith("#")}
+    assert len(names) > 10 and {norm(n) for n in names} <= pins, {norm(n) for n in names} - pins
+    assert "nnunetv2" in names and "torch" not in names      # the machine's own torch is used
+    done = subprocess.run(["bash", str(BENCHMARKS / "gpu_setup.sh"), "upload"], capture_output=True, text=True)
+    assert done.returncode == 2 and "download|install" in done.stderr
+
+
+def test_gpu_check_refuses_unknown_parts_and_missing_hippocampus_data(tmp_path):
+    env = {**os.environ, "OUT": str(tmp_path / "out"), "HIPPOCAMPUS_WORK": str(tmp_path / "work")}
+    script = str(BENCHMARKS / "gpu_check.sh")
+    unknown = subprocess.run(["bash", script, "scna"], capture_output=True, text=True, env=env)
+    assert unknown.returncode == 2 and "unknown part 'scna'" in unknown.stderr
+    # plans alone (what gpu_setup.sh carries for the training-step benchmark) are not the data a training needs
+    plans = tmp_path / "work" / "nnUNet_preprocessed" / "Dataset004_Hippocampus"
+    plans.mkdir(parents=True)
+    (plans / "nnUNetPlans.json").write_text("{}")
+    no_data = subprocess.run(["bash", script, "hippocampus"], capture_output=True, text=True, env=env)
+    assert no_data.returncode == 2 and "--prepare-only" in no_data.stderr
+    assert not (tmp_path / "out" / "nvidia-smi.txt").exists()      # refused before running anything
