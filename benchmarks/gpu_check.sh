@@ -45,7 +45,7 @@ if [ "$part" = scan ] || [ "$part" = all ]; then
   # Triton sizes and layouts at 16k steps: the candidates of benchmarks/results/triton_resources.md
   timeout 200 $py benchmarks/bench_scan.py --device cuda --lengths 16384 --long 0 --repeats 10 \
       --backends triton mamba_ssm \
-      --triton-tiles 64x4096r128 32x4096r128 32x4096 16x4096 32x1024x8 32x2048x8 seq64x1024 seq64x1024x8 \
+      --triton-tiles 64x4096r128 16x4096r128 32x4096r128 16x4096 32x4096 32x2048x8 seq256x4096 seq64x1024 \
       seq128x2048x16 \
       > "$out/bench_scan_sweep_cuda.txt" 2>&1
 fi
@@ -53,7 +53,7 @@ if [ "$part" = profile ] || [ "$part" = all ]; then
   # where a step's time goes (kernels against host work), kernel by kernel: the default, the register-capped
   # gradient kernel and the candidates with the fewest instructions per layout (triton_resources.md)
   timeout 90 $py benchmarks/profile_scan.py --device cuda --length 16384 \
-      --backends triton "triton[64x4096r128]" "triton[16x4096]" "triton[seq64x1024]" mamba_ssm \
+      --backends triton "triton[64x4096r128]" "triton[16x4096r128]" "triton[seq256x4096]" mamba_ssm \
       > "$out/profile_scan_cuda.txt" 2>&1
   # the other CUDA tests (AMP training steps, batched blocks)
   timeout 150 $py -m pytest -p no:cacheprovider -q -m cuda tests --ignore=tests/test_selective_scan_triton.py \

@@ -76,7 +76,27 @@ def kernel_resources(kernel, constexprs: dict, ints: dict, warps: int, arch: int
     per_warp = -(-regs * 32 // 256) * 256                     # registers are allocated per warp, 256 at a time
     blocks = min(REGISTERS_PER_SM // (per_warp * warps), SHARED_PER_SM // max(shared, 1), MAX_BLOCKS_PER_SM)
     return {"registers": regs, "stack_bytes": stack, "shared_bytes": shared,
-            "warps_per_sm": min(MAX_WARPS_PER_SM, blocks * warps), **instruction_counts(sass)}
+            "warps_per_sm": min(MAX_WARPS_PER_SM, blocks * warps), **instruction_counts(sass),
+            "scans": scan_layouts(compiled.asm["ttgir"])}
+
+
+def scan_layouts(ttgir: str) -> list[str]:
+    """How each ``tl.associative_scan``/``tl.cumsum`` of a kernel (its Triton GPU IR) spreads the scanned axis:
+    "elements per thread x lanes x warps" ("?" where the operand's layout is not a plain blocked one). Elements
+    within a thread are scanned in registers, lanes by warp shuffles (one level per doubling), and warps through
+    shared memory behind a barrier: 4x16x1 is cheaper than 1x32x2 for the same 64 steps."""
+    layouts = {m.group(1): {k: [int(v) for v in m.group(i).split(",")]
+                            for k, i in (("per_thread", 2), ("lanes", 3), ("warps", 4))}
+               for m in re.finditer(r"^#(\w+) = #ttg\.blocked<\{sizePerThread = \[([\d, ]+)\], "
+                                    r"threadsPerWarp = \[([\d, ]+)\], warpsPerCTA = \[([\d, ]+)\]", ttgir, re.M)}
+    found = []
+    for scan in re.finditer(r'"tt\.scan"\(.*?<\{axis = (\d+)', ttgir):
+        axis = int(scan.group(1))
+        operand = re.compile(r"^\s*\}\) : \(tensor<[^,>]*, #(\w+)>", re.M).search(ttgir, scan.end())
+        shape = layouts.get(operand.group(1)) if operand else None
+        found.append("?" if shape is None else
+                     "x".join(str(shape[k][axis]) for k in ("per_thread", "lanes", "warps")))
+    return found
 
 
 def instruction_counts(sass: str) -> dict:
@@ -139,7 +159,8 @@ def main(argv=None) -> None:
           f"length {args.shape[4]}; sm_{args.arch}\n")
     print("| config | layout | kernel | chunk | channels per program | warps | programs | registers | "
           "stack (spill) bytes | shared bytes | warps per SM | instructions (MUFU / SHFL / BAR) | "
-          "warp-instructions per launch (M) |\n|---|---|---|---|---|---|---|---|---|---|---|---|---|")
+          "warp-instructions per launch (M) | scans over steps (per thread x lanes x warps) |\n"
+          "|---|---|---|---|---|---|---|---|---|---|---|---|---|---|")
     for config in args.configs:
         done = subprocess.run([sys.executable, __file__, "--worker", config, "--arch", str(args.arch),
                                "--shape", *map(str, args.shape)], capture_output=True, text=True)
@@ -150,7 +171,7 @@ def main(argv=None) -> None:
             print(f"| {r['config']} | {r['layout']} | {r['kernel']} | {r['chunk']} | {r['block_d']} | {r['warps']} | "
                   f"{r['programs']} | {r['registers']} | {r['stack_bytes']} | {r['shared_bytes']} | "
                   f"{r['warps_per_sm']} | {r['instructions']} ({r['mufu']} / {r['shuffles']} / {r['barriers']}) | "
-                  f"{launch_work(r)} |", flush=True)
+                  f"{launch_work(r)} | {', '.join(r['scans']) or '-'} |", flush=True)
 
 
 if __name__ == "__main__":

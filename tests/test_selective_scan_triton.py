@@ -399,7 +399,15 @@ def test_triton_kernels_compile_for_a_gpu_without_one():
     capped = rows[-1]
     assert capped["registers"] <= 128 and capped["warps_per_sm"] >= 16 and capped["stack_bytes"] <= 32, capped
     assert rows[3]["warps_per_sm"] < capped["warps_per_sm"], (rows[3], capped)
+    # The (channels, state, steps) scans run 4 steps per thread and within one warp: B and C are loaded as
+    # (channels, state, steps) tiles along the steps, and the arithmetic takes their layout (a broadcast
+    # (state, steps) tile put one step per lane and the chunk across 2 warps: 1x32x2, 2-3.5x the shuffles).
+    # Not at length 7 (the bare kernel): rows that are not 16-byte aligned cannot be loaded 4 steps at a time,
+    # and those scans keep one step per lane (same results, as the interpreter and CUDA tests check).
+    for r in rows:
+        if r["kernel"] not in ("forward summary", "backward summary", "backward, bare, last state"):
+            assert r["scans"] and all(int(s.split("x")[0]) >= 4 and s.endswith("x1") for s in r["scans"]), r
     work = {r["kernel"]: r["instructions"] for r in rows if r["layout"] == "parallel"}
-    # the chunk summaries are sums over time, not scans: cheaper than the kernels that scan the same chunk
-    assert work["forward summary"] < 0.75 * work["forward output"], work
-    assert work["backward summary"] < 0.75 * work["forward output"], work
+    # the chunk summaries are sums over time, not scans of (channels, state, steps) pairs
+    assert work["forward summary"] < work["forward output"] and work["backward summary"] < work["forward output"]
+    assert work["backward gradient"] < 2000, work   # 2487 with the broadcast layout

@@ -57,9 +57,9 @@ TILE = 4096
 #: warps per program (None: 4 up to 2048 tile elements, else 8)
 WARPS = None
 #: registers per thread the parallel layout's backward gradient kernel may use (ptxas ``maxnreg``; None: the
-#: compiler's choice). Its states and adjoint states both live in registers: 177 per thread at the default
-#: sizes on sm_90, so one 8-warp program per multiprocessor; 128 fits two, at 8 bytes of spill per thread
-#: (``benchmarks/results/triton_resources.md``). Not yet timed on a GPU.
+#: compiler's choice). Its states and adjoint states both live in registers: 151 per thread at the default
+#: sizes on sm_90, so one 8-warp program per multiprocessor; 128 fits two, at 24 bytes of spill per thread (none
+#: with 16-step chunks; ``benchmarks/results/triton_resources.md``). Not yet timed on a GPU.
 GRADIENT_REGISTERS = None
 #: "parallel": every chunk its own program, chunks joined by a scan over their summaries (three launches
 #: each way); "sequential": one program per channel block walks its chunks in order with the state in
@@ -190,15 +190,29 @@ if triton is not None:
                        other=0.0).to(tl.float32)
 
     @triton.jit
+    def _per_channel(ptr, bc_rows, t, mask_d, mask_n, length):
+        # B or C at steps t as a (channels, state, T) tile, the same values for every channel, loaded per channel
+        # (cache hits). Why: Triton lays out the (channels, state, T) arithmetic like this load, 4 contiguous
+        # steps per thread (one 16-byte load), so the scans over a chunk run 4 steps within each thread and the
+        # rest within one warp. Broadcasting a (state, T) tile left the default layout, one step per lane over 32
+        # lanes and 2 warps: every scan level a shuffle, the last one a barrier (2-3.5x the shuffles). Loaded as
+        # (state, channels, T) and permuted, so that warps split the channels as well as the states and fewer
+        # threads repeat the (channels, T) tiles (151 registers instead of 215 in the gradient kernel). The
+        # 4-step loads need rows aligned to 16 bytes, which Triton knows when the length is a multiple of 16;
+        # other lengths get the default layout (same results). 0 at masked channels, padded states, past the end.
+        rows = (bc_rows[:, None] + t[None, :])[:, None, :] + 0 * mask_d.to(tl.int32)[None, :, None]
+        inside = (mask_n[:, None] & (t[None, :] < length))[:, None, :] & mask_d[None, :, None]
+        return tl.permute(tl.load(ptr + rows, mask=inside, other=0.0).to(tl.float32), (1, 0, 2))
+
+    @triton.jit
     def _step_inputs(u_ptr, delta_ptr, a_ptr, b_ptr, bias_ptr, rows, chans, bc_rows, t, mask_d, mask_n,
                      offs_n, length, state,
                      HAS_BIAS: tl.constexpr, SOFTPLUS: tl.constexpr):
-        # one chunk's dt, u (channels, T), B (state, T) and A (channels, state); zeros past the end
+        # one chunk's dt, u (channels, T), B (channels, state, T) and A (channels, state); zeros past the end
         valid = mask_d[:, None] & (t[None, :] < length)
         dt = _step_dt(delta_ptr, bias_ptr, rows, chans, t, mask_d, length, HAS_BIAS, SOFTPLUS)
         u = tl.load(u_ptr + rows[:, None] + t[None, :], mask=valid, other=0.0).to(tl.float32)
-        b = tl.load(b_ptr + bc_rows[:, None] + t[None, :], mask=mask_n[:, None] & (t[None, :] < length),
-                    other=0.0).to(tl.float32)
+        b = _per_channel(b_ptr, bc_rows, t, mask_d, mask_n, length)
         a = _load_a(a_ptr, chans, mask_d, offs_n, mask_n, state)
         return dt, u, b, a
 
@@ -210,7 +224,7 @@ if triton is not None:
         dt, u, b, a = _step_inputs(u_ptr, delta_ptr, a_ptr, b_ptr, bias_ptr, rows, chans, bc_rows, t, mask_d,
                                    mask_n, offs_n, length, state, HAS_BIAS, SOFTPLUS)
         decay = tl.exp(dt[:, None, :] * a[:, :, None])
-        drive = (dt * u)[:, None, :] * b[None, :, :]
+        drive = (dt * u)[:, None, :] * b
         return decay, drive, dt, u, b, a
 
     @triton.jit
@@ -232,16 +246,17 @@ if triton is not None:
                                       T: tl.constexpr, BLOCK_D: tl.constexpr, BLOCK_N: tl.constexpr):
         pid_bg, pid_h, pid_c, batch, chans, mask_d, offs_n, mask_n, t, rows, bc_rows, summary = _chunk_program(
             dim, length, groups, heads, state, n_chunks, T, BLOCK_D, BLOCK_N)
-        # the end state from a zero start: each input decays over the dt of the steps after it in the chunk. The
-        # steps are taken last first, so that a forward cumsum gives those suffix sums (Triton's reverse scans
-        # have had wrong results on GPUs, triton-lang/triton#4362); the order of a sum does not matter.
-        steps = pid_c * T + (T - 1 - tl.arange(0, T))
-        dt, u, b, a = _step_inputs(u_ptr, delta_ptr, a_ptr, b_ptr, bias_ptr, rows, chans, bc_rows, steps, mask_d,
+        # the end state from a zero start: each input decays over the dt of the steps after it in the chunk. Those
+        # suffix sums are a forward cumsum over the steps read last first (Triton's reverse scans have had wrong
+        # results on GPUs, triton-lang/triton#4362), flipped back to step order: the inputs themselves are read
+        # first to last, which lets their loads run along the steps (see _per_channel).
+        dt, u, b, a = _step_inputs(u_ptr, delta_ptr, a_ptr, b_ptr, bias_ptr, rows, chans, bc_rows, t, mask_d,
                                    mask_n, offs_n, length, state, HAS_BIAS, SOFTPLUS)
-        dt_after = _step_dt(delta_ptr, bias_ptr, rows, chans, steps + 1, mask_d, length, HAS_BIAS, SOFTPLUS)
+        after = pid_c * T + (T - tl.arange(0, T))               # the step after each step, last first
+        dt_after = _step_dt(delta_ptr, bias_ptr, rows, chans, after, mask_d, length, HAS_BIAS, SOFTPLUS)
         dt_after = tl.where((tl.arange(0, T) == 0)[None, :], 0.0, dt_after)     # the chunk's last step
-        total_decay, end = _chunk_map(tl.cumsum(dt_after, axis=1), tl.sum(dt, axis=1),
-                                      (dt * u)[:, None, :] * b[None, :, :], a)
+        total_decay, end = _chunk_map(tl.flip(tl.cumsum(dt_after, axis=1), 1), tl.sum(dt, axis=1),
+                                      (dt * u)[:, None, :] * b, a)
         mask_dn = mask_d[:, None] & mask_n[None, :]
         tl.store(end_ptr + summary, end, mask=mask_dn)
         tl.store(decay_ptr + summary, total_decay, mask=mask_dn)
@@ -291,9 +306,7 @@ if triton is not None:
         cum_decay, h = tl.associative_scan((decay, drive), 2, _linear_combine)
         h = h + cum_decay * h0[:, :, None]
         valid_t = t < length
-        c = tl.load(c_ptr + bc_rows[:, None] + t[None, :], mask=mask_n[:, None] & valid_t[None, :],
-                    other=0.0).to(tl.float32)
-        y = tl.sum(h * c[None, :, :], axis=1)
+        y = tl.sum(h * _per_channel(c_ptr, bc_rows, t, mask_d, mask_n, length), axis=1)
         if HAS_D:
             y = y + tl.load(d_ptr + chans, mask=mask_d, other=0.0).to(tl.float32)[:, None] * u
         valid = mask_d[:, None] & valid_t[None, :]
@@ -358,9 +371,7 @@ if triton is not None:
         if HAS_Z:
             z = tl.load(z_ptr + rows[:, None] + t[None, :], mask=valid, other=0.0).to(tl.float32)
             dy = dy * z * tl.sigmoid(z)
-        c = tl.load(c_ptr + bc_rows[:, None] + t[None, :], mask=mask_n[:, None] & valid_t[None, :],
-                    other=0.0).to(tl.float32)
-        return dy[:, None, :] * c[None, :, :]
+        return dy[:, None, :] * _per_channel(c_ptr, bc_rows, t, mask_d, mask_n, length)
 
     @triton.jit
     def _backward_chunk_summary_kernel(delta_ptr, a_ptr, c_ptr, z_ptr, bias_ptr, dout_ptr, end_ptr, decay_ptr,
@@ -407,15 +418,14 @@ if triton is not None:
         # Everything that needs the states themselves first, so that h_t - dt u B is the only
         # (channels, state, T) tile of the forward that stays live (in registers) through the adjoint scan:
         # fewer registers per thread, more warps per multiprocessor.
-        c = tl.load(c_ptr + bc_rows[:, None] + t[None, :], mask=mask_n[:, None] & valid_t[None, :],
-                    other=0.0).to(tl.float32)
+        c = _per_channel(c_ptr, bc_rows, t, mask_d, mask_n, length)
         dout = tl.load(dout_ptr + rows[:, None] + t[None, :], mask=valid, other=0.0).to(tl.float32)
         if HAS_D:
             d_skip = tl.load(d_ptr + chans, mask=mask_d, other=0.0).to(tl.float32)
         if HAS_Z:
             z = tl.load(z_ptr + rows[:, None] + t[None, :], mask=valid, other=0.0).to(tl.float32)
             sig = tl.sigmoid(z)
-            y = tl.sum(h * c[None, :, :], axis=1)
+            y = tl.sum(h * c, axis=1)
             if HAS_D:
                 y = y + d_skip[:, None] * u
             tl.store(dz_ptr + rows[:, None] + t[None, :], dout * y * sig * (1.0 + z * (1.0 - sig)), mask=valid)
@@ -431,13 +441,13 @@ if triton is not None:
         decayed = h - drive
         # adjoint states lambda_t = dL/dh_t, scanned from the chunk's end, from the C and dy in hand
         adj_decay = _adjoint_decay(delta_ptr, bias_ptr, a, rows, chans, t, mask_d, length, HAS_BIAS, SOFTPLUS)
-        cum_adj, lam = tl.associative_scan((adj_decay, dy[:, None, :] * c[None, :, :]), 2, _linear_combine,
+        cum_adj, lam = tl.associative_scan((adj_decay, dy[:, None, :] * c), 2, _linear_combine,
                                            reverse=True)
         lam = lam + cum_adj * lam_end[:, :, None]
         lam_first = _first_along_time(lam, T)
         lam = tl.where(valid_t[None, None, :], lam, 0.0)
         g_exponent = lam * decayed                            # dL/d(dt_t A)
-        lam_b = tl.sum(lam * b[None, :, :], axis=1)           # sum_n lambda B
+        lam_b = tl.sum(lam * b, axis=1)                       # sum_n lambda B
         tl.store(db_part_ptr + part, tl.sum(lam * (dt * u)[:, None, :], axis=0), mask=mask_nt)
         g_u = lam_b * dt
         g_dt = lam_b * u + tl.sum(g_exponent * a[:, :, None], axis=1)
