@@ -8,8 +8,8 @@ specialise it; ``cuobjdump`` (shipped with Triton) reads what each kernel uses p
 whose registers allow few warps per multiprocessor hides memory latency badly, and spills go to local
 memory: both show here before any GPU time is spent, so a tuning sweep on a lent GPU can start from the
 promising sizes. Configurations are ``bench_scan.py --triton-tiles`` strings
-("[seq]CHUNKxTILE[xWARPS][rREGISTERS]"; "default": the module's sizes). Shapes default to bench_scan's (batch 2, dim 64, state 16, 16 384
-steps).
+("[seq]CHUNKxTILE[xWARPS][rREGISTERS]"; "default": the module's sizes). Shapes default to bench_scan's (batch 2,
+dim 64, state 16, 16 384 steps).
 """
 from __future__ import annotations
 
@@ -117,7 +117,7 @@ def resources(config: str, batch: int, dim: int, groups: int, state: int, length
     if config != "default":
         configure_triton(config)
     s = tk._launch_shape(batch, dim, groups, state, length, tk.LAYOUT)
-    sizes = dict(T=s["chunk"], BLOCK_D=s["block_d"], BLOCK_N=s["block_n"])
+    sizes = dict(T=s["chunk"], BLOCK_D=s["block_d"], BLOCK_N=s["block_n"], ALIGN=s["align"])
     ints = dict(dim=dim, length=length, groups=groups, heads=s["heads"], state=state, n_chunks=s["n_chunks"],
                 n_blocks=s["n_blocks"])
     programs = batch * groups * s["n_blocks"] * (s["n_chunks"] if s["layout"] == "parallel" else 1)

@@ -42,6 +42,7 @@ machines without a GPU.
 """
 from __future__ import annotations
 
+import math
 import os
 
 import torch
@@ -141,17 +142,18 @@ if triton is not None:
 
     @triton.jit
     def _block_offsets(pid_bg, pid_h, dim, length, groups, heads, state,
-                       BLOCK_D: tl.constexpr, BLOCK_N: tl.constexpr):
+                       BLOCK_D: tl.constexpr, BLOCK_N: tl.constexpr, ALIGN: tl.constexpr):
         # A (batch x group, channel block)'s offsets: channels (BLOCK_D,), states (BLOCK_N,), the rows of
-        # u/delta/z and of B/C.
+        # u/delta/z and of B/C. ALIGN divides the length: Triton itself only knows a length divisible by 16, and
+        # the rows' alignment decides whether B and C load 4 steps per thread (see _per_channel).
         batch, grp = pid_bg // groups, pid_bg % groups
         offs_h = pid_h * BLOCK_D + tl.arange(0, BLOCK_D)
         mask_d = offs_h < heads
         chans = grp * heads + offs_h
         offs_n = tl.arange(0, BLOCK_N)
         mask_n = offs_n < state
-        rows = (batch * dim + chans) * length
-        bc_rows = (pid_bg * state + offs_n) * length
+        rows = tl.multiple_of((batch * dim + chans) * length, ALIGN)
+        bc_rows = tl.multiple_of((pid_bg * state + offs_n) * length, ALIGN)
         return batch, chans, mask_d, offs_n, mask_n, rows, bc_rows
 
     @triton.jit
@@ -163,11 +165,11 @@ if triton is not None:
 
     @triton.jit
     def _chunk_program(dim, length, groups, heads, state, n_chunks,
-                       T: tl.constexpr, BLOCK_D: tl.constexpr, BLOCK_N: tl.constexpr):
+                       T: tl.constexpr, BLOCK_D: tl.constexpr, BLOCK_N: tl.constexpr, ALIGN: tl.constexpr):
         # parallel layout: this program's (batch x group, channel block, chunk) and its offsets
         pid_bg, pid_h, pid_c = tl.program_id(0), tl.program_id(1), tl.program_id(2)
         batch, chans, mask_d, offs_n, mask_n, rows, bc_rows = _block_offsets(
-            pid_bg, pid_h, dim, length, groups, heads, state, BLOCK_D, BLOCK_N)
+            pid_bg, pid_h, dim, length, groups, heads, state, BLOCK_D, BLOCK_N, ALIGN)
         t, summary = _chunk_steps(pid_c, batch, chans, offs_n, dim, state, n_chunks, T)
         return pid_bg, pid_h, pid_c, batch, chans, mask_d, offs_n, mask_n, t, rows, bc_rows, summary
 
@@ -198,8 +200,9 @@ if triton is not None:
         # lanes and 2 warps: every scan level a shuffle, the last one a barrier (2-3.5x the shuffles). Loaded as
         # (state, channels, T) and permuted, so that warps split the channels as well as the states and fewer
         # threads repeat the (channels, T) tiles (151 registers instead of 215 in the gradient kernel). The
-        # 4-step loads need rows aligned to 16 bytes, which Triton knows when the length is a multiple of 16;
-        # other lengths get the default layout (same results). 0 at masked channels, padded states, past the end.
+        # 4-step loads need rows aligned to 16 bytes, which the kernels know when the length is a multiple of 4
+        # (ALIGN); other lengths get the default layout (same results). 0 at masked channels, padded states, past
+        # the end.
         rows = (bc_rows[:, None] + t[None, :])[:, None, :] + 0 * mask_d.to(tl.int32)[None, :, None]
         inside = (mask_n[:, None] & (t[None, :] < length))[:, None, :] & mask_d[None, :, None]
         return tl.permute(tl.load(ptr + rows, mask=inside, other=0.0).to(tl.float32), (1, 0, 2))
@@ -243,9 +246,10 @@ if triton is not None:
     def _forward_chunk_summary_kernel(u_ptr, delta_ptr, a_ptr, b_ptr, bias_ptr, end_ptr, decay_ptr,
                                       dim, length, groups, heads, state, n_chunks,
                                       HAS_BIAS: tl.constexpr, SOFTPLUS: tl.constexpr,
-                                      T: tl.constexpr, BLOCK_D: tl.constexpr, BLOCK_N: tl.constexpr):
+                                      T: tl.constexpr, BLOCK_D: tl.constexpr, BLOCK_N: tl.constexpr,
+                                      ALIGN: tl.constexpr):
         pid_bg, pid_h, pid_c, batch, chans, mask_d, offs_n, mask_n, t, rows, bc_rows, summary = _chunk_program(
-            dim, length, groups, heads, state, n_chunks, T, BLOCK_D, BLOCK_N)
+            dim, length, groups, heads, state, n_chunks, T, BLOCK_D, BLOCK_N, ALIGN)
         # the end state from a zero start: each input decays over the dt of the steps after it in the chunk. Those
         # suffix sums are a forward cumsum over the steps read last first (Triton's reverse scans have had wrong
         # results on GPUs, triton-lang/triton#4362), flipped back to step order: the inputs themselves are read
@@ -321,9 +325,9 @@ if triton is not None:
                                dim, length, groups, heads, state, n_chunks,
                                HAS_D: tl.constexpr, HAS_Z: tl.constexpr, HAS_BIAS: tl.constexpr,
                                SOFTPLUS: tl.constexpr,
-                               T: tl.constexpr, BLOCK_D: tl.constexpr, BLOCK_N: tl.constexpr):
+                               T: tl.constexpr, BLOCK_D: tl.constexpr, BLOCK_N: tl.constexpr, ALIGN: tl.constexpr):
         pid_bg, pid_h, pid_c, batch, chans, mask_d, offs_n, mask_n, t, rows, bc_rows, summary = _chunk_program(
-            dim, length, groups, heads, state, n_chunks, T, BLOCK_D, BLOCK_N)
+            dim, length, groups, heads, state, n_chunks, T, BLOCK_D, BLOCK_N, ALIGN)
         h0 = tl.load(start_ptr + summary, mask=mask_d[:, None] & mask_n[None, :], other=0.0)
         _chunk_output(u_ptr, delta_ptr, a_ptr, b_ptr, c_ptr, d_ptr, z_ptr, bias_ptr, out_ptr, h0,
                       batch, chans, mask_d, offs_n, mask_n, t, rows, bc_rows, length, state,
@@ -334,12 +338,12 @@ if triton is not None:
                                    out_ptr, last_ptr, dim, length, groups, heads, state, n_chunks,
                                    HAS_D: tl.constexpr, HAS_Z: tl.constexpr, HAS_BIAS: tl.constexpr,
                                    SOFTPLUS: tl.constexpr,
-                                   T: tl.constexpr, BLOCK_D: tl.constexpr, BLOCK_N: tl.constexpr):
+                                   T: tl.constexpr, BLOCK_D: tl.constexpr, BLOCK_N: tl.constexpr, ALIGN: tl.constexpr):
         # sequential layout: one program walks its channels' chunks in order, the state carried in registers;
         # each chunk's start state is written for the backward
         pid_bg, pid_h = tl.program_id(0), tl.program_id(1)
         batch, chans, mask_d, offs_n, mask_n, rows, bc_rows = _block_offsets(
-            pid_bg, pid_h, dim, length, groups, heads, state, BLOCK_D, BLOCK_N)
+            pid_bg, pid_h, dim, length, groups, heads, state, BLOCK_D, BLOCK_N, ALIGN)
         mask_dn = mask_d[:, None] & mask_n[None, :]
         h = tl.zeros([BLOCK_D, BLOCK_N], dtype=tl.float32)
         # Software-pipelined (num_stages=2): the next chunk's loads are in flight while this one is scanned.
@@ -377,9 +381,10 @@ if triton is not None:
     def _backward_chunk_summary_kernel(delta_ptr, a_ptr, c_ptr, z_ptr, bias_ptr, dout_ptr, end_ptr, decay_ptr,
                                        dim, length, groups, heads, state, n_chunks,
                                        HAS_Z: tl.constexpr, HAS_BIAS: tl.constexpr, SOFTPLUS: tl.constexpr,
-                                       T: tl.constexpr, BLOCK_D: tl.constexpr, BLOCK_N: tl.constexpr):
+                                       T: tl.constexpr, BLOCK_D: tl.constexpr, BLOCK_N: tl.constexpr,
+                                       ALIGN: tl.constexpr):
         pid_bg, pid_h, pid_c, batch, chans, mask_d, offs_n, mask_n, t, rows, bc_rows, summary = _chunk_program(
-            dim, length, groups, heads, state, n_chunks, T, BLOCK_D, BLOCK_N)
+            dim, length, groups, heads, state, n_chunks, T, BLOCK_D, BLOCK_N, ALIGN)
         a = _load_a(a_ptr, chans, mask_d, offs_n, mask_n, state)
         # the adjoint at the chunk's first step from a zero adjoint entering at its end: step t's input decays
         # over the dt of the chunk's steps from its second one to t (the adjoint runs backwards in time), the
@@ -482,9 +487,9 @@ if triton is not None:
                                   dim, length, groups, heads, state, n_chunks, n_blocks,
                                   HAS_D: tl.constexpr, HAS_Z: tl.constexpr, HAS_BIAS: tl.constexpr,
                                   SOFTPLUS: tl.constexpr,
-                                  T: tl.constexpr, BLOCK_D: tl.constexpr, BLOCK_N: tl.constexpr):
+                                  T: tl.constexpr, BLOCK_D: tl.constexpr, BLOCK_N: tl.constexpr, ALIGN: tl.constexpr):
         pid_bg, pid_h, pid_c, batch, chans, mask_d, offs_n, mask_n, t, rows, bc_rows, summary = _chunk_program(
-            dim, length, groups, heads, state, n_chunks, T, BLOCK_D, BLOCK_N)
+            dim, length, groups, heads, state, n_chunks, T, BLOCK_D, BLOCK_N, ALIGN)
         mask_dn = mask_d[:, None] & mask_n[None, :]
         h0 = tl.load(start_ptr + summary, mask=mask_dn, other=0.0)
         lam_end = tl.load(lam_ptr + summary, mask=mask_dn, other=0.0)
@@ -504,12 +509,12 @@ if triton is not None:
                                     dim, length, groups, heads, state, n_chunks, n_blocks,
                                     HAS_D: tl.constexpr, HAS_Z: tl.constexpr, HAS_BIAS: tl.constexpr,
                                     SOFTPLUS: tl.constexpr, HAS_INIT: tl.constexpr,
-                                    T: tl.constexpr, BLOCK_D: tl.constexpr, BLOCK_N: tl.constexpr):
+                                    T: tl.constexpr, BLOCK_D: tl.constexpr, BLOCK_N: tl.constexpr, ALIGN: tl.constexpr):
         # sequential layout: one program walks its channels' chunks from the last to the first, the adjoint
         # state carried in registers, the parameter gradients summed in registers
         pid_bg, pid_h = tl.program_id(0), tl.program_id(1)
         batch, chans, mask_d, offs_n, mask_n, rows, bc_rows = _block_offsets(
-            pid_bg, pid_h, dim, length, groups, heads, state, BLOCK_D, BLOCK_N)
+            pid_bg, pid_h, dim, length, groups, heads, state, BLOCK_D, BLOCK_N, ALIGN)
         mask_dn = mask_d[:, None] & mask_n[None, :]
         if HAS_INIT:  # the gradient of the last state enters after the last step
             lam = tl.load(init_ptr + (batch * dim + chans)[:, None] * state + offs_n[None, :], mask=mask_dn,
@@ -565,7 +570,8 @@ def _launch_shape(batch: int, dim: int, groups: int, state: int, length: int, la
     warps = WARPS or (4 if block_d * block_n * chunk <= 2048 else 8)
     return dict(heads=heads, block_d=block_d, block_n=block_n, chunk=chunk, warps=warps, layout=layout,
                 n_blocks=_cdiv(heads, block_d), n_chunks=_cdiv(length, chunk),
-                gradient_registers=GRADIENT_REGISTERS if layout == "parallel" else None)
+                gradient_registers=GRADIENT_REGISTERS if layout == "parallel" else None,
+                align=math.gcd(length, 4))
 
 
 def _carry(decay, value, init, reverse: bool, block_n: int):
@@ -600,7 +606,7 @@ class _TritonSelectiveScan(torch.autograd.Function):
         bias32 = delta_bias.float().contiguous() if delta_bias is not None else None
         dummy = A32  # never read: the HAS_* flags switch its loads off
         common = dict(HAS_BIAS=bias32 is not None, SOFTPLUS=bool(delta_softplus), T=s["chunk"],
-                      BLOCK_D=s["block_d"], BLOCK_N=s["block_n"], num_warps=s["warps"])
+                      BLOCK_D=s["block_d"], BLOCK_N=s["block_n"], ALIGN=s["align"], num_warps=s["warps"])
         f32 = dict(dtype=torch.float32, device=u.device)
         bias_arg = bias32 if bias32 is not None else dummy
         out = torch.empty_like(u)
@@ -637,7 +643,7 @@ class _TritonSelectiveScan(torch.autograd.Function):
         dummy = A32
         f32 = dict(dtype=torch.float32, device=u.device)
         flags = dict(HAS_Z=z is not None, HAS_BIAS=bias32 is not None, SOFTPLUS=softplus, T=s["chunk"],
-                     BLOCK_D=s["block_d"], BLOCK_N=s["block_n"], num_warps=s["warps"])
+                     BLOCK_D=s["block_d"], BLOCK_N=s["block_n"], ALIGN=s["align"], num_warps=s["warps"])
         z_arg, bias_arg = (z if z is not None else dummy), (bias32 if bias32 is not None else dummy)
         init = dlast.float().contiguous() if dlast is not None else None
         # Few host-side operations: at 16k steps the GPU work is short enough for launch overhead to
