@@ -59,9 +59,9 @@ def configure_triton(tiles: str) -> None:
     sequential layout (one program walks its chunks in order)."""
     import nnunet_logmamba.ssm.triton_kernel as tk
     form = re.fullmatch(r"(seq)?(\d+)x(\d+)(?:x(\d+))?(?:r(\d+))?", tiles)
-    if form is None or (form.group(1) and form.group(5)):
+    if form is None or (form.group(1) and form.group(5)) or not 24 <= int(form.group(5) or 24) <= 255:
         raise ValueError(f"triton sizes {tiles!r}: expected [seq]CHUNKxTILE[xWARPS][rREGISTERS] (the register cap "
-                         "only for the parallel layout), e.g. 64x4096, 64x4096r128 or seq128x2048x16")
+                         "24 to 255, only for the parallel layout), e.g. 64x4096, 64x4096r128 or seq128x2048x16")
     sequential, chunk, tile, warps, registers = form.groups()
     tk.LAYOUT = "sequential" if sequential else "parallel"
     if sequential:

@@ -1,18 +1,19 @@
 #!/usr/bin/env bash
 # Everything that needs a GPU, for a machine with one, in parts, the most urgent first (each step under its own
-# timeout):
-#   bash benchmarks/gpu_check.sh scan      (default, ~7 min) Triton parity on the device (both kernel layouts),
-#       the scan benchmark (torch / triton / mamba_ssm when installed), a sweep of the Triton sizes at 16k steps
-#   bash benchmarks/gpu_check.sh profile   (~8 min) a kernel-by-kernel profile, the other CUDA tests, a VEMamba
-#       and, where the plans of `python benchmarks/eval_hippocampus.py --prepare-only` exist, a LoG-VMamba training
-#       step per scan backend with AMP, and LoG-VMamba against the plain network
-#   bash benchmarks/gpu_check.sh all       scan, then profile (~14 min)
-#   bash benchmarks/gpu_check.sh hippocampus   (~14 min, needs those plans) the hippocampus 1000-step pairs
-# scan and profile each fit one 10-minute device call; hippocampus does not: start it in the background
-# (`nohup bash benchmarks/gpu_check.sh hippocampus &`) and collect its output in a later call. Writes under
-# ${OUT:-/tmp/gpu_check}; from the repository root. On a lent GPU machine, in the same call, first
-# `bash benchmarks/gpu_setup.sh install` (with the wheels of `gpu_setup.sh download` carried): its venv
-# (/tmp/gpu_venv) is then the default Python; elsewhere .venv (the README's install), or PYTHON=...
+# timeout). A lent machine goes back after 30 s idle, so each device call starts bare: the first sets up too.
+#   bash benchmarks/gpu_setup.sh install && bash benchmarks/gpu_check.sh scan    (at most 2.5 + 5.5 min) the scan
+#       benchmark (torch / triton / mamba_ssm) at 4k-64k steps and a sweep of the Triton sizes at 16k steps
+#   PYTHON=python3 PYTHONPATH=. bash benchmarks/gpu_check.sh parity    (at most 4 min, needs no setup: the machine's
+#       torch, triton and pytest) the Triton kernels against the torch backend on the device
+#   bash benchmarks/gpu_check.sh profile   (~8 min, after gpu_setup.sh install) a kernel-by-kernel profile, the
+#       other CUDA tests, a VEMamba and, with the hippocampus plans, a LoG-VMamba training step per scan backend
+#       with AMP, and LoG-VMamba against the plain network
+#   bash benchmarks/gpu_check.sh all       scan, parity, then profile
+#   bash benchmarks/gpu_check.sh hippocampus   (~14 min) the hippocampus 1000-step pairs, in ${HIPPOCAMPUS_WORK}_cuda,
+#       prepared there from the MSD task at HIPPOCAMPUS_SOURCE unless already done; longer than a device call:
+#       start it in the background (`nohup ... &`) and collect its output in a later call
+# Writes under ${OUT:-/tmp/gpu_check}; from the repository root. Python: PYTHON, else .venv (the README's install),
+# else the venv of gpu_setup.sh install (/tmp/gpu_venv).
 set -uo pipefail
 cd "$(dirname "$0")/.."
 out="${OUT:-/tmp/gpu_check}"
@@ -22,23 +23,28 @@ elif [ -x .venv/bin/python ]; then py=.venv/bin/python
 else py=${GPU_VENV:-/tmp/gpu_venv}/bin/python; fi
 work=${HIPPOCAMPUS_WORK:-/tmp/nnunet_logmamba_hippocampus}
 pre=$work/nnUNet_preprocessed/Dataset004_Hippocampus
+# the hippocampus part trains in its own folder, prepared there from the MSD task (HIPPOCAMPUS_SOURCE)
+source_task=${HIPPOCAMPUS_SOURCE:-/work/shared/data/med/Task04_Hippocampus}
 part=${1:-scan}
 case "$part" in
-  scan|profile|all) ;;
+  scan|parity|profile|all) ;;
   hippocampus)
-    if [ ! -d "$pre/nnUNetPlans_3d_fullres" ]; then
-      echo "no preprocessed hippocampus data at $pre: run python benchmarks/eval_hippocampus.py --prepare-only" \
-           "first" >&2
+    if [ ! -d "${work}_cuda/nnUNet_preprocessed/Dataset004_Hippocampus/nnUNetPlans_3d_fullres" ] \
+        && [ ! -f "$source_task/dataset.json" ]; then
+      echo "no hippocampus data: neither preprocessed data in ${work}_cuda nor the MSD task at $source_task" \
+           "(set HIPPOCAMPUS_SOURCE to the Task04_Hippocampus folder)" >&2
       exit 2
     fi ;;
-  *) echo "unknown part '$part': scan, profile, all or hippocampus" >&2; exit 2 ;;
+  *) echo "unknown part '$part': scan, parity, profile, all or hippocampus" >&2; exit 2 ;;
 esac
+if ! "$py" -c "import torch, nnunet_logmamba" 2> "$out/python_error.txt"; then
+  echo "$py cannot import torch and nnunet_logmamba ($(tail -n 1 "$out/python_error.txt")): run" \
+       "bash benchmarks/gpu_setup.sh install first, or set PYTHON" >&2
+  exit 2
+fi
 nvidia-smi > "$out/nvidia-smi.txt" 2>&1
 $py -m nnunet_logmamba doctor > "$out/doctor.txt" 2>&1
 if [ "$part" = scan ] || [ "$part" = all ]; then
-  # the Triton kernels against the torch backend on the device, both layouts
-  timeout 180 $py -m pytest -p no:cacheprovider -q -m cuda tests/test_selective_scan_triton.py \
-      > "$out/cuda_tests_triton.txt" 2>&1
   # the issue's comparison (the reference loop takes seconds per repeat on a GPU: left out)
   timeout 120 $py benchmarks/bench_scan.py --device cuda --lengths 4096 16384 --long 65536 --repeats 10 \
       --backends torch triton mamba_ssm > "$out/bench_scan_cuda.txt" 2>&1
@@ -48,6 +54,12 @@ if [ "$part" = scan ] || [ "$part" = all ]; then
       --triton-tiles 64x4096r128 16x4096r128 32x4096r128 16x4096 32x4096 32x2048x8 seq256x4096 seq64x1024 \
       seq128x2048x16 \
       > "$out/bench_scan_sweep_cuda.txt" 2>&1
+fi
+if [ "$part" = parity ] || [ "$part" = all ]; then
+  # the Triton kernels against the torch backend on the device, both layouts, with and without the register cap
+  # (40 cases, each compiled on a fresh machine; a timeout still leaves pytest's progress)
+  timeout 240 $py -m pytest -p no:cacheprovider -q -m cuda tests/test_selective_scan_triton.py \
+      > "$out/cuda_tests_triton.txt" 2>&1
 fi
 if [ "$part" = profile ] || [ "$part" = all ]; then
   # where a step's time goes (kernels against host work), kernel by kernel: the default, the register-capped
@@ -71,7 +83,8 @@ fi
 if [ "$part" = hippocampus ]; then
   # the 1000-step pairs of benchmarks/results/hippocampus_gpu.md (AMP, 2 augmentation workers per training), in
   # their own work folder (prepared there), so that no CPU checkpoint of the same trainers is continued
-  timeout 840 $py benchmarks/eval_hippocampus.py --work "${work}_cuda" --device cuda --folds 0 1 --parallel 4 \
+  timeout 840 $py benchmarks/eval_hippocampus.py --work "${work}_cuda" --source "$source_task" --device cuda \
+      --folds 0 1 --parallel 4 \
       --da-processes 2 --trainers nnUNetTrainer_40epochs_25iters nnUNetTrainerLoGVMamba_40epochs_25iters \
       --out "$out/hippocampus_gpu_1000.md" > "$out/hippocampus_gpu.txt" 2>&1
 fi

@@ -3,15 +3,18 @@
 # but not nnU-Net and its dependencies or mamba-ssm, and they cannot download anything. So:
 #   bash benchmarks/gpu_setup.sh download    here, with the package registries: the wheels the GPU image lacks
 #       (versions of constraints.txt, for its Python 3.12), the mamba-ssm sdist and the hippocampus plans (if
-#       prepared here), into .whl/ (about 30 MB),
-#       and SimpleITK (53 MB; only nnU-Net's trainers and 4 test modules import it) into .whl-simpleitk/,
-#       both git-ignored through .git/info/exclude
-#   bash benchmarks/gpu_setup.sh install     there (device `run`, carry [".whl"], or [".whl-simpleitk"] in a
-#       separate call: the 64 MiB carry limit): a venv at $GPU_VENV (default /tmp/gpu_venv) that sees the machine's
-#       own packages, the carried wheels installed into it, this checkout on its path with the nnU-Net start-up
-#       hook, and mamba-ssm's selective scan built for the GPU, fp32 (benchmarks/build_mamba_ssm_scan.py, about 2
-#       min with 8 nvcc jobs). Runs again in seconds: what is there is kept.
-# Then, in the same call (a fresh machine is bare):  PYTHON=/tmp/gpu_venv/bin/python bash benchmarks/gpu_check.sh scan
+#       prepared here), into .whl/ (about 30 MB), and SimpleITK into .whl-simpleitk/ (53 MB), both git-ignored
+#       through .git/info/exclude
+#   bash benchmarks/gpu_setup.sh install     there (device `run` with carry [".whl"]): a venv at $GPU_VENV (default
+#       /tmp/gpu_venv) that sees the machine's own packages, the carried wheels installed into it, this checkout on
+#       its path with the nnU-Net start-up hook, and mamba-ssm's selective scan built for the GPU, fp32
+#       (benchmarks/build_mamba_ssm_scan.py, about 2 min with 8 nvcc jobs; a failed build is reported and skipped).
+#       Runs again in seconds: what is there is kept. SimpleITK does not fit in the same call (64 MiB carried at
+#       most): what imports it (nnU-Net's trainers: one CUDA test of `gpu_check.sh profile`, its `hippocampus`
+#       part) needs a call that carries [".whl-simpleitk"] and installs from it, on the same warm machine.
+# A lent machine goes back after 30 s idle, so install goes in the same device call as what needs it:
+#   bash benchmarks/gpu_setup.sh install && bash benchmarks/gpu_check.sh scan   (gpu_check's default Python is
+#   that venv)
 set -euo pipefail
 cd "$(dirname "$0")/.."
 step=${1:-}
@@ -40,13 +43,25 @@ case "$step" in
   download)
     py=${PYTHON:-.venv/bin/python}
     mkdir -p .git/info .whl .whl-simpleitk
-    for d in /.whl/ /.whl-simpleitk/; do grep -qxF "$d" .git/info/exclude 2>/dev/null || echo "$d" >> .git/info/exclude; done
+    for d in /.whl/ /.whl-simpleitk/; do
+      grep -qxF "$d" .git/info/exclude 2>/dev/null || echo "$d" >> .git/info/exclude
+    done
     for name in $WHEELS; do
       spec=$(pinned "$name")
       # a binary wheel for the device's Python 3.12; pure-Python packages published as sdists only are built here
-      $py -m pip download -q --no-deps --only-binary=:all: --python-version 3.12 --implementation cp $PLATFORMS \
-          -d .whl "$spec" 2>/dev/null || $py -m pip wheel -q --no-deps -w .whl "$spec"
+      if ! $py -m pip download -q --no-deps --only-binary=:all: --python-version 3.12 --implementation cp \
+          $PLATFORMS -d .whl "$spec" 2> .whl/download_error.txt; then
+        built=$(mktemp -d)
+        $py -m pip wheel -q --no-deps -w "$built" "$spec"
+        if ! ls "$built"/*-none-any.whl > /dev/null 2>&1; then   # built for this Python: useless on the device
+          echo "no wheel of $spec for Python 3.12 ($(tail -n 1 .whl/download_error.txt)), and it is not pure" \
+               "Python" >&2
+          exit 1
+        fi
+        mv "$built"/*.whl .whl/ && rmdir "$built"
+      fi
     done
+    rm -f .whl/download_error.txt
     $py -m pip download -q --no-deps --no-binary :all: --no-build-isolation -d .whl "$MAMBA_SSM"
     $py -m pip download -q --no-deps --only-binary=:all: --python-version 3.12 --implementation cp $PLATFORMS \
         -d .whl-simpleitk "$(pinned simpleitk)"
@@ -62,13 +77,12 @@ case "$step" in
     ;;
   install)
     py=${PYTHON:-python3}
-    if [ ! -x "$venv/bin/python" ]; then
-      # --without-pip: the venv borrows the machine's pip (and torch, triton, ...) through a .pth of its site folders
-      $py -m venv --without-pip "$venv"
-      site=$("$venv/bin/python" -c "import sysconfig; print(sysconfig.get_paths()['purelib'])")
-      $py -c "import site; print('\n'.join(site.getsitepackages()))" > "$site/gpu_machine_site.pth"
-    fi
+    [ -x "$venv/bin/python" ] || $py -m venv --without-pip "$venv"
     site=$("$venv/bin/python" -c "import sysconfig; print(sysconfig.get_paths()['purelib'])")
+    # --without-pip: the venv borrows the machine's pip (and torch, triton, ...) through its site folders, added
+    # with their own .pth files processed; rewritten on every run, so that an interrupted first run heals
+    $py -c "import site; print('\n'.join(f'import site; site.addsitedir({p!r})' for p in site.getsitepackages()))" \
+        > "$site/gpu_machine_site.pth"
     pwd > "$site/bioimage_mamba_checkout.pth"                      # this checkout, as an editable install has it
     cp startup_hook/nnunet_logmamba_startup.pth startup_hook/_nnunet_logmamba_startup.py "$site/"
     for d in .whl .whl-simpleitk; do
@@ -76,13 +90,14 @@ case "$step" in
         "$venv/bin/python" -m pip install -q --no-index --no-deps --no-compile --no-cache-dir "$d"/*.whl
       fi
     done
+    if [ -f .whl/hippocampus_plans/nnUNetPlans.json ] && [ ! -f "$pre/nnUNetPlans.json" ]; then
+      mkdir -p "$pre" && cp .whl/hippocampus_plans/*.json "$pre/"
+    fi
+    # mamba-ssm's scan, for the comparison: optional, so a failed build leaves the rest of the setup in place
     sdist=$(ls .whl/mamba_ssm-*.tar.gz 2>/dev/null | head -n 1 || true)
     if [ -n "$sdist" ] && [ ! -f /tmp/mamba_ssm_build/selective_scan_cuda.so ]; then
       MAX_JOBS=${MAX_JOBS:-8} "$venv/bin/python" benchmarks/build_mamba_ssm_scan.py --sdist "$sdist" \
-          --out /tmp/mamba_ssm_build
-    fi
-    if [ -f .whl/hippocampus_plans/nnUNetPlans.json ] && [ ! -f "$pre/nnUNetPlans.json" ]; then
-      mkdir -p "$pre" && cp .whl/hippocampus_plans/*.json "$pre/"
+          --out /tmp/mamba_ssm_build || echo "mamba-ssm's scan did not build: gpu_check.sh runs without it" >&2
     fi
     if [ -f /tmp/mamba_ssm_build/selective_scan_cuda.so ]; then
       echo /tmp/mamba_ssm_build > "$site/mamba_ssm_build.pth"

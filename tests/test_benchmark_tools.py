@@ -80,7 +80,7 @@ def test_triton_sizes_and_layout_from_the_tuning_string(monkeypatch):
     assert (tk.LAYOUT, tk.CHUNK, tk.TILE, tk.WARPS, tk.GRADIENT_REGISTERS) == ("parallel", 32, 4096, 8, 96)
     bench_scan.configure_triton("32x4096")
     assert (tk.LAYOUT, tk.CHUNK, tk.TILE, tk.WARPS, tk.GRADIENT_REGISTERS) == ("parallel", 32, 4096, None, None)
-    for bad in ("seq256", "64x4096x8x2", "64xlots", "seq64x1024r128", "64x4096r"):
+    for bad in ("seq256", "64x4096x8x2", "64xlots", "seq64x1024r128", "64x4096r", "64x4096r0", "64x4096r300"):
         with pytest.raises(ValueError, match=r"\[seq\]CHUNKxTILE\[xWARPS\]\[rREGISTERS\]"):
             bench_scan.configure_triton(bad)
 
@@ -108,22 +108,33 @@ def test_training_step_benchmark_times_each_backend_in_its_own_process(tmp_path)
 
 def test_mamba_ssm_build_stubs_exactly_the_kernels_it_leaves_out(monkeypatch):
     """selective_scan.cpp dispatches u's dtype (fp32, fp16, bf16) x A's (real, complex) each way; the fp32 build
-    compiles three of those twelve kernels (fwd fp32 real and complex, bwd fp32 real) and must define the other
-    nine as stubs: one missing gives an undefined symbol at import, one twice a duplicate symbol at link."""
+    compiles some of those twelve kernels (mamba-ssm 2.3: fwd fp32 real and complex, bwd fp32 real, read from the
+    sources' explicit instantiations) and must define the others as stubs: one missing gives an undefined symbol
+    at import, one twice a duplicate symbol at link."""
     monkeypatch.syspath_prepend(str(BENCHMARKS))
     import build_mamba_ssm_scan as build
+    sources = ["// fwd fp32\ntemplate void selective_scan_fwd_cuda<float, float>(SSMParamsBase &params, "
+               "cudaStream_t stream);\ntemplate void selective_scan_fwd_cuda<float, complex_t>(SSMParamsBase &params, "
+               "cudaStream_t stream);",
+               "template void selective_scan_bwd_cuda<float, float>(SSMParamsBwd &params, cudaStream_t stream);",
+               "template<typename input_t, typename weight_t>\nvoid selective_scan_fwd_cuda(SSMParamsBase &params, "
+               "cudaStream_t stream);  // a declaration, as in selective_scan.cpp: not an instantiation"]
+    missing = build.missing_kernels(sources)
     every = {(way, i, w) for way in ("fwd", "bwd") for i in ("float", "at::Half", "at::BFloat16")
              for w in ("float", "complex_t")}
     compiled = {("fwd", "float", "float"), ("fwd", "float", "complex_t"), ("bwd", "float", "float")}
-    assert {"selective_scan_fwd_fp32.cu", "selective_scan_bwd_fp32_real.cu"} < set(build.FP32_SOURCES)
-    stubbed = {(way, i, w) for way, pairs in build.MISSING.items() for i, w in pairs}
-    assert stubbed == every - compiled and sum(map(len, build.MISSING.values())) == len(stubbed)
-    source = build.stub_source()
+    stubbed = {(way, i, w) for way, pairs in missing.items() for i, w in pairs}
+    assert stubbed == every - compiled and sum(map(len, missing.values())) == 9
+    source = build.stub_source(missing)
     params = {"fwd": "SSMParamsBase", "bwd": "SSMParamsBwd"}
     for way, i, w in stubbed:
         assert f"template void selective_scan_{way}_cuda<{i}, {w}>({params[way]} &, cudaStream_t);" in source
     assert source.count("TORCH_CHECK(false") == 2      # one generic body each way, naming this build
     assert not any(f"selective_scan_{way}_cuda<{i}, {w}>" in source for way, i, w in compiled)
+    # another release's dtypes, or sources without any instantiation, are refused rather than guessed at
+    for odd in (["template void selective_scan_fwd_cuda<at::Float8, float>(SSMParamsBase &, cudaStream_t);"], []):
+        with pytest.raises(SystemExit, match="unexpected kernel instantiations"):
+            build.missing_kernels(odd)
 
 
 def test_mamba_ssm_build_refuses_what_is_not_its_sdist(tmp_path):
@@ -159,14 +170,25 @@ def test_gpu_setup_wheels_are_pinned_and_unknown_steps_refused():
 
 
 def test_gpu_check_refuses_unknown_parts_and_missing_hippocampus_data(tmp_path):
-    env = {**os.environ, "OUT": str(tmp_path / "out"), "HIPPOCAMPUS_WORK": str(tmp_path / "work")}
+    env = {**os.environ, "OUT": str(tmp_path / "out"), "HIPPOCAMPUS_WORK": str(tmp_path / "work"),
+           "HIPPOCAMPUS_SOURCE": str(tmp_path / "no_task")}
     script = str(BENCHMARKS / "gpu_check.sh")
     unknown = subprocess.run(["bash", script, "scna"], capture_output=True, text=True, env=env)
     assert unknown.returncode == 2 and "unknown part 'scna'" in unknown.stderr
-    # plans alone (what gpu_setup.sh carries for the training-step benchmark) are not the data a training needs
-    plans = tmp_path / "work" / "nnUNet_preprocessed" / "Dataset004_Hippocampus"
-    plans.mkdir(parents=True)
-    (plans / "nnUNetPlans.json").write_text("{}")
+    # plans alone (what gpu_setup.sh carries for the training-step benchmark) are not the data a training needs,
+    # and the training runs in its own folder (work + "_cuda"), prepared from the MSD task
+    for work in ("work", "work_cuda"):
+        plans = tmp_path / work / "nnUNet_preprocessed" / "Dataset004_Hippocampus"
+        plans.mkdir(parents=True)
+        (plans / "nnUNetPlans.json").write_text("{}")
     no_data = subprocess.run(["bash", script, "hippocampus"], capture_output=True, text=True, env=env)
-    assert no_data.returncode == 2 and "--prepare-only" in no_data.stderr
+    assert no_data.returncode == 2 and "HIPPOCAMPUS_SOURCE" in no_data.stderr and "no_task" in no_data.stderr
     assert not (tmp_path / "out" / "nvidia-smi.txt").exists()      # refused before running anything
+
+
+def test_gpu_check_refuses_a_python_without_the_project(tmp_path):
+    env = {**os.environ, "OUT": str(tmp_path / "out"), "PYTHON": str(tmp_path / "missing" / "python")}
+    done = subprocess.run(["bash", str(BENCHMARKS / "gpu_check.sh"), "scan"], capture_output=True, text=True,
+                          env=env)
+    assert done.returncode == 2 and "gpu_setup.sh install" in done.stderr
+    assert not (tmp_path / "out" / "nvidia-smi.txt").exists()

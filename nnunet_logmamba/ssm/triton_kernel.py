@@ -144,8 +144,9 @@ if triton is not None:
     def _block_offsets(pid_bg, pid_h, dim, length, groups, heads, state,
                        BLOCK_D: tl.constexpr, BLOCK_N: tl.constexpr, ALIGN: tl.constexpr):
         # A (batch x group, channel block)'s offsets: channels (BLOCK_D,), states (BLOCK_N,), the rows of
-        # u/delta/z and of B/C. ALIGN divides the length: Triton itself only knows a length divisible by 16, and
-        # the rows' alignment decides whether B and C load 4 steps per thread (see _per_channel).
+        # u/delta/z and of B/C. ALIGN (gcd(length, 16)) divides the length: Triton itself marks only a length
+        # divisible by 16, the hint replaces what it infers (hence up to 16, not 4: 16-byte loads of bf16), and the
+        # rows' alignment decides whether B and C load 4 steps per thread (see _per_channel).
         batch, grp = pid_bg // groups, pid_bg % groups
         offs_h = pid_h * BLOCK_D + tl.arange(0, BLOCK_D)
         mask_d = offs_h < heads
@@ -195,14 +196,15 @@ if triton is not None:
     def _per_channel(ptr, bc_rows, t, mask_d, mask_n, length):
         # B or C at steps t as a (channels, state, T) tile, the same values for every channel, loaded per channel
         # (cache hits). Why: Triton lays out the (channels, state, T) arithmetic like this load, 4 contiguous
-        # steps per thread (one 16-byte load), so the scans over a chunk run 4 steps within each thread and the
-        # rest within one warp. Broadcasting a (state, T) tile left the default layout, one step per lane over 32
+        # steps per thread, so the scans over a chunk run 4 steps within each thread and the rest within one
+        # warp. Broadcasting a (state, T) tile left the default layout, one step per lane over 32
         # lanes and 2 warps: every scan level a shuffle, the last one a barrier (2-3.5x the shuffles). Loaded as
         # (state, channels, T) and permuted, so that warps split the channels as well as the states and fewer
-        # threads repeat the (channels, T) tiles (151 registers instead of 215 in the gradient kernel). The
-        # 4-step loads need rows aligned to 16 bytes, which the kernels know when the length is a multiple of 4
-        # (ALIGN); other lengths get the default layout (same results). 0 at masked channels, padded states, past
-        # the end.
+        # threads repeat the (channels, T) tiles (151 registers instead of 215 in the gradient kernel). That
+        # layout needs rows aligned to 16 bytes, which the kernels know when the length is a multiple of 4
+        # (ALIGN); other lengths get the default layout (same results). The 4 steps are one 16-byte load where
+        # the length is a multiple of 16; otherwise 4 loads (Triton cannot tell that the end-of-sequence mask is
+        # the same for all 4). 0 at masked channels, padded states, past the end.
         rows = (bc_rows[:, None] + t[None, :])[:, None, :] + 0 * mask_d.to(tl.int32)[None, :, None]
         inside = (mask_n[:, None] & (t[None, :] < length))[:, None, :] & mask_d[None, :, None]
         return tl.permute(tl.load(ptr + rows, mask=inside, other=0.0).to(tl.float32), (1, 0, 2))
@@ -571,7 +573,7 @@ def _launch_shape(batch: int, dim: int, groups: int, state: int, length: int, la
     return dict(heads=heads, block_d=block_d, block_n=block_n, chunk=chunk, warps=warps, layout=layout,
                 n_blocks=_cdiv(heads, block_d), n_chunks=_cdiv(length, chunk),
                 gradient_registers=GRADIENT_REGISTERS if layout == "parallel" else None,
-                align=math.gcd(length, 4))
+                align=math.gcd(length, 16))
 
 
 def _carry(decay, value, init, reverse: bool, block_n: int):
