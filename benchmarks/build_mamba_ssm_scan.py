@@ -115,6 +115,11 @@ def main(argv=None) -> None:
     if not args.sdist.is_file():
         raise SystemExit(f"no sdist at {args.sdist}: download it with: pip download --no-deps --no-binary :all: "
                          "--no-build-isolation mamba-ssm==2.3.2.post1")
+    out = args.out.expanduser().resolve()
+    if out == Path(out.anchor) or (out.exists() and not set(p.name for p in out.iterdir()) <= {
+            "mamba_ssm", "selective_scan_cuda.so"}):
+        raise SystemExit(f"--out {args.out}: give a folder of its own (new, or an earlier build of this script); "
+                         "it is replaced as a whole")
     top = source_root(args.sdist)
     if not os.environ.get("CUDA_HOME") and Path("/usr/local/cuda/bin/nvcc").exists():
         # torch would otherwise derive it from the nvcc on PATH, which may be a wrapper outside the toolkit
@@ -124,7 +129,7 @@ def main(argv=None) -> None:
     from torch.utils.cpp_extension import load
 
     arch = args.arch or default_arch()
-    args.out.parent.mkdir(parents=True, exist_ok=True)
+    out.parent.mkdir(parents=True, exist_ok=True)
     with tempfile.TemporaryDirectory() as tmp:
         with tarfile.open(args.sdist) as archive:
             archive.extractall(tmp, filter="data")
@@ -142,17 +147,17 @@ def main(argv=None) -> None:
              build_directory=str(build), verbose=False, is_python_module=True)
         built = next(build.glob("selective_scan_cuda*.so"))
         # assembled next to the destination and checked there: a build that does not import is never installed
-        staging = args.out.with_name(args.out.name + ".partial")
+        staging = out.with_name(out.name + ".partial")
         shutil.rmtree(staging, ignore_errors=True)
         shutil.copytree(root / "mamba_ssm", staging / "mamba_ssm")
         shutil.copy2(built, staging / "selective_scan_cuda.so")
     error = import_check(staging)
     if error:
         shutil.rmtree(staging, ignore_errors=True)
-        sys.exit(f"mamba-ssm's scan built, but does not import: {error}; nothing installed at {args.out}")
-    shutil.rmtree(args.out, ignore_errors=True)
-    os.replace(staging, args.out)
-    print(f"mamba-ssm's selective scan (fp32, sm_{arch}) is ready: export PYTHONPATH={args.out}:$PYTHONPATH")
+        sys.exit(f"mamba-ssm's scan built, but does not import: {error}; nothing installed at {out}")
+    shutil.rmtree(out, ignore_errors=True)
+    os.replace(staging, out)
+    print(f"mamba-ssm's selective scan (fp32, sm_{arch}) is ready: export PYTHONPATH={out}:$PYTHONPATH")
 
 
 if __name__ == "__main__":

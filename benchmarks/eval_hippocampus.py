@@ -55,7 +55,11 @@ def nnunet_env(work: str, training: bool = False, threads: int = 1, seed: int | 
 
 
 def prepare(source: str, work: str, log) -> None:
-    if os.path.isfile(os.path.join(work, "nnUNet_preprocessed", DATASET, "nnUNetPlans.json")):
+    done = os.path.join(work, "nnUNet_preprocessed", DATASET)
+    # the plans are written before the data: an interrupted preprocessing has them and no (or no full) data folder
+    if os.path.isfile(os.path.join(done, "nnUNetPlans.json")) and any(
+            name.startswith("nnUNetPlans_") and os.listdir(os.path.join(done, name))
+            for name in (os.listdir(done) if os.path.isdir(done) else [])):
         print("already prepared:", work)
         return
     if not os.path.isfile(os.path.join(source, "dataset.json")):

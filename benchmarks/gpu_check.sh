@@ -10,8 +10,9 @@
 #       with AMP, and LoG-VMamba against the plain network
 #   bash benchmarks/gpu_check.sh all       scan, parity, then profile
 #   bash benchmarks/gpu_check.sh hippocampus   (~14 min) the hippocampus 1000-step pairs, in ${HIPPOCAMPUS_WORK}_cuda,
-#       prepared there from the MSD task at HIPPOCAMPUS_SOURCE unless already done; longer than a device call:
-#       start it in the background (`nohup ... &`) and collect its output in a later call
+#       prepared there from the MSD task at HIPPOCAMPUS_SOURCE unless already done; longer than a device call and
+#       than a session's 15 device minutes, and its data (24 MB) and SimpleITK (53 MB) do not travel with the
+#       wheels in one call: it does not fit a lent machine as lent today (2026-12), only a GPU machine of one's own
 # Writes under ${OUT:-/tmp/gpu_check}; from the repository root. Python: PYTHON, else .venv (the README's install),
 # else the venv of gpu_setup.sh install (/tmp/gpu_venv).
 set -uo pipefail
@@ -37,13 +38,16 @@ case "$part" in
     fi ;;
   *) echo "unknown part '$part': scan, parity, profile, all or hippocampus" >&2; exit 2 ;;
 esac
-if ! "$py" -c "import torch, nnunet_logmamba" 2> "$out/python_error.txt"; then
+# -P: the check must not find this checkout through the current folder, which the benchmark scripts do not see
+if ! "$py" -P -c "import torch, nnunet_logmamba" 2> "$out/python_error.txt"; then
   echo "$py cannot import torch and nnunet_logmamba ($(tail -n 1 "$out/python_error.txt")): run" \
        "bash benchmarks/gpu_setup.sh install first, or set PYTHON" >&2
   exit 2
 fi
 nvidia-smi > "$out/nvidia-smi.txt" 2>&1
-$py -m nnunet_logmamba doctor > "$out/doctor.txt" 2>&1
+if [ "$part" != parity ]; then   # doctor needs nnU-Net, which parity's bare machine Python lacks
+  $py -m nnunet_logmamba doctor > "$out/doctor.txt" 2>&1
+fi
 if [ "$part" = scan ] || [ "$part" = all ]; then
   # the issue's comparison (the reference loop takes seconds per repeat on a GPU: left out)
   timeout 120 $py benchmarks/bench_scan.py --device cuda --lengths 4096 16384 --long 65536 --repeats 10 \

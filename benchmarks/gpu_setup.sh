@@ -52,13 +52,16 @@ case "$step" in
       if ! $py -m pip download -q --no-deps --only-binary=:all: --python-version 3.12 --implementation cp \
           $PLATFORMS -d .whl "$spec" 2> .whl/download_error.txt; then
         built=$(mktemp -d)
-        $py -m pip wheel -q --no-deps -w "$built" "$spec"
-        if ! ls "$built"/*-none-any.whl > /dev/null 2>&1; then   # built for this Python: useless on the device
-          echo "no wheel of $spec for Python 3.12 ($(tail -n 1 .whl/download_error.txt)), and it is not pure" \
-               "Python" >&2
+        trap 'rm -rf "$built"' EXIT
+        if ! $py -m pip wheel -q --no-deps -w "$built" "$spec" \
+            || ! ls "$built"/*-none-any.whl > /dev/null 2>&1; then   # built for this Python: useless there
+          echo "no wheel of $spec for Python 3.12 ($(tail -n 1 .whl/download_error.txt)), and no pure-Python" \
+               "one built here" >&2
           exit 1
         fi
-        mv "$built"/*.whl .whl/ && rmdir "$built"
+        mv "$built"/*.whl .whl/
+        rm -rf "$built"
+        trap - EXIT
       fi
     done
     rm -f .whl/download_error.txt
@@ -85,6 +88,10 @@ case "$step" in
         > "$site/gpu_machine_site.pth"
     pwd > "$site/bioimage_mamba_checkout.pth"                      # this checkout, as an editable install has it
     cp startup_hook/nnunet_logmamba_startup.pth startup_hook/_nnunet_logmamba_startup.py "$site/"
+    if ! ls .whl/*.whl > /dev/null 2>&1; then
+      echo "no wheels in .whl: run gpu_setup.sh download here, and carry [\".whl\"] in the device call" >&2
+      exit 1
+    fi
     for d in .whl .whl-simpleitk; do
       if ls "$d"/*.whl > /dev/null 2>&1; then
         "$venv/bin/python" -m pip install -q --no-index --no-deps --no-compile --no-cache-dir "$d"/*.whl
@@ -95,14 +102,23 @@ case "$step" in
     fi
     # mamba-ssm's scan, for the comparison: optional, so a failed build leaves the rest of the setup in place
     sdist=$(ls .whl/mamba_ssm-*.tar.gz 2>/dev/null | head -n 1 || true)
-    if [ -n "$sdist" ] && [ ! -f /tmp/mamba_ssm_build/selective_scan_cuda.so ]; then
-      MAX_JOBS=${MAX_JOBS:-8} "$venv/bin/python" benchmarks/build_mamba_ssm_scan.py --sdist "$sdist" \
-          --out /tmp/mamba_ssm_build || echo "mamba-ssm's scan did not build: gpu_check.sh runs without it" >&2
+    # (a failed build is not retried on this machine unless MAMBA_SSM_RETRY=1: it costs minutes each time)
+    if [ -n "$sdist" ] && [ ! -f /tmp/mamba_ssm_build/selective_scan_cuda.so ] \
+        && { [ ! -f /tmp/mamba_ssm_build.failed ] || [ "${MAMBA_SSM_RETRY:-0}" = 1 ]; }; then
+      if ! MAX_JOBS=${MAX_JOBS:-8} "$venv/bin/python" benchmarks/build_mamba_ssm_scan.py --sdist "$sdist" \
+          --out /tmp/mamba_ssm_build 2> /tmp/mamba_ssm_build.failed; then
+        echo "mamba-ssm's scan did not build ($(tail -n 1 /tmp/mamba_ssm_build.failed)): gpu_check.sh runs" \
+             "without it" >&2
+      else
+        rm -f /tmp/mamba_ssm_build.failed
+      fi
     fi
     if [ -f /tmp/mamba_ssm_build/selective_scan_cuda.so ]; then
       echo /tmp/mamba_ssm_build > "$site/mamba_ssm_build.pth"
     fi
-    "$venv/bin/python" -m nnunet_logmamba doctor | head -n 30 || true
+    # doctor's summary: the scan backends and the status (its list of trainers left out)
+    "$venv/bin/python" -m nnunet_logmamba doctor > /tmp/gpu_setup_doctor.txt 2>&1 || true
+    grep -v '^  ok ' /tmp/gpu_setup_doctor.txt | tail -n 15
     ;;
   *)
     echo "usage: bash benchmarks/gpu_setup.sh download|install (see the top of this file)" >&2

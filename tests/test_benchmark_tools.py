@@ -80,7 +80,9 @@ def test_triton_sizes_and_layout_from_the_tuning_string(monkeypatch):
     assert (tk.LAYOUT, tk.CHUNK, tk.TILE, tk.WARPS, tk.GRADIENT_REGISTERS) == ("parallel", 32, 4096, 8, 96)
     bench_scan.configure_triton("32x4096")
     assert (tk.LAYOUT, tk.CHUNK, tk.TILE, tk.WARPS, tk.GRADIENT_REGISTERS) == ("parallel", 32, 4096, None, None)
-    for bad in ("seq256", "64x4096x8x2", "64xlots", "seq64x1024r128", "64x4096r", "64x4096r0", "64x4096r300"):
+    bench_scan.configure_triton("64x4096r24")
+    assert tk.GRADIENT_REGISTERS == 24
+    for bad in ("seq256", "64x4096x8x2", "64xlots", "seq64x1024r128", "64x4096r", "64x4096r23", "64x4096r256"):
         with pytest.raises(ValueError, match=r"\[seq\]CHUNKxTILE\[xWARPS\]\[rREGISTERS\]"):
             bench_scan.configure_triton(bad)
 
@@ -153,6 +155,13 @@ def test_mamba_ssm_build_refuses_what_is_not_its_sdist(tmp_path):
                               capture_output=True, text=True)
         assert done.returncode != 0 and "is not a mamba-ssm sdist" in done.stderr and why in done.stderr
     assert not (tmp_path / "out").exists()                 # refused before anything was written
+    # --out is replaced as a whole: a folder holding anything else is refused, before the compile, and kept
+    (tmp_path / "mine").mkdir()
+    (tmp_path / "mine" / "notes.txt").write_text("keep")
+    done = subprocess.run([sys.executable, script, "--sdist", str(foreign), "--out", str(tmp_path / "mine")],
+                          capture_output=True, text=True)
+    assert done.returncode != 0 and "folder of its own" in done.stderr
+    assert (tmp_path / "mine" / "notes.txt").read_text() == "keep"
 
 
 def test_gpu_setup_wheels_are_pinned_and_unknown_steps_refused():
