@@ -32,6 +32,8 @@ FP32_SOURCES = ("selective_scan.cpp", "selective_scan_fwd_fp32.cu", "selective_s
 #: the kernels selective_scan.cpp's dtype dispatch refers to, each way: u's dtype x A's (real or complex)
 DISPATCHED = {way: [(i, w) for i in ("float", "at::Half", "at::BFloat16") for w in ("float", "complex_t")]
               for way in ("fwd", "bwd")}
+#: how to get the sdist, for the errors that need it
+DOWNLOAD = "pip download --no-deps --no-binary :all: --no-build-isolation mamba-ssm==2.3.2.post1"
 INSTANTIATION = re.compile(r"template\s+void\s+selective_scan_(fwd|bwd)_cuda<\s*([\w:]+)\s*,\s*([\w:]+)\s*>")
 #: nvcc flags of mamba-ssm 2.3's setup.py, its -gencode list replaced by one architecture and without its
 #: -std=c++17: torch adds the standard its headers need (C++20 from torch 2.10 on some builds)
@@ -91,8 +93,7 @@ def source_root(sdist: Path) -> str:
     roots = {n.split("/")[0] for n in names if "/csrc/selective_scan/" in n} & \
         {n.split("/")[0] for n in names if "/mamba_ssm/" in n}
     if len(roots) != 1:
-        raise SystemExit(f"{sdist} is not a mamba-ssm sdist: {reason}. Download one with: pip download --no-deps "
-                         "--no-binary :all: --no-build-isolation mamba-ssm==2.3.2.post1")
+        raise SystemExit(f"{sdist} is not a mamba-ssm sdist: {reason}. Download one with: {DOWNLOAD}")
     return roots.pop()
 
 
@@ -113,8 +114,7 @@ def main(argv=None) -> None:
     parser.add_argument("--arch", type=int, default=None, help="compute capability x 10 (default: the GPU's, else 90)")
     args = parser.parse_args(argv)
     if not args.sdist.is_file():
-        raise SystemExit(f"no sdist at {args.sdist}: download it with: pip download --no-deps --no-binary :all: "
-                         "--no-build-isolation mamba-ssm==2.3.2.post1")
+        raise SystemExit(f"no sdist at {args.sdist}: download it with: {DOWNLOAD}")
     out = args.out.expanduser().resolve()
     if out == Path(out.anchor) or (out.exists() and not set(p.name for p in out.iterdir()) <= {
             "mamba_ssm", "selective_scan_cuda.so"}):

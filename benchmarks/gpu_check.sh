@@ -26,11 +26,12 @@ work=${HIPPOCAMPUS_WORK:-/tmp/nnunet_logmamba_hippocampus}
 pre=$work/nnUNet_preprocessed/Dataset004_Hippocampus
 # the hippocampus part trains in its own folder, prepared there from the MSD task (HIPPOCAMPUS_SOURCE)
 source_task=${HIPPOCAMPUS_SOURCE:-/work/shared/data/med/Task04_Hippocampus}
+cuda_pre=${work}_cuda/nnUNet_preprocessed/Dataset004_Hippocampus
 part=${1:-scan}
 case "$part" in
   scan|parity|profile|all) ;;
   hippocampus)
-    if [ ! -d "${work}_cuda/nnUNet_preprocessed/Dataset004_Hippocampus/nnUNetPlans_3d_fullres" ] \
+    if [ ! -d "$cuda_pre/nnUNetPlans_3d_fullres" ] \
         && [ ! -f "$source_task/dataset.json" ]; then
       echo "no hippocampus data: neither preprocessed data in ${work}_cuda nor the MSD task at $source_task" \
            "(set HIPPOCAMPUS_SOURCE to the Task04_Hippocampus folder)" >&2

@@ -39,6 +39,11 @@ pinned() {  # name -> name==version from constraints.txt (names compared as pip 
   echo "no pin for $1 in constraints.txt" >&2; return 1
 }
 
+device_wheel() {  # folder, spec: the binary wheel of spec for the device's Python 3.12
+  $py -m pip download -q --no-deps --only-binary=:all: --python-version 3.12 --implementation cp $PLATFORMS \
+      -d "$1" "$2"
+}
+
 case "$step" in
   download)
     py=${PYTHON:-.venv/bin/python}
@@ -49,8 +54,7 @@ case "$step" in
     for name in $WHEELS; do
       spec=$(pinned "$name")
       # a binary wheel for the device's Python 3.12; pure-Python packages published as sdists only are built here
-      if ! $py -m pip download -q --no-deps --only-binary=:all: --python-version 3.12 --implementation cp \
-          $PLATFORMS -d .whl "$spec" 2> .whl/download_error.txt; then
+      if ! device_wheel .whl "$spec" 2> .whl/download_error.txt; then
         built=$(mktemp -d)
         trap 'rm -rf "$built"' EXIT
         if ! $py -m pip wheel -q --no-deps -w "$built" "$spec" \
@@ -66,8 +70,7 @@ case "$step" in
     done
     rm -f .whl/download_error.txt
     $py -m pip download -q --no-deps --no-binary :all: --no-build-isolation -d .whl "$MAMBA_SSM"
-    $py -m pip download -q --no-deps --only-binary=:all: --python-version 3.12 --implementation cp $PLATFORMS \
-        -d .whl-simpleitk "$(pinned simpleitk)"
+    device_wheel .whl-simpleitk "$(pinned simpleitk)"
     # the hippocampus plans (no images: a few kB) for the LoG-VMamba training step of gpu_check.sh profile
     if [ -f "$pre/nnUNetPlans.json" ]; then
       mkdir -p .whl/hippocampus_plans
@@ -80,6 +83,10 @@ case "$step" in
     ;;
   install)
     py=${PYTHON:-python3}
+    if ! ls .whl/*.whl > /dev/null 2>&1; then
+      echo "no wheels in .whl: run gpu_setup.sh download here, and carry [\".whl\"] in the device call" >&2
+      exit 1
+    fi
     [ -x "$venv/bin/python" ] || $py -m venv --without-pip "$venv"
     site=$("$venv/bin/python" -c "import sysconfig; print(sysconfig.get_paths()['purelib'])")
     # --without-pip: the venv borrows the machine's pip (and torch, triton, ...) through its site folders, added
@@ -88,10 +95,6 @@ case "$step" in
         > "$site/gpu_machine_site.pth"
     pwd > "$site/bioimage_mamba_checkout.pth"                      # this checkout, as an editable install has it
     cp startup_hook/nnunet_logmamba_startup.pth startup_hook/_nnunet_logmamba_startup.py "$site/"
-    if ! ls .whl/*.whl > /dev/null 2>&1; then
-      echo "no wheels in .whl: run gpu_setup.sh download here, and carry [\".whl\"] in the device call" >&2
-      exit 1
-    fi
     for d in .whl .whl-simpleitk; do
       if ls "$d"/*.whl > /dev/null 2>&1; then
         "$venv/bin/python" -m pip install -q --no-index --no-deps --no-compile --no-cache-dir "$d"/*.whl
@@ -103,18 +106,18 @@ case "$step" in
     # mamba-ssm's scan, for the comparison: optional, so a failed build leaves the rest of the setup in place
     sdist=$(ls .whl/mamba_ssm-*.tar.gz 2>/dev/null | head -n 1 || true)
     # (a failed build is not retried on this machine unless MAMBA_SSM_RETRY=1: it costs minutes each time)
-    if [ -n "$sdist" ] && [ ! -f /tmp/mamba_ssm_build/selective_scan_cuda.so ] \
-        && { [ ! -f /tmp/mamba_ssm_build.failed ] || [ "${MAMBA_SSM_RETRY:-0}" = 1 ]; }; then
+    mamba_build=/tmp/mamba_ssm_build
+    if [ -n "$sdist" ] && [ ! -f "$mamba_build/selective_scan_cuda.so" ] \
+        && { [ ! -f "$mamba_build.failed" ] || [ "${MAMBA_SSM_RETRY:-0}" = 1 ]; }; then
       if ! MAX_JOBS=${MAX_JOBS:-8} "$venv/bin/python" benchmarks/build_mamba_ssm_scan.py --sdist "$sdist" \
-          --out /tmp/mamba_ssm_build 2> /tmp/mamba_ssm_build.failed; then
-        echo "mamba-ssm's scan did not build ($(tail -n 1 /tmp/mamba_ssm_build.failed)): gpu_check.sh runs" \
-             "without it" >&2
+          --out "$mamba_build" 2> "$mamba_build.failed"; then
+        echo "mamba-ssm's scan did not build ($(tail -n 1 "$mamba_build.failed")): gpu_check.sh runs without it" >&2
       else
-        rm -f /tmp/mamba_ssm_build.failed
+        rm -f "$mamba_build.failed"
       fi
     fi
-    if [ -f /tmp/mamba_ssm_build/selective_scan_cuda.so ]; then
-      echo /tmp/mamba_ssm_build > "$site/mamba_ssm_build.pth"
+    if [ -f "$mamba_build/selective_scan_cuda.so" ]; then
+      echo "$mamba_build" > "$site/mamba_ssm_build.pth"
     fi
     # doctor's summary: the scan backends and the status (its list of trainers left out)
     "$venv/bin/python" -m nnunet_logmamba doctor > /tmp/gpu_setup_doctor.txt 2>&1 || true

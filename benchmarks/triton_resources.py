@@ -80,6 +80,12 @@ def kernel_resources(kernel, constexprs: dict, ints: dict, warps: int, arch: int
             "scans": scan_layouts(compiled.asm["ttgir"])}
 
 
+#: in Triton GPU IR: a blocked layout's definition, and the operand types that close a tt.scan op
+BLOCKED_LAYOUT = re.compile(r"^#(\w+) = #ttg\.blocked<\{sizePerThread = \[([\d, ]+)\], "
+                            r"threadsPerWarp = \[([\d, ]+)\], warpsPerCTA = \[([\d, ]+)\]", re.M)
+SCAN_OPERAND = re.compile(r"^\s*\}\) : \(tensor<[^,>]*, #(\w+)>", re.M)
+
+
 def scan_layouts(ttgir: str) -> list[str]:
     """How each ``tl.associative_scan``/``tl.cumsum`` of a kernel (its Triton GPU IR) spreads the scanned axis:
     "elements per thread x lanes x warps" ("?" where the operand's layout is not a plain blocked one). Elements
@@ -87,12 +93,11 @@ def scan_layouts(ttgir: str) -> list[str]:
     shared memory behind a barrier: 4x16x1 is cheaper than 1x32x2 for the same 64 steps."""
     layouts = {m.group(1): {k: [int(v) for v in m.group(i).split(",")]
                             for k, i in (("per_thread", 2), ("lanes", 3), ("warps", 4))}
-               for m in re.finditer(r"^#(\w+) = #ttg\.blocked<\{sizePerThread = \[([\d, ]+)\], "
-                                    r"threadsPerWarp = \[([\d, ]+)\], warpsPerCTA = \[([\d, ]+)\]", ttgir, re.M)}
+               for m in BLOCKED_LAYOUT.finditer(ttgir)}
     found = []
     for scan in re.finditer(r'"tt\.scan"\(.*?<\{axis = (\d+)', ttgir):
         axis = int(scan.group(1))
-        operand = re.compile(r"^\s*\}\) : \(tensor<[^,>]*, #(\w+)>", re.M).search(ttgir, scan.end())
+        operand = SCAN_OPERAND.search(ttgir, scan.end())
         shape = layouts.get(operand.group(1)) if operand else None
         found.append("?" if shape is None else
                      "x".join(str(shape[k][axis]) for k in ("per_thread", "lanes", "warps")))
