@@ -140,10 +140,9 @@ def bench_configuration(plans, dataset_json, configuration, trainer_name, device
 
 def write_json(results, path: str) -> None:
     """``results`` as indented JSON at ``path``, written under a temporary name first (no partial file)."""
-    tmp = path + ".tmp"
-    with open(tmp, "w") as f:
-        json.dump(results, f, indent=1)
-    os.replace(tmp, path)
+    from vemamba_iso.data.atomic import atomic_path
+    with atomic_path(path) as tmp:
+        tmp.write_text(json.dumps(results, indent=1))
 
 
 def main(argv=None):

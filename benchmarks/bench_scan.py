@@ -63,6 +63,16 @@ def configure_triton(tiles: str) -> None:
         raise ValueError(f"triton sizes {tiles!r}: expected [seq]CHUNKxTILE[xWARPS][rREGISTERS] (the register cap "
                          "24 to 255, only for the parallel layout), e.g. 64x4096, 64x4096r128 or seq128x2048x16")
     sequential, chunk, tile, warps, registers = form.groups()
+    # Triton tiles (tl.arange) and warps per program come in powers of two; say so here rather than in a
+    # compile error deep in the first launch
+    sizes = {"CHUNK": int(chunk), "TILE": int(tile), **({"WARPS": int(warps)} if warps else {})}
+    wrong = [f"{name} {value}" for name, value in sizes.items()
+             if value & (value - 1) or value < (1 if name == "WARPS" else 2) or name == "WARPS" and value > 32]
+    if int(chunk) > int(tile):
+        wrong.append(f"CHUNK {chunk} > TILE {tile}")
+    if wrong:
+        raise ValueError(f"triton sizes {tiles!r}: CHUNK and TILE must be powers of two from 2, CHUNK at most TILE, "
+                         f"WARPS a power of two from 1 to 32 (got {', '.join(wrong)}), e.g. 64x4096 or 32x2048x8")
     tk.LAYOUT = "sequential" if sequential else "parallel"
     if sequential:
         tk.SEQUENTIAL_CHUNK = int(chunk)

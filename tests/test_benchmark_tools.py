@@ -85,6 +85,13 @@ def test_triton_sizes_and_layout_from_the_tuning_string(monkeypatch):
     for bad in ("seq256", "64x4096x8x2", "64xlots", "seq64x1024r128", "64x4096r", "64x4096r23", "64x4096r256"):
         with pytest.raises(ValueError, match=r"\[seq\]CHUNKxTILE\[xWARPS\]\[rREGISTERS\]"):
             bench_scan.configure_triton(bad)
+    before = (tk.LAYOUT, tk.CHUNK, tk.TILE, tk.WARPS, tk.GRADIENT_REGISTERS)
+    for bad, named in (("48x4096", "CHUNK 48"), ("64x3000", "TILE 3000"), ("64x4096x6", "WARPS 6"),
+                       ("1x4096", "CHUNK 1"), ("seq96x2048x16", "CHUNK 96"), ("128x64", "CHUNK 128 > TILE 64"),
+                       ("64x4096x64", "WARPS 64")):
+        with pytest.raises(ValueError, match=rf"powers of two.*\(got {named}"):
+            bench_scan.configure_triton(bad)
+    assert (tk.LAYOUT, tk.CHUNK, tk.TILE, tk.WARPS, tk.GRADIENT_REGISTERS) == before   # nothing half-set
 
 
 def test_training_step_benchmark_times_each_backend_in_its_own_process(tmp_path):
