@@ -62,24 +62,25 @@ def configure_triton(tiles: str) -> None:
     if form is None or (form.group(1) and form.group(5)) or not 24 <= int(form.group(5) or 24) <= 255:
         raise ValueError(f"triton sizes {tiles!r}: expected [seq]CHUNKxTILE[xWARPS][rREGISTERS] (the register cap "
                          "24 to 255, only for the parallel layout), e.g. 64x4096, 64x4096r128 or seq128x2048x16")
-    sequential, chunk, tile, warps, registers = form.groups()
+    sequential, registers = form.group(1), form.group(5)
+    chunk, tile, warps = int(form.group(2)), int(form.group(3)), form.group(4) and int(form.group(4))
     # Triton tiles (tl.arange) and warps per program come in powers of two; say so here rather than in a
     # compile error deep in the first launch
-    sizes = {"CHUNK": int(chunk), "TILE": int(tile), **({"WARPS": int(warps)} if warps else {})}
-    wrong = [f"{name} {value}" for name, value in sizes.items()
-             if value & (value - 1) or value < (1 if name == "WARPS" else 2) or name == "WARPS" and value > 32]
-    if int(chunk) > int(tile):
+    wrong = [f"{name} {value}" for name, value, low, high in (("CHUNK", chunk, 2, None), ("TILE", tile, 2, None),
+                                                              ("WARPS", warps, 1, 32))
+             if value is not None and (value & (value - 1) or value < low or high and value > high)]
+    if chunk > tile:
         wrong.append(f"CHUNK {chunk} > TILE {tile}")
     if wrong:
         raise ValueError(f"triton sizes {tiles!r}: CHUNK and TILE must be powers of two from 2, CHUNK at most TILE, "
                          f"WARPS a power of two from 1 to 32 (got {', '.join(wrong)}), e.g. 64x4096 or 32x2048x8")
     tk.LAYOUT = "sequential" if sequential else "parallel"
     if sequential:
-        tk.SEQUENTIAL_CHUNK = int(chunk)
+        tk.SEQUENTIAL_CHUNK = chunk
     else:
-        tk.CHUNK = int(chunk)
-    tk.TILE = int(tile)
-    tk.WARPS = int(warps) if warps else None
+        tk.CHUNK = chunk
+    tk.TILE = tile
+    tk.WARPS = warps
     tk.GRADIENT_REGISTERS = int(registers) if registers else None
 
 

@@ -27,6 +27,8 @@ import tarfile
 import tempfile
 from pathlib import Path
 
+from vemamba_iso.data.atomic import atomic_path
+
 #: mamba-ssm's kernel sources compiled here; the other dtypes' kernels are replaced by stubs
 FP32_SOURCES = ("selective_scan.cpp", "selective_scan_fwd_fp32.cu", "selective_scan_bwd_fp32_real.cu")
 #: the kernels selective_scan.cpp's dtype dispatch refers to, each way: u's dtype x A's (real or complex)
@@ -129,8 +131,8 @@ def main(argv=None) -> None:
     from torch.utils.cpp_extension import load
 
     arch = args.arch or default_arch()
-    out.parent.mkdir(parents=True, exist_ok=True)
-    with tempfile.TemporaryDirectory() as tmp:
+    # assembled beside the destination and checked there: a build that does not import is never installed
+    with atomic_path(out) as staging, tempfile.TemporaryDirectory() as tmp:
         with tarfile.open(args.sdist) as archive:
             archive.extractall(tmp, filter="data")
         root = Path(tmp) / top
@@ -146,17 +148,11 @@ def main(argv=None) -> None:
              extra_cuda_cflags=NVCC_FLAGS + ["-gencode", f"arch=compute_{arch},code=sm_{arch}"],
              build_directory=str(build), verbose=False, is_python_module=True)
         built = next(build.glob("selective_scan_cuda*.so"))
-        # assembled next to the destination and checked there: a build that does not import is never installed
-        staging = out.with_name(out.name + ".partial")
-        shutil.rmtree(staging, ignore_errors=True)
         shutil.copytree(root / "mamba_ssm", staging / "mamba_ssm")
         shutil.copy2(built, staging / "selective_scan_cuda.so")
-    error = import_check(staging)
-    if error:
-        shutil.rmtree(staging, ignore_errors=True)
-        sys.exit(f"mamba-ssm's scan built, but does not import: {error}; nothing installed at {out}")
-    shutil.rmtree(out, ignore_errors=True)
-    os.replace(staging, out)
+        error = import_check(staging)
+        if error:   # leaving the block by SystemExit removes the staged build
+            sys.exit(f"mamba-ssm's scan built, but does not import: {error}; nothing installed at {out}")
     print(f"mamba-ssm's selective scan (fp32, sm_{arch}) is ready: export PYTHONPATH={out}:$PYTHONPATH")
 
 

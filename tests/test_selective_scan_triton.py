@@ -393,6 +393,7 @@ def test_triton_kernels_compile_for_a_gpu_without_one():
         ("parallel", "backward gradient, length 1404")]
     capped = rows[-2]
     for r in rows:
+        assert r["instructions"] > r["mufu"] > 0, r   # exponentials at least: the machine code was read
         if r is capped:
             continue
         # no spills in the default layout at the default sizes; the sequential layout's loop over its chunks
@@ -400,8 +401,6 @@ def test_triton_kernels_compile_for_a_gpu_without_one():
         # registers: a few bytes of stack are allowed there
         assert r["stack_bytes"] <= (0 if r["layout"] == "parallel" else 16), r
         assert 0 < r["registers"] < 255 and r["warps_per_sm"] >= 8, r
-    for r in rows:
-        assert r["instructions"] > r["mufu"] > 0, r   # exponentials at least: the machine code was read
     # the register cap is applied: two 8-warp programs per multiprocessor instead of one, for a few bytes of spill
     assert capped["registers"] <= 128 and capped["warps_per_sm"] >= 16 and capped["stack_bytes"] <= 32, capped
     assert rows[3]["warps_per_sm"] < capped["warps_per_sm"], (rows[3], capped)
